@@ -1,0 +1,1 @@
+"""storygen's pipeline steps: one module per step, each a plain function of its inputs."""

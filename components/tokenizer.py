@@ -1,0 +1,101 @@
+"""Trains the SentencePiece model on the training split; builds the in-graph tokenizer.
+
+Training uses the sentencepiece library directly (keras-hub's `compute_sentence_piece_proto`
+wraps the same trainer but cannot turn on byte fallback, which keeps every character).
+The same model is used in tf.data and in the exported graph through tensorflow-text.
+"""
+
+import io
+import json
+import re
+import time
+
+import sentencepiece as spm
+import tensorflow as tf
+import tensorflow_text as tf_text
+
+from components.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError, iterate_split
+
+MODEL_FILE = "spm.model"
+REPORT_FILE = "vocab_report.json"
+
+
+def train_tokenizer(examples_dir: str, output_dir: str, *, vocab_size: int, seed: int,
+                    max_sentences: int = 200_000) -> dict:
+    """Writes spm.model and vocab_report.json; returns the report."""
+    start = time.time()
+
+    def texts():
+        for record in iterate_split(examples_dir, "train"):
+            for text in (record["prompt"], record["story"]):
+                if text:
+                    yield text
+
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)  # sentence sampling is the trainer's only randomness
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=texts(),
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=vocab_size,
+            # Not a hard limit: a small corpus may not support the asked-for vocabulary.
+            hard_vocab_limit=False,
+            # Characters outside the vocabulary become UTF-8 byte pieces instead of <unk>.
+            byte_fallback=True,
+            character_coverage=0.9995,
+            # Identity keeps full-width Chinese punctuation (NFKC would turn ，into ,).
+            normalization_rule_name="identity",
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            max_sentence_length=1 << 16,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        needed = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+        if needed is None:
+            raise
+        raise UserError(f"--vocab_size={vocab_size} is too small for this corpus: it needs at least "
+                        f"{needed.group(1)} pieces (its characters plus 256 byte pieces).") from None
+    proto = model.getvalue()
+    with tf.io.gfile.GFile(f"{output_dir}/{MODEL_FILE}", "wb") as f:
+        f.write(proto)
+    report = vocab_report(proto, examples_dir)
+    report["seconds"] = time.time() - start
+    with tf.io.gfile.GFile(f"{output_dir}/{REPORT_FILE}", "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def vocab_report(proto: bytes, examples_dir: str) -> dict:
+    """Vocabulary size and, on the eval split, characters per token and the byte-fallback and
+    unknown rates (how often text was not covered by a learned piece)."""
+    processor = spm.SentencePieceProcessor(model_proto=proto)
+    byte_ids = {i for i in range(processor.get_piece_size()) if processor.is_byte(i)}
+    tokens = byte_tokens = unknown = chars = 0
+    for record in iterate_split(examples_dir, "eval"):
+        ids = processor.encode(record["story"])
+        tokens += len(ids)
+        byte_tokens += sum(i in byte_ids for i in ids)
+        unknown += ids.count(UNK_ID)
+        chars += len(record["story"])
+    return {
+        "vocab_size": processor.get_piece_size(),
+        "byte_pieces": len(byte_ids),
+        "eval_tokens": tokens,
+        "eval_chars_per_token": chars / max(tokens, 1),
+        "eval_byte_fallback_rate": byte_tokens / max(tokens, 1),
+        "eval_unknown_rate": unknown / max(tokens, 1),
+    }
+
+
+def load_proto(tokenizer_dir: str) -> bytes:
+    with tf.io.gfile.GFile(f"{tokenizer_dir}/{MODEL_FILE}", "rb") as f:
+        return f.read()
+
+
+def make_tokenizer(proto: bytes) -> tf_text.SentencepieceTokenizer:
+    """The in-graph tokenizer (string -> ragged int32 ids, and back)."""
+    return tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32)

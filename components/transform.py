@@ -1,0 +1,81 @@
+"""tf.data pipelines: stored examples -> padded (prompt ids, story ids) batches.
+
+Tokenisation runs inside tf.data with the same tensorflow-text tokenizer the export uses,
+so training and serving see identical ids. Batches are bucketed by story length so that
+short stories are not padded to the longest one in the corpus.
+"""
+
+import tensorflow as tf
+
+from components.common import BOS_ID, EOS_ID, read_split
+
+
+def encode_prompts(tokenizer, prompts, max_prompt_tokens: int) -> tf.RaggedTensor:
+    """Encoder ids of a batch of prompts: BOS, then the prompt's last `max_prompt_tokens - 1`
+    ids (the text nearest the story matters most). BOS keeps an empty prompt non-empty."""
+    ids = tokenizer.tokenize(prompts)[:, -(max_prompt_tokens - 1):]
+    bos = tf.fill(tf.stack([ids.nrows(), 1]), BOS_ID)
+    return tf.concat([bos, ids], axis=1)
+
+
+def encode_story(tokenizer, story, max_story_tokens: int):
+    """(decoder inputs, targets) of one story: targets are its ids then EOS, cut to
+    `max_story_tokens` (a story cut short has no EOS, so the model never learns to stop
+    mid-story); decoder inputs are the targets shifted right behind BOS."""
+    targets = tf.concat([tokenizer.tokenize(story), [EOS_ID]], axis=0)[:max_story_tokens]
+    return tf.concat([[BOS_ID], targets[:-1]], axis=0), targets
+
+
+def example_features(examples_dir: str, split: str, tokenizer, *, max_prompt_tokens: int,
+                     max_story_tokens: int, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+    """One dict per example, shuffled when `shuffle`: encoder_ids, decoder_ids, targets (1-D int32) and lang.
+
+    The caller keeps `tokenizer` alive while the dataset is used: its SentencePiece resource
+    is freed with the Python object.
+    """
+    dataset = read_split(examples_dir, split)
+    if shuffle:
+        dataset = dataset.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
+
+    def encode(example):
+        decoder_ids, targets = encode_story(tokenizer, example["story"], max_story_tokens)
+        encoder_ids = encode_prompts(tokenizer, example["prompt"][None], max_prompt_tokens)[0]
+        return {"encoder_ids": encoder_ids,
+                "decoder_ids": decoder_ids, "targets": targets, "lang": example["lang"]}
+
+    return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def bucket_boundaries(max_story_tokens: int) -> list[int]:
+    """Powers of two from 16 below the longest story: 16, 32, 64, ..."""
+    bounds, b = [], 16
+    while b < max_story_tokens:
+        bounds.append(b + 1)  # bucket_by_sequence_length's boundaries are exclusive
+        b *= 2
+    return bounds
+
+
+def training_batches(examples_dir: str, split: str, tokenizer, *, batch_size: int, max_prompt_tokens: int,
+                     max_story_tokens: int, shuffle: bool, seed: int = 0) -> tf.data.Dataset:
+    """((encoder_ids, decoder_ids), targets) batches as Keras `fit` takes them; with `shuffle`
+    (for training) they are shuffled and bucketed by story length."""
+    features = example_features(examples_dir, split, tokenizer, max_prompt_tokens=max_prompt_tokens,
+                                max_story_tokens=max_story_tokens, shuffle=shuffle, seed=seed)
+    features = features.map(lambda f: {k: f[k] for k in ("encoder_ids", "decoder_ids", "targets")})
+    if shuffle:
+        bounds = bucket_boundaries(max_story_tokens)
+        batches = features.bucket_by_sequence_length(
+            lambda f: tf.shape(f["targets"])[0], bucket_boundaries=bounds,
+            bucket_batch_sizes=[batch_size] * (len(bounds) + 1))
+    else:
+        batches = features.padded_batch(batch_size)
+    return batches.map(lambda b: ((b["encoder_ids"], b["decoder_ids"]), b["targets"])).prefetch(tf.data.AUTOTUNE)
+
+
+def count_batches(batches: tf.data.Dataset) -> tuple[int, int]:
+    """Batches in one pass and the non-padding target tokens they hold."""
+    steps = tokens = 0
+    for _, targets in batches:
+        steps += 1
+        tokens += int(tf.math.count_nonzero(targets))
+    return steps, tokens

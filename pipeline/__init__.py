@@ -1,0 +1,1 @@
+"""Orchestration of the storygen pipeline: flags, run order, artifact folders and manifests."""

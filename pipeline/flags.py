@@ -1,0 +1,83 @@
+"""Every command-line flag of storygen's pipeline and CLIs, with its help text and default.
+
+The defaults are the default pipeline: the built-in corpus, a model that trains on a
+laptop CPU in minutes. `pipeline/configs/*.flags` hold other configurations (--flagfile).
+"""
+
+from absl import flags
+
+from components.ingest import BUILTIN_PREFIX
+from components.trainer import STRATEGIES
+
+
+def quiet_logging_by_default():
+    """TensorFlow logs at INFO through absl; a run shows warnings and its own progress lines
+    unless --verbosity asks for more."""
+    flags.FLAGS.set_default("verbosity", -1)
+
+
+def define_pipeline_flags():
+    quiet_logging_by_default()
+    # Where things go.
+    flags.DEFINE_string("data", BUILTIN_PREFIX + "fairy_tales",
+                        "Story source: builtin:fairy_tales, or a .jsonl/.json/.txt file (optionally .gz), "
+                        "a directory or a glob, local or any tf.io.gfile path.")
+    flags.DEFINE_string("pipeline_root", "runs", "Directory that holds every run's artifacts.")
+    flags.DEFINE_string("run_id", None, "Name of this run's folder under --pipeline_root (default: a timestamp). "
+                        "Rerunning an id resumes it: finished steps are kept.")
+    flags.DEFINE_string("serving_model_dir", "saved_models", "Where the pusher puts <model_name>/<version>/.")
+    flags.DEFINE_string("model_name", "storygen", "Model name under --serving_model_dir (as TF Serving sees it).")
+    flags.DEFINE_integer("seed", 42, "Seed for the built-in corpus, initialisation, shuffling and sampling.")
+    flags.DEFINE_boolean("cache", True, "Reuse a step's outputs from an earlier run with the same inputs and "
+                         "parameters (--nocache recomputes everything).")
+
+    # Ingest.
+    flags.DEFINE_integer("builtin_count", 6000, "Stories to sample from the built-in corpus.")
+    flags.DEFINE_list("builtin_langs", ["zh", "en"], "Languages of the built-in corpus.")
+    flags.DEFINE_float("eval_fraction", 0.05, "Fraction of stories in the eval split.", lower_bound=0.0, upper_bound=0.5)
+    flags.DEFINE_float("test_fraction", 0.05, "Fraction of stories in the test split.", lower_bound=0.0, upper_bound=0.5)
+    flags.DEFINE_integer("num_shards", 2, "TFRecord shards per split.", lower_bound=1)
+    flags.DEFINE_integer("window_bytes", 1024, "Longest story window in UTF-8 bytes; longer stories become "
+                         "several windows, each prompted by the text before it.", lower_bound=64)
+    flags.DEFINE_integer("max_chars", 1_000_000, "Records with a longer field are quarantined.", lower_bound=1)
+    flags.DEFINE_float("max_bad_fraction", 0.01, "Stop when more than this fraction of records is bad.",
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_string("encoding", "utf-8", "Text encoding of the input files (e.g. gbk).")
+
+    # Tokenizer.
+    flags.DEFINE_integer("vocab_size", 4000, "SentencePiece vocabulary size (includes 256 byte pieces).", lower_bound=300)
+
+    # Model.
+    flags.DEFINE_integer("max_prompt_tokens", 64, "Longest prompt the encoder reads (its last tokens are kept).", lower_bound=2)
+    flags.DEFINE_integer("max_story_tokens", 256, "Longest story the decoder writes.", lower_bound=2)
+    flags.DEFINE_integer("d_model", 128, "Width of the Transformer.", lower_bound=8)
+    flags.DEFINE_integer("num_layers", 2, "Encoder layers, and as many decoder layers.", lower_bound=1)
+    flags.DEFINE_integer("num_heads", 4, "Attention heads.", lower_bound=1)
+    flags.DEFINE_integer("ff_dim", 512, "Width of the feed-forward blocks.", lower_bound=8)
+    flags.DEFINE_float("dropout", 0.1, "Dropout rate.", lower_bound=0.0, upper_bound=0.9)
+
+    # Trainer.
+    flags.DEFINE_integer("batch_size", 32, "Examples per batch.", lower_bound=1)
+    flags.DEFINE_integer("epochs", 4, "Passes over the training split.", lower_bound=1)
+    flags.DEFINE_float("learning_rate", 2e-3, "Peak AdamW learning rate.", lower_bound=0.0)
+    flags.DEFINE_integer("warmup_steps", 100, "Linear warm-up steps before cosine decay.", lower_bound=0)
+    flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.", lower_bound=0.0)
+    flags.DEFINE_enum("distribution_strategy", "default", STRATEGIES, "tf.distribute strategy to train under.")
+
+    # Exporter: sampling of the serving_default signature.
+    flags.DEFINE_float("temperature", 0.8, "Sampling temperature of serving_default (0 = greedy).", lower_bound=0.0)
+    flags.DEFINE_integer("top_k", 40, "Top-k filter of serving_default (0 = off).", lower_bound=0)
+    flags.DEFINE_float("top_p", 0.95, "Top-p (nucleus) filter of serving_default (1 = off).", lower_bound=0.0, upper_bound=1.0)
+
+
+def define_generate_flags():
+    quiet_logging_by_default()
+    flags.DEFINE_string("model_dir", "saved_models/storygen",
+                        "A model base path (its newest integer version is used) or one SavedModel directory.")
+    flags.DEFINE_multi_string("prompt", ["从前有座山，"], "Prompt to continue; repeat the flag for several.")
+    flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: the model's limit).", lower_bound=1)
+    flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).", lower_bound=0.0)
+    flags.DEFINE_integer("top_k", 40, "Keep only the k most likely tokens (0 = off).", lower_bound=0)
+    flags.DEFINE_float("top_p", 0.95, "Keep the most likely tokens up to this probability (1 = off).",
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same story.")

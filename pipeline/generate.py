@@ -1,0 +1,72 @@
+"""`python -m pipeline.generate`: writes stories with a pushed SavedModel.
+
+    python -m pipeline.generate --model_dir saved_models/storygen --prompt 从前有座山
+
+The model is loaded with plain `tf.saved_model.load`: the SavedModel needs only
+tensorflow and tensorflow_text (for its SentencePiece ops), not storygen.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+
+from pipeline import flags as storygen_flags
+
+storygen_flags.define_generate_flags()
+FLAGS = flags.FLAGS
+
+
+def resolve_saved_model(model_dir: str) -> str:
+    """`model_dir` itself if it is a SavedModel, else its newest integer version."""
+    if os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
+        return model_dir
+    versions = sorted(int(v) for v in os.listdir(model_dir) if v.isdigit()) if os.path.isdir(model_dir) else []
+    if not versions:
+        raise FileNotFoundError(f"No SavedModel or integer version folder in '{model_dir}': run the pipeline first "
+                                "or point --model_dir at saved_models/<model_name>.")
+    return os.path.join(model_dir, str(versions[-1]))
+
+
+def generate(saved_model_path: str, prompts, *, max_new_tokens, temperature, top_k, top_p, seed) -> list[str]:
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  registers the SentencePiece ops the graph uses
+
+    model = tf.saved_model.load(saved_model_path)
+    signature = model.signatures["generate"]
+    limit = int(model.max_new_tokens_limit.numpy())
+    out = signature(prompt=tf.constant(prompts), max_new_tokens=tf.constant(min(max_new_tokens or limit, limit)),
+                    temperature=tf.constant(temperature), top_k=tf.constant(top_k), top_p=tf.constant(top_p),
+                    seed=tf.constant(seed, tf.int64))
+    return [story.decode("utf-8", errors="replace") for story in out["story"].numpy()]
+
+
+def main(argv=None):
+    app.run(_main, argv=argv)
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (use --prompt=TEXT).")
+    try:
+        path = resolve_saved_model(FLAGS.model_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    stories = generate(path, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                       top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+    for prompt, story in zip(FLAGS.prompt, stories):
+        print(join_story(prompt, story) + "\n")
+
+
+def join_story(prompt: str, story: str) -> str:
+    """The prompt and its continuation as one text: a space between them only where both
+    sides are Latin script (Chinese runs on without one)."""
+    space = prompt[-1:].isascii() and story[:1].isascii() and not prompt[-1:].isspace()
+    return prompt + (" " if space and prompt and story else "") + story
+
+
+if __name__ == "__main__":
+    main()

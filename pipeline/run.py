@@ -1,0 +1,130 @@
+"""`python -m pipeline.run`: one command from a story corpus to a pushed SavedModel.
+
+    ingest -> tokenizer -> trainer -> evaluator -> exporter -> pusher
+
+Each step is a plain function in components/; this file only wires them together, one
+step per block, so the whole DAG reads in one screen. Flags are in pipeline/flags.py.
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the log
+
+from absl import app, flags
+
+from components.common import UserError
+from pipeline import flags as storygen_flags
+from pipeline.artifacts import PipelineRun
+
+storygen_flags.define_pipeline_flags()
+FLAGS = flags.FLAGS
+
+
+def run_pipeline(f) -> dict:
+    """Runs every step with the flag values in `f`; returns the pusher's manifest."""
+    # Imported here so that `--help` and flag errors answer without loading TensorFlow.
+    import keras
+
+    from components import evaluator, exporter, ingest, pusher, tokenizer, trainer, transform
+
+    # Seeds initialisation and dropout; done first, as seeding frees eager TensorFlow resources.
+    keras.utils.set_random_seed(f.seed)
+    run = PipelineRun(f.pipeline_root, f.run_id or time.strftime("%Y%m%d-%H%M%S"), use_cache=f.cache)
+    print(f"storygen run {run.dir}", flush=True)
+
+    # Ingest: read and validate the stories, write deterministic train/eval/test TFRecord splits.
+    ingested = run.step(
+        "ingest", lambda out: ingest.ingest(
+            f.data, out, seed=f.seed, eval_fraction=f.eval_fraction, test_fraction=f.test_fraction,
+            num_shards=f.num_shards, window_bytes=f.window_bytes, max_chars=f.max_chars,
+            max_bad_fraction=f.max_bad_fraction, builtin_count=f.builtin_count,
+            builtin_langs=f.builtin_langs, encoding=f.encoding),
+        inputs={"data": f.data},
+        parameters=_values(f, "seed", "eval_fraction", "test_fraction", "num_shards", "window_bytes", "max_chars",
+                           "max_bad_fraction", "builtin_count", "builtin_langs", "encoding"),
+        describe=lambda m: (f"{m['stories']} stories -> {m['examples']} examples, {m['quarantined']} quarantined, "
+                            f"{m['stories_per_second']:.0f} stories/s"))
+    examples = ingested["outputs"]["path"]
+
+    # Tokenizer: train SentencePiece on the training split.
+    tokenized = run.step(
+        "tokenizer", lambda out: tokenizer.train_tokenizer(examples, out, vocab_size=f.vocab_size, seed=f.seed),
+        inputs={"examples": examples}, parameters=_values(f, "vocab_size", "seed"),
+        describe=lambda m: (f"{m['vocab_size']} pieces, {m['eval_chars_per_token']:.2f} chars/token, "
+                            f"byte fallback {m['eval_byte_fallback_rate']:.2%} of eval tokens"))
+    tok = tokenizer.make_tokenizer(tokenizer.load_proto(tokenized["outputs"]["path"]))
+    vocab_size = tokenized["metrics"]["vocab_size"]
+
+    # Trainer: fit the Transformer on tf.data batches (the transform, built on demand).
+    model_config = dict(vocab_size=vocab_size, max_prompt_tokens=f.max_prompt_tokens,
+                        max_story_tokens=f.max_story_tokens, d_model=f.d_model, num_layers=f.num_layers,
+                        num_heads=f.num_heads, ff_dim=f.ff_dim, dropout=f.dropout)
+    shapes = dict(max_prompt_tokens=f.max_prompt_tokens, max_story_tokens=f.max_story_tokens)
+
+    def train(out):
+        train_data = transform.training_batches(examples, "train", tok, batch_size=f.batch_size, shuffle=True,
+                                                seed=f.seed, **shapes)
+        eval_data = transform.training_batches(examples, "eval", tok, batch_size=f.batch_size, shuffle=False,
+                                               **shapes)
+        steps, tokens = transform.count_batches(train_data)
+        return trainer.train(train_data, eval_data, out, model_config=model_config, epochs=f.epochs,
+                             steps_per_epoch=steps, tokens_per_epoch=tokens, learning_rate=f.learning_rate,
+                             warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
+                             strategy_name=f.distribution_strategy,
+                             verbose=1 if sys.stdout.isatty() else 2)
+
+    trained = run.step(
+        "trainer", train, inputs={"examples": examples, "tokenizer": tokenized["outputs"]["path"]},
+        parameters=dict(model_config, **_values(f, "batch_size", "epochs", "learning_rate", "warmup_steps",
+                                                "weight_decay", "distribution_strategy", "seed")),
+        describe=lambda m: (f"loss {m['loss']:.3f}, val_loss {m['val_loss']:.3f} "
+                            f"(val perplexity {m['val_perplexity']:.1f}), {m['tokens_per_second']:.0f} tokens/s"))
+    model = trainer.load_model(trained["outputs"]["path"])
+
+    # Evaluator: held-out perplexity and bits per character on the test split.
+    run.step(
+        "evaluator", lambda out: evaluator.evaluate(model, tok, examples, out, batch_size=f.batch_size, **shapes),
+        inputs={"examples": examples, "tokenizer": tokenized["outputs"]["path"], "model": trained["outputs"]["path"]},
+        parameters=dict(shapes, batch_size=f.batch_size),
+        describe=lambda m: (f"test perplexity {m['test']['perplexity']:.2f} (unigram {m['test']['unigram_perplexity']:.1f}), "
+                            f"{m['test']['bits_per_char']:.3f} bits/char over {m['test']['chars']} chars"))
+
+    # Exporter: a SavedModel that tokenises, decodes and detokenises in its graph.
+    exported = run.step(
+        "exporter", lambda out: {"saved_model": exporter.export(model, tok, out, temperature=f.temperature,
+                                                                top_k=f.top_k, top_p=f.top_p)},
+        inputs={"tokenizer": tokenized["outputs"]["path"], "model": trained["outputs"]["path"]},
+        parameters=_values(f, "temperature", "top_k", "top_p"),
+        describe=lambda m: "SavedModel with signatures serving_default, generate")
+
+    # Pusher: copy it atomically to <serving_model_dir>/<model_name>/<next version>/.
+    saved_model = os.path.join(exported["outputs"]["path"], exporter.SAVED_MODEL_DIR)
+    return run.step(
+        "pusher", lambda out: pusher.push(saved_model, f.serving_model_dir, f.model_name),
+        inputs={"saved_model": exported["outputs"]["path"]},
+        parameters=_values(f, "serving_model_dir", "model_name"), cacheable=False,
+        describe=lambda m: f"pushed version {m['version']} to {m['path']}")
+
+
+def _values(f, *names) -> dict:
+    return {name: f[name].value for name in names}
+
+
+def main(argv=None):
+    app.run(_main, argv=argv)
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
+    try:
+        run_pipeline(FLAGS)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

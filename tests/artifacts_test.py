@@ -1,0 +1,83 @@
+import json
+import os
+
+import pytest
+
+from pipeline.artifacts import PipelineRun, fingerprint
+
+
+def write(out, name, text):
+    with open(os.path.join(out, name), "w") as f:
+        f.write(text)
+    return {"chars": len(text)}
+
+
+def test_step_writes_manifest_and_renames_into_place(tmp_path, capsys):
+    source = tmp_path / "data.txt"
+    source.write_text("stories")
+    run = PipelineRun(str(tmp_path / "runs"), "r1")
+    manifest = run.step("make", lambda out: write(out, "a.txt", "hello"), inputs={"data": str(source)},
+                        parameters={"n": 1}, describe=lambda m: f"{m['chars']} chars")
+    folder = tmp_path / "runs" / "r1" / "make"
+    assert json.loads((folder / "manifest.json").read_text()) == manifest
+    assert manifest["outputs"] == {"path": str(folder), "files": ["a.txt"], "fingerprint": fingerprint(str(folder))}
+    assert manifest["inputs"]["data"] == {"path": str(source), "fingerprint": manifest["inputs"]["data"]["fingerprint"]}
+    assert manifest["parameters"] == {"n": 1} and manifest["metrics"] == {"chars": 5}
+    assert manifest["library_versions"]["tensorflow"].startswith("2.")
+    assert manifest["wall_time_seconds"] >= 0 and manifest["reused_from"] is None
+    assert not (tmp_path / "runs" / "r1" / ".make.partial").exists()
+    assert "[make] 5 chars" in capsys.readouterr().out
+
+
+def test_failed_step_leaves_nothing_that_looks_complete(tmp_path):
+    run = PipelineRun(str(tmp_path), "r1")
+
+    def fail(out):
+        write(out, "half.txt", "half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run.step("make", fail, inputs={}, parameters={}, describe=str)
+    assert not (tmp_path / "r1" / "make").exists()
+    assert not (tmp_path / "r1" / ".make.partial" / "manifest.json").exists()
+
+
+def test_cache_reuses_equal_steps_only(tmp_path):
+    calls = []
+
+    def make(out):
+        calls.append(out)
+        return write(out, "a.txt", "x")
+
+    step = dict(inputs={}, describe=str)
+    PipelineRun(str(tmp_path), "r1").step("make", make, parameters={"n": 1}, **step)
+    reused = PipelineRun(str(tmp_path), "r2").step("make", make, parameters={"n": 1}, **step)
+    assert len(calls) == 1
+    assert reused["reused_from"] == str(tmp_path / "r1" / "make") and reused["run_id"] == "r2"
+    assert (tmp_path / "r2" / "make" / "a.txt").read_text() == "x"
+    PipelineRun(str(tmp_path), "r3").step("make", make, parameters={"n": 2}, **step)
+    PipelineRun(str(tmp_path), "r4", use_cache=False).step("make", make, parameters={"n": 1}, **step)
+    PipelineRun(str(tmp_path), "r5").step("make", make, parameters={"n": 1}, cacheable=False, **step)
+    assert len(calls) == 4
+
+
+def test_changed_input_invalidates_the_cache(tmp_path):
+    source = tmp_path / "data.txt"
+    source.write_text("one")
+    calls = []
+    step = dict(inputs={"data": str(source)}, parameters={}, describe=str)
+    make = lambda out: calls.append(1) or {}
+    PipelineRun(str(tmp_path / "runs"), "r1").step("make", make, **step)
+    source.write_text("two")
+    PipelineRun(str(tmp_path / "runs"), "r2").step("make", make, **step)
+    assert len(calls) == 2
+
+
+def test_fingerprint_covers_names_and_contents(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("1")
+    first = fingerprint(str(tmp_path / "a"))
+    (tmp_path / "a" / "x").write_text("2")
+    second = fingerprint(str(tmp_path / "a"))
+    (tmp_path / "a" / "x").rename(tmp_path / "a" / "y")
+    assert len({first, second, fingerprint(str(tmp_path / "a"))}) == 3

@@ -1,0 +1,132 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from components import exporter
+from components.common import BOS_ID, EOS_ID
+from components.tokenizer import make_tokenizer
+
+PROMPTS = ["从前有座山，", "Once upon a time", "一只狐狸", "The dragon", "", "老渔夫说：", "A tailor", "山里有座庙。"]
+SENTENCEPIECE_OPS = {"SentencepieceOp", "SentencepieceTokenizeOp", "SentencepieceDetokenizeOp"}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_model, spm_proto, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    return exporter.export(tiny_model, make_tokenizer(spm_proto), str(out), temperature=1.0, top_k=0, top_p=1.0)
+
+
+@pytest.fixture(scope="module")
+def loaded(saved_model):
+    return tf.saved_model.load(saved_model)
+
+
+def generate(loaded, prompts, max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, seed=1):
+    out = loaded.signatures["generate"](
+        prompt=tf.constant(prompts), max_new_tokens=tf.constant(max_new_tokens), temperature=tf.constant(temperature),
+        top_k=tf.constant(top_k), top_p=tf.constant(top_p), seed=tf.constant(seed, tf.int64))
+    return {key: value.numpy() for key, value in out.items()}
+
+
+def test_signatures(loaded):
+    assert set(loaded.signatures) == {"serving_default", "generate"}
+    default = loaded.signatures["serving_default"]
+    assert {k: (v.dtype, v.shape.as_list()) for k, v in default.structured_input_signature[1].items()} == {
+        "prompt": (tf.string, [None])}
+    out = default(prompt=tf.constant(PROMPTS[:2]))
+    assert set(out) == {"story", "num_tokens"}
+    assert out["story"].shape == (2,) and out["num_tokens"].dtype == tf.int32
+    assert int(loaded.max_new_tokens_limit.numpy()) == 24
+
+
+def test_outputs_are_consistent(loaded, spm_proto):
+    out = generate(loaded, PROMPTS, max_new_tokens=10)
+    assert out["token_ids"].shape == (8, 10)
+    tok = make_tokenizer(spm_proto)
+    for ids, n, story in zip(out["token_ids"], out["num_tokens"], out["story"]):
+        assert EOS_ID not in ids[:n] and 0 not in ids[:n]
+        assert n == 10 or ids[n] == EOS_ID
+        assert story == tok.detokenize(tf.constant(ids[:n])).numpy()
+
+
+def test_log_prob_matches_the_keras_model(loaded, tiny_model, spm_proto):
+    """The reported log-probability equals teacher-forced scoring of the generated tokens."""
+    out = generate(loaded, PROMPTS[:3], max_new_tokens=8)
+    tok = make_tokenizer(spm_proto)
+    for prompt, ids, n, log_prob in zip(PROMPTS, out["token_ids"], out["num_tokens"], out["log_prob"]):
+        scored = list(ids[: min(n + 1, 8)])  # the story's tokens and its EOS, if one was written
+        encoder_ids = np.array([[BOS_ID] + tok.tokenize(prompt).numpy().tolist()[-15:]], "int32")
+        logits = tiny_model((encoder_ids, np.array([[BOS_ID] + scored[:-1]], "int32")))
+        expected = tf.reduce_sum(tf.gather(tf.nn.log_softmax(logits[0]), scored, batch_dims=1)).numpy()
+        np.testing.assert_allclose(log_prob, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_sampling_is_seeded(loaded):
+    a = generate(loaded, PROMPTS[:2], seed=5)
+    assert (generate(loaded, PROMPTS[:2], seed=5)["token_ids"] == a["token_ids"]).all()
+    assert (generate(loaded, PROMPTS[:2], seed=6)["token_ids"] != a["token_ids"]).any()
+
+
+def test_greedy_equals_top_k_1_and_tiny_top_p(loaded):
+    greedy = generate(loaded, PROMPTS, temperature=0.0, seed=1)["token_ids"]
+    assert (generate(loaded, PROMPTS, temperature=0.0, seed=2)["token_ids"] == greedy).all()
+    assert (generate(loaded, PROMPTS, top_k=1, seed=3)["token_ids"] == greedy).all()
+    assert (generate(loaded, PROMPTS, top_p=1e-6, seed=4)["token_ids"] == greedy).all()
+
+
+def test_story_does_not_depend_on_the_batch(loaded):
+    alone = generate(loaded, ["一只狐狸"], seed=9)
+    first = generate(loaded, ["一只狐狸"] + PROMPTS[:7], seed=9)
+    last = generate(loaded, PROMPTS[:7] + ["一只狐狸"], seed=9)
+    for batch, row in ((first, 0), (last, 7)):
+        assert (batch["token_ids"][row] == alone["token_ids"][0]).all()
+        assert batch["story"][row] == alone["story"][0]
+        np.testing.assert_allclose(batch["log_prob"][row], alone["log_prob"][0], rtol=1e-4)
+
+
+def test_different_prompts_draw_different_noise(loaded):
+    """Two prompts in one batch do not share their random draws (noise is rotated per prompt)."""
+    out = generate(loaded, ["一只狐狸", "一只狐狸。"], seed=2, max_new_tokens=20)
+    assert (out["token_ids"][0] != out["token_ids"][1]).any()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=25), "max_new_tokens must be <= 24"),
+    (dict(prompts=np.array([], dtype=object)), "prompt must hold at least one string"),
+])
+def test_invalid_parameters_fail_in_the_graph(loaded, overrides, message):
+    prompts = overrides.pop("prompts", PROMPTS[:1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        generate(loaded, prompts, **overrides)
+
+
+def test_graph_has_only_core_and_sentencepiece_ops(saved_model):
+    """Stock TF Serving can run the graph: every op is a TensorFlow core op or one of
+    tf-text's SentencePiece ops, and none is an XLA op. Checked in a process that does not
+    import tensorflow_text, so its registry holds only core ops."""
+    script = f"""
+import json, sys
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import op_def_registry
+proto = saved_model_pb2.SavedModel()
+proto.ParseFromString(open({saved_model + '/saved_model.pb'!r}, 'rb').read())
+graph = proto.meta_graphs[0].graph_def
+ops = {{n.op for n in graph.node}} | {{n.op for f in graph.library.function for n in f.node_def}}
+functions = {{f.signature.name for f in graph.library.function}}
+print(json.dumps({{"ops": sorted(ops - functions), "unknown": sorted(o for o in ops - functions if op_def_registry.get(o) is None)}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["unknown"]) == SENTENCEPIECE_OPS
+    assert not [op for op in report["ops"] if op.startswith("Xla")]
+    assert "While" in report["ops"] or "StatelessWhile" in report["ops"]

@@ -1,0 +1,62 @@
+import keras
+import numpy as np
+import pytest
+
+from components.model import StoryTransformer
+
+CONFIG = dict(vocab_size=50, max_prompt_tokens=8, max_story_tokens=12, d_model=16, num_layers=2, num_heads=2,
+              ff_dim=32, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(1)
+    return StoryTransformer(**CONFIG)
+
+
+def ids(*rows):
+    return np.array(rows, dtype="int32")
+
+
+def test_shapes_and_uses_keras_hub_layers(model):
+    logits = model((ids([2, 5, 6, 0], [2, 7, 0, 0]), ids([2, 9, 10], [2, 11, 0])))
+    assert tuple(logits.shape) == (2, 3, 50)
+    names = {type(layer).__name__ for layer in model._flatten_layers()}
+    assert {"TokenAndPositionEmbedding", "TransformerEncoder", "TransformerDecoder"} <= names
+
+
+def test_decoder_is_causal(model):
+    base = model((ids([2, 5, 6]), ids([2, 9, 10, 11]))).numpy()
+    changed = model((ids([2, 5, 6]), ids([2, 9, 10, 30]))).numpy()
+    np.testing.assert_allclose(base[:, :3], changed[:, :3], atol=1e-5)
+    assert not np.allclose(base[:, 3], changed[:, 3])
+
+
+def test_prompt_padding_is_ignored(model):
+    unpadded = model((ids([2, 5, 6]), ids([2, 9, 10]))).numpy()
+    padded = model((ids([2, 5, 6, 0, 0]), ids([2, 9, 10]))).numpy()
+    np.testing.assert_allclose(unpadded, padded, atol=1e-5)
+    # ... and the prompt does matter.
+    other = model((ids([2, 7, 8]), ids([2, 9, 10]))).numpy()
+    assert not np.allclose(unpadded, other, atol=1e-3)
+
+
+def test_encode_decode_equal_call(model):
+    states, mask = model.encode(ids([2, 5, 6, 0]))
+    assert tuple(states.shape) == (1, 4, 16) and mask.numpy().tolist() == [[True, True, True, False]]
+    np.testing.assert_allclose(model.decode(ids([2, 9]), states, mask), model((ids([2, 5, 6, 0]), ids([2, 9]))),
+                               atol=1e-6)
+
+
+def test_output_is_tied_to_the_decoder_embedding(model):
+    assert model.decoder_embedding.token_embedding.tie_weights
+    assert len(model.trainable_weights) == len({id(w) for w in model.trainable_weights})
+
+
+def test_config_and_save_round_trip(model, tmp_path):
+    assert {k: model.get_config()[k] for k in CONFIG} == CONFIG
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    x = (ids([2, 5, 6]), ids([2, 9, 10]))
+    np.testing.assert_allclose(model(x), restored(x), atol=1e-6)

@@ -1,0 +1,58 @@
+import numpy as np
+import tensorflow as tf
+
+from components import transform
+from components.common import BOS_ID, EOS_ID, PAD_ID
+from components.tokenizer import make_tokenizer
+
+
+def test_encode_story_shifts_and_truncates(spm_proto):
+    tok = make_tokenizer(spm_proto)
+    ids = tok.tokenize("从前有座山。").numpy().tolist()
+    decoder_ids, targets = transform.encode_story(tok, tf.constant("从前有座山。"), max_story_tokens=100)
+    assert targets.numpy().tolist() == ids + [EOS_ID]
+    assert decoder_ids.numpy().tolist() == [BOS_ID] + ids
+    # A story cut short ends without EOS.
+    decoder_ids, targets = transform.encode_story(tok, tf.constant("从前有座山。"), max_story_tokens=3)
+    assert targets.numpy().tolist() == ids[:3]
+    assert decoder_ids.numpy().tolist() == [BOS_ID] + ids[:2]
+
+
+def test_encode_prompts_keeps_the_end_behind_bos(spm_proto):
+    tok = make_tokenizer(spm_proto)
+    ids = tok.tokenize("Once upon a time there was a poor tailor.").numpy().tolist()
+    encoded = transform.encode_prompts(tok, tf.constant(["Once upon a time there was a poor tailor.", ""]), 5)
+    assert encoded.to_list() == [[BOS_ID] + ids[-4:], [BOS_ID]]
+
+
+def test_training_batches(small_examples, spm_proto):
+    tok = make_tokenizer(spm_proto)
+    batches = transform.training_batches(small_examples, "train", tok, batch_size=8, max_prompt_tokens=16,
+                                         max_story_tokens=40, shuffle=True, seed=3)
+    steps, tokens = transform.count_batches(batches)
+    examples = sum(1 for _ in transform.example_features(small_examples, "train", tok, max_prompt_tokens=16,
+                                                         max_story_tokens=40))
+    seen = 0
+    for (encoder_ids, decoder_ids), targets in batches:
+        assert encoder_ids.dtype == decoder_ids.dtype == targets.dtype == tf.int32
+        assert encoder_ids.shape[1] <= 16 and targets.shape[1] <= 40
+        assert decoder_ids.shape == targets.shape
+        np.testing.assert_array_equal(decoder_ids[:, 0], BOS_ID)
+        # Decoder inputs are the targets shifted right, padded where the targets are.
+        np.testing.assert_array_equal(decoder_ids[:, 1:], np.where(targets[:, 1:] == PAD_ID, PAD_ID, targets[:, :-1]))
+        seen += targets.shape[0]
+    assert seen == examples and steps >= examples // 8
+    assert tokens == sum(int(tf.math.count_nonzero(t)) for _, t in batches)
+
+
+def test_bucket_boundaries():
+    assert transform.bucket_boundaries(128) == [17, 33, 65]
+    assert transform.bucket_boundaries(16) == []
+
+
+def test_eval_batches_are_stable(small_examples, spm_proto):
+    tok = make_tokenizer(spm_proto)
+    make = lambda: transform.training_batches(small_examples, "eval", tok, batch_size=4, max_prompt_tokens=16,
+                                              max_story_tokens=40, shuffle=False)
+    first = [t.numpy().tolist() for _, t in make()]
+    assert first == [t.numpy().tolist() for _, t in make()]
