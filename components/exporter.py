@@ -1,14 +1,18 @@
 """Exports the trained model as a SavedModel that writes stories by itself.
 
-Tokenisation, the decoding loop (a tf.while_loop) and detokenisation are all in the graph,
-so TF Serving, or any process with only tensorflow and tensorflow_text, turns a prompt
-string into a story string. The graph holds only TensorFlow core ops and tf-text's
-SentencePiece ops: no XLA, no Python.
+Tokenisation, the decoding loop (a tf.while_loop over a key/value cache) and
+detokenisation are all in the graph, so TF Serving, or any process with only tensorflow and
+tensorflow_text, turns prompt strings into story strings. The graph holds only TensorFlow
+core ops and tf-text's SentencePiece ops: no XLA, no Python.
 
 Sampling is batch-invariant: at step t a row's Gumbel noise comes from one stateless stream
 seeded by (seed, t), rotated by a hash of the row's prompt, so a prompt's story for a given
 seed does not depend on what else is in the batch or at which row, while different prompts
 draw different noise.
+
+Stories longer than the decoder's window continue with a sliding window: when the window is
+full, its newer half is kept as the decoder's prefix and the text just before it becomes the
+prompt, as ingest's windows are prompted in training.
 """
 
 import os
@@ -19,76 +23,199 @@ from components.common import BOS_ID, EOS_ID, PAD_ID
 from components.transform import encode_prompts
 
 SAVED_MODEL_DIR = "saved_model"
+NEG_INF = -1e9
+
+PROMPT = tf.TensorSpec([None], tf.string, name="prompt")
+MAX_NEW_TOKENS = tf.TensorSpec([], tf.int32, name="max_new_tokens")
 
 
 class StoryGenerator(tf.Module):
-    """The exported module: signatures `serving_default` and `generate`."""
+    """The exported module: signatures serving_default, generate, beam_search and score."""
 
-    def __init__(self, model, tokenizer, *, temperature: float, top_k: int, top_p: float):
+    def __init__(self, model, tokenizer, *, temperature: float, top_k: int, top_p: float,
+                 max_new_tokens_limit: int, length_penalty: float = 1.0):
         super().__init__(name="story_generator")
         self.model = model
         # An attribute, so the tokenizer's resource is tracked and saved with the graph.
         self.tokenizer = tokenizer
-        self.max_prompt_tokens = model.max_prompt_tokens
-        self.max_new_tokens = model.max_story_tokens
+        self.window = model.max_story_tokens
+        self.limit = max_new_tokens_limit
         # Saved with the model so that clients can read the limit: `loaded.max_new_tokens_limit`.
-        self.max_new_tokens_limit = tf.Variable(self.max_new_tokens, trainable=False, dtype=tf.int32)
+        self.max_new_tokens_limit = tf.Variable(max_new_tokens_limit, trainable=False, dtype=tf.int32)
         self.default_sampling = (float(temperature), int(top_k), float(top_p))
+        self.length_penalty = float(length_penalty)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompt")])
+    # ------------------------------------------------------------------ signatures
+
+    @tf.function(input_signature=[PROMPT])
     def serving_default(self, prompt):
         temperature, top_k, top_p = self.default_sampling
-        out = self.generate(prompt, tf.constant(self.max_new_tokens), tf.constant(temperature),
+        out = self.generate(prompt, tf.constant(min(self.window, self.limit)), tf.constant(temperature),
                             tf.constant(top_k), tf.constant(top_p), tf.constant(0, tf.int64))
         return {"story": out["story"], "num_tokens": out["num_tokens"]}
 
     @tf.function(input_signature=[
-        tf.TensorSpec([None], tf.string, name="prompt"),
-        tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+        PROMPT, MAX_NEW_TOKENS,
         tf.TensorSpec([], tf.float32, name="temperature"),
         tf.TensorSpec([], tf.int32, name="top_k"),
         tf.TensorSpec([], tf.float32, name="top_p"),
         tf.TensorSpec([], tf.int64, name="seed"),
     ])
     def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-        """Samples a story per prompt: temperature 0 is greedy, top_k 0 and top_p 1 disable those filters."""
-        checks = [
-            tf.debugging.assert_positive(tf.size(prompt), message="prompt must hold at least one string"),
+        """Samples a story per prompt: temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
+        checks = self._check_request(prompt, max_new_tokens, self.limit) + [
             tf.debugging.assert_greater_equal(temperature, 0.0, message="temperature must be >= 0"),
             tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0"),
             tf.debugging.assert_greater(top_p, 0.0, message="top_p must be in (0, 1]"),
             tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
-            tf.debugging.assert_positive(max_new_tokens, message="max_new_tokens must be >= 1"),
-            tf.debugging.assert_less_equal(max_new_tokens, self.max_new_tokens,
-                                           message=f"max_new_tokens must be <= {self.max_new_tokens}"),
         ]
         with tf.control_dependencies(checks):
-            encoder_ids = encode_prompts(self.tokenizer, prompt, self.max_prompt_tokens).to_tensor(PAD_ID)
-        states, mask = self.model.encode(encoder_ids)
+            encoder_ids = encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(PAD_ID)
         batch = tf.shape(prompt)[0]
-        rows = tf.range(batch)
         noise_offsets = tf.cast(tf.strings.to_hash_bucket_fast(prompt, self.model.vocab_size), tf.int32)
+        states, mask = self.model.encode(encoder_ids)
+        logits, caches, cross = self.model.prefill(tf.fill([batch, 1], BOS_ID), states, mask)
+        logits = logits[:, -1, :]
+        tokens = tf.fill([batch, 1], BOS_ID)  # BOS, then one column per generated token
 
-        def step(t, tokens, done, log_prob):
-            logits = self.model.decode(tokens[:, : t + 1], states, mask)[:, -1, :]
+        def step(t, tokens, done, log_prob, logits, caches, cross, states, mask):
             next_token = sample(logits, temperature, top_k, top_p, tf.stack([seed, tf.cast(t, tf.int64)]),
                                 noise_offsets)
             next_token = tf.where(done, PAD_ID, next_token)
-            token_log_prob = tf.gather(tf.nn.log_softmax(logits), next_token, batch_dims=1)
-            log_prob += tf.where(done, 0.0, token_log_prob)
-            tokens = tf.tensor_scatter_nd_update(tokens, tf.stack([rows, tf.fill([batch], t + 1)], axis=1), next_token)
-            return t + 1, tokens, done | tf.equal(next_token, EOS_ID), log_prob
+            log_prob += tf.where(done, 0.0, tf.gather(tf.nn.log_softmax(logits), next_token, batch_dims=1))
+            tokens = tf.concat([tokens, next_token[:, None]], axis=1)
+            done |= tf.equal(next_token, EOS_ID)
+            logits, caches, cross, states, mask = self._feed(tokens, caches, cross, states, mask)
+            return t + 1, tokens, done, log_prob, logits, caches, cross, states, mask
 
-        tokens = tf.concat([tf.fill([batch, 1], BOS_ID), tf.zeros([batch, max_new_tokens], tf.int32)], axis=1)
-        _, tokens, _, log_prob = tf.while_loop(
-            lambda t, tokens, done, log_prob: (t < max_new_tokens) & ~tf.reduce_all(done),
-            step, (tf.constant(0), tokens, tf.zeros([batch], tf.bool), tf.zeros([batch])))
-        token_ids = tokens[:, 1:]
-        # Story tokens are those before the first EOS (or PAD, once every row has ended).
+        _, tokens, _, log_prob, *_ = tf.while_loop(
+            lambda t, tokens, done, *_: (t < max_new_tokens) & ~tf.reduce_all(done), step,
+            (tf.constant(0), tokens, tf.zeros([batch], tf.bool), tf.zeros([batch]), logits, caches, cross, states, mask),
+            shape_invariants=self._invariants(tokens, caches, cross, states, mask))
+        story, num_tokens = self._detokenize(tokens[:, 1:])
+        return {"story": story, "num_tokens": num_tokens, "log_prob": log_prob, "token_ids": tokens[:, 1:]}
+
+    @tf.function(input_signature=[PROMPT, MAX_NEW_TOKENS, tf.TensorSpec([], tf.int32, name="num_beams")])
+    def beam_search(self, prompt, max_new_tokens, num_beams):
+        """The most likely story per prompt among `num_beams` hypotheses, ranked at the end by
+        log-probability / length ** length_penalty. Stays within the decoder's window."""
+        checks = self._check_request(prompt, max_new_tokens, min(self.limit, self.window - 1)) + [
+            tf.debugging.assert_positive(num_beams, message="num_beams must be >= 1"),
+            tf.debugging.assert_less_equal(num_beams, 16, message="num_beams must be <= 16"),
+        ]
+        with tf.control_dependencies(checks):
+            encoder_ids = encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(PAD_ID)
+            num_beams = tf.identity(num_beams)  # everything below waits for the checks
+        batch = tf.shape(prompt)[0]
+        rows = batch * num_beams
+        # Every prompt is repeated num_beams times: row b * num_beams + k is beam k of prompt b.
+        encoder_ids = tf.repeat(encoder_ids, num_beams, axis=0)
+        states, mask = self.model.encode(encoder_ids)
+        logits, caches, cross = self.model.prefill(tf.fill([rows, 1], BOS_ID), states, mask)
+        logits = logits[:, -1, :]
+        vocab = self.model.vocab_size
+        # Only beam 0 is live at first, so the first step does not pick one token num_beams times.
+        scores = tf.tile(tf.concat([[0.0], tf.fill([num_beams - 1], NEG_INF)], 0), [batch])
+        tokens = tf.fill([rows, 1], BOS_ID)
+
+        def step(t, tokens, done, scores, logits, caches):
+            log_probs = tf.nn.log_softmax(logits)
+            # A finished beam can only be extended by PAD, at no cost.
+            finished = tf.one_hot(tf.fill([rows], PAD_ID), vocab, on_value=0.0, off_value=NEG_INF)
+            log_probs = tf.where(done[:, None], finished, log_probs)
+            candidates = tf.reshape(scores[:, None] + log_probs, [batch, num_beams * vocab])
+            top_scores, top_index = tf.math.top_k(candidates, k=num_beams)
+            parent = tf.reshape(top_index // vocab + tf.range(batch)[:, None] * num_beams, [rows])
+            next_token = tf.reshape(top_index % vocab, [rows])
+            tokens = tf.concat([tf.gather(tokens, parent), next_token[:, None]], axis=1)
+            done = tf.gather(done, parent) | tf.equal(next_token, EOS_ID) | tf.equal(next_token, PAD_ID)
+            caches = [tf.gather(cache, parent) for cache in caches]
+            logits, caches = self.model.decode_step(next_token[:, None], t + 1, caches, cross, states, mask)
+            return t + 1, tokens, done, tf.reshape(top_scores, [rows]), logits, caches
+
+        _, tokens, _, scores, _, _ = tf.while_loop(
+            lambda t, tokens, done, *_: (t < max_new_tokens) & ~tf.reduce_all(done), step,
+            (tf.constant(0), tokens, tf.zeros([rows], tf.bool), scores, logits, caches),
+            shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None]), tf.TensorShape([None]),
+                              tf.TensorShape([None]), tf.TensorShape([None, None]),
+                              [tf.TensorShape([None, 2, None, None, None])] * len(caches)))
+        story, num_tokens = self._detokenize(tokens[:, 1:])
+        # Length counts the EOS when one was written, so an ended story is not favoured for brevity.
+        ended = tf.reduce_any(tf.equal(tokens[:, 1:], EOS_ID), axis=1)
+        length = tf.cast(num_tokens + tf.cast(ended, tf.int32), tf.float32)
+        normalized = tf.reshape(scores / tf.maximum(length, 1.0) ** self.length_penalty, [batch, num_beams])
+        best = tf.argmax(normalized, axis=1, output_type=tf.int32) + tf.range(batch) * num_beams
+        return {"story": tf.gather(story, best), "num_tokens": tf.gather(num_tokens, best),
+                "log_prob": tf.gather(scores, best)}
+
+    @tf.function(input_signature=[PROMPT, tf.TensorSpec([None], tf.string, name="story")])
+    def score(self, prompt, story):
+        """Log-likelihood of each story (then EOS) after its prompt, in nats; stories longer than
+        the decoder's window are scored on their first window, and bits per character count
+        the characters of the scored tokens."""
+        checks = [
+            tf.debugging.assert_positive(tf.size(prompt), message="prompt must hold at least one string"),
+            tf.debugging.assert_equal(tf.size(prompt), tf.size(story), message="prompt and story must have the same length"),
+        ]
+        with tf.control_dependencies(checks):
+            encoder_ids = encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(PAD_ID)
+        ids = self.tokenizer.tokenize(story)
+        eos = tf.fill(tf.stack([ids.nrows(), 1]), EOS_ID)
+        targets = tf.concat([ids, eos], axis=1)[:, : self.window]
+        bos = tf.fill(tf.stack([ids.nrows(), 1]), BOS_ID)
+        decoder_ids = tf.concat([bos, targets[:, :-1]], axis=1).to_tensor(PAD_ID)
+        targets = targets.to_tensor(PAD_ID)
+        logits = self.model((encoder_ids, decoder_ids))
+        mask = tf.not_equal(targets, PAD_ID)
+        token_log_probs = tf.gather(tf.nn.log_softmax(logits), targets, batch_dims=2)
+        log_likelihood = tf.reduce_sum(tf.where(mask, token_log_probs, 0.0), axis=1)
+        scored_text = self.tokenizer.detokenize(tf.ragged.boolean_mask(targets, mask & tf.not_equal(targets, EOS_ID)))
+        chars = tf.cast(tf.strings.length(scored_text, unit="UTF8_CHAR"), tf.float32)
+        bits_per_char = -log_likelihood / tf.math.log(2.0) / tf.maximum(chars, 1.0)
+        return {"log_likelihood": log_likelihood, "num_tokens": tf.reduce_sum(tf.cast(mask, tf.int32), axis=1),
+                "bits_per_char": bits_per_char}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_request(self, prompt, max_new_tokens, limit):
+        return [
+            tf.debugging.assert_positive(tf.size(prompt), message="prompt must hold at least one string"),
+            tf.debugging.assert_positive(max_new_tokens, message="max_new_tokens must be >= 1"),
+            tf.debugging.assert_less_equal(max_new_tokens, limit, message=f"max_new_tokens must be <= {limit}"),
+        ]
+
+    def _feed(self, tokens, caches, cross, states, mask):
+        """Feeds the newest token; when the window is full, slides it first (see module doc)."""
+        length = tf.shape(caches[0])[2]  # positions in the decoder's window so far
+
+        def step():
+            logits, grown = self.model.decode_step(tokens[:, -1:], length, caches, cross, states, mask)
+            return logits, grown, cross, states, mask
+
+        def slide():
+            keep = self.window // 2
+            kept = tokens[:, -keep:]
+            before = tokens[:, 1:-keep][:, -(self.model.max_prompt_tokens - 1):]
+            bos = tf.fill([tf.shape(tokens)[0], 1], BOS_ID)
+            new_states, new_mask = self.model.encode(tf.concat([bos, before], axis=1))
+            logits, new_caches, new_cross = self.model.prefill(tf.concat([bos, kept], axis=1), new_states, new_mask)
+            return logits[:, -1, :], new_caches, new_cross, new_states, new_mask
+
+        return tf.cond(length >= self.window, slide, step)
+
+    @staticmethod
+    def _invariants(tokens, caches, cross, states, mask):
+        cache_shape = tf.TensorShape([None, 2, None, None, None])
+        return (tf.TensorShape([]), tf.TensorShape([None, None]), tf.TensorShape([None]), tf.TensorShape([None]),
+                tf.TensorShape([None, None]), [cache_shape] * len(caches), [cache_shape] * len(cross),
+                tf.TensorShape([None, None, states.shape[-1]]), tf.TensorShape([None, None]))
+
+    def _detokenize(self, token_ids):
+        """Story strings and their token counts: the tokens before the first EOS (or PAD)."""
         ended = tf.equal(token_ids, EOS_ID) | tf.equal(token_ids, PAD_ID)
         num_tokens = tf.reduce_sum(tf.cast(tf.equal(tf.cumsum(tf.cast(ended, tf.int32), axis=1), 0), tf.int32), axis=1)
         story = self.tokenizer.detokenize(tf.RaggedTensor.from_tensor(token_ids, lengths=num_tokens))
-        return {"story": story, "num_tokens": num_tokens, "log_prob": log_prob, "token_ids": token_ids}
+        return story, num_tokens
 
 
 def sample(logits, temperature, top_k, top_p, seed, noise_offsets):
@@ -100,12 +227,12 @@ def sample(logits, temperature, top_k, top_p, seed, noise_offsets):
     # Top-k: drop logits below the k-th largest (k = 0 keeps all).
     k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
     kth = tf.math.top_k(scaled, k=k).values[:, -1:]
-    scaled = tf.where(scaled < kth, -1e9, scaled)
+    scaled = tf.where(scaled < kth, NEG_INF, scaled)
     # Top-p: keep the most likely tokens until their probability reaches top_p.
     sorted_logits = tf.sort(scaled, direction="DESCENDING")
     cumulative = tf.cumsum(tf.nn.softmax(sorted_logits), axis=-1, exclusive=True)
-    cutoff = tf.reduce_min(tf.where(cumulative < top_p, sorted_logits, 1e9), axis=-1, keepdims=True)
-    scaled = tf.where(scaled < cutoff, -1e9, scaled)
+    cutoff = tf.reduce_min(tf.where(cumulative < top_p, sorted_logits, -NEG_INF), axis=-1, keepdims=True)
+    scaled = tf.where(scaled < cutoff, NEG_INF, scaled)
     # One noise vector per (seed, step), rotated per row: the draw never depends on the batch.
     uniform = tf.random.stateless_uniform([vocab], seed=seed, minval=1e-20, maxval=1.0)
     uniform = tf.gather(uniform, (tf.range(vocab)[None, :] + noise_offsets[:, None]) % vocab)
@@ -115,12 +242,16 @@ def sample(logits, temperature, top_k, top_p, seed, noise_offsets):
     return tf.where(temperature > 0.0, sampled, greedy)
 
 
-def export(model, tokenizer, output_dir: str, *, temperature: float, top_k: int, top_p: float) -> str:
+def export(model, tokenizer, output_dir: str, *, temperature: float, top_k: int, top_p: float,
+           max_new_tokens_limit: int) -> str:
     """Saves the generator to `<output_dir>/saved_model` and returns that path."""
-    generator = StoryGenerator(model, tokenizer, temperature=temperature, top_k=top_k, top_p=top_p)
+    generator = StoryGenerator(model, tokenizer, temperature=temperature, top_k=top_k, top_p=top_p,
+                               max_new_tokens_limit=max_new_tokens_limit)
     path = os.path.join(output_dir, SAVED_MODEL_DIR)
     tf.saved_model.save(generator, path, signatures={
         "serving_default": generator.serving_default,
         "generate": generator.generate,
+        "beam_search": generator.beam_search,
+        "score": generator.score,
     })
     return path

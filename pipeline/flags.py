@@ -64,7 +64,9 @@ def define_pipeline_flags():
     flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.", lower_bound=0.0)
     flags.DEFINE_enum("distribution_strategy", "default", STRATEGIES, "tf.distribute strategy to train under.")
 
-    # Exporter: sampling of the serving_default signature.
+    # Exporter: sampling of the serving_default signature, and the longest story a request may ask for.
+    flags.DEFINE_integer("max_new_tokens_limit", 2048, "Most tokens one generate request may ask for; beyond "
+                         "--max_story_tokens the decoder continues with a sliding window.", lower_bound=1)
     flags.DEFINE_float("temperature", 0.8, "Sampling temperature of serving_default (0 = greedy).", lower_bound=0.0)
     flags.DEFINE_integer("top_k", 40, "Top-k filter of serving_default (0 = off).", lower_bound=0)
     flags.DEFINE_float("top_p", 0.95, "Top-p (nucleus) filter of serving_default (1 = off).", lower_bound=0.0, upper_bound=1.0)

@@ -93,11 +93,12 @@ def run_pipeline(f) -> dict:
 
     # Exporter: a SavedModel that tokenises, decodes and detokenises in its graph.
     exported = run.step(
-        "exporter", lambda out: {"saved_model": exporter.export(model, tok, out, temperature=f.temperature,
-                                                                top_k=f.top_k, top_p=f.top_p)},
+        "exporter", lambda out: {"saved_model": exporter.export(
+            model, tok, out, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+            max_new_tokens_limit=f.max_new_tokens_limit)},
         inputs={"tokenizer": tokenized["outputs"]["path"], "model": trained["outputs"]["path"]},
-        parameters=_values(f, "temperature", "top_k", "top_p"),
-        describe=lambda m: "SavedModel with signatures serving_default, generate")
+        parameters=_values(f, "temperature", "top_k", "top_p", "max_new_tokens_limit"),
+        describe=lambda m: "SavedModel with signatures serving_default, generate, beam_search, score")
 
     # Pusher: copy it atomically to <serving_model_dir>/<model_name>/<next version>/.
     saved_model = os.path.join(exported["outputs"]["path"], exporter.SAVED_MODEL_DIR)

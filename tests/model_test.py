@@ -60,3 +60,18 @@ def test_config_and_save_round_trip(model, tmp_path):
     restored = keras.saving.load_model(path)
     x = (ids([2, 5, 6]), ids([2, 9, 10]))
     np.testing.assert_allclose(model(x), restored(x), atol=1e-6)
+
+
+def test_cached_decoding_equals_recomputing_the_prefix(model):
+    encoder_ids = ids([2, 5, 6, 0], [2, 7, 8, 9])
+    decoder_ids = ids([2, 9, 10, 11, 12, 13], [2, 3, 4, 5, 6, 7])
+    full = model((encoder_ids, decoder_ids)).numpy()
+    states, mask = model.encode(encoder_ids)
+    logits, caches, cross = model.prefill(decoder_ids[:, :2], states, mask)
+    np.testing.assert_allclose(logits, full[:, :2], atol=1e-4)
+    assert [tuple(c.shape) for c in caches] == [(2, 2, 2, 2, 8)] * 2  # [B, key/value, T, heads, head_dim]
+    assert [tuple(c.shape) for c in cross] == [(2, 2, 4, 2, 8)] * 2
+    for t in range(2, 6):
+        step_logits, caches = model.decode_step(decoder_ids[:, t:t + 1], t, caches, cross, states, mask)
+        np.testing.assert_allclose(step_logits, full[:, t], atol=1e-4)
+    assert caches[0].shape[2] == 6
