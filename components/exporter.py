@@ -221,25 +221,33 @@ class StoryGenerator(tf.Module):
 def sample(logits, temperature, top_k, top_p, seed, noise_offsets):
     """Next token ids [B] from logits [B, V]: greedy at temperature 0, else a Gumbel-max draw
     from the tempered, top-k and top-p filtered distribution, with row i's noise rotated by
-    noise_offsets[i]."""
-    vocab = tf.shape(logits)[-1]
-    scaled = logits / tf.maximum(temperature, 1e-6)
-    # Top-k: drop logits below the k-th largest (k = 0 keeps all).
-    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
-    kth = tf.math.top_k(scaled, k=k).values[:, -1:]
-    scaled = tf.where(scaled < kth, NEG_INF, scaled)
-    # Top-p: keep the most likely tokens until their probability reaches top_p.
-    sorted_logits = tf.sort(scaled, direction="DESCENDING")
+    noise_offsets[i]. Filters that are off cost nothing (each sorts the vocabulary)."""
+
+    def draw():
+        vocab = tf.shape(logits)[-1]
+        scaled = logits / temperature
+        scaled = tf.cond(top_k > 0, lambda: _top_k_filter(scaled, tf.minimum(top_k, vocab)), lambda: scaled)
+        scaled = tf.cond(top_p < 1.0, lambda: _top_p_filter(scaled, top_p), lambda: scaled)
+        # One noise vector per (seed, step), rotated per row: the draw never depends on the batch.
+        uniform = tf.random.stateless_uniform([vocab], seed=seed, minval=1e-20, maxval=1.0)
+        uniform = tf.gather(uniform, (tf.range(vocab)[None, :] + noise_offsets[:, None]) % vocab)
+        return tf.argmax(scaled - tf.math.log(-tf.math.log(uniform)), axis=-1, output_type=tf.int32)
+
+    return tf.cond(temperature > 0.0, draw, lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
+
+
+def _top_k_filter(logits, k):
+    """Drops logits below the k-th largest."""
+    kth = tf.math.top_k(logits, k=k).values[:, -1:]
+    return tf.where(logits < kth, NEG_INF, logits)
+
+
+def _top_p_filter(logits, top_p):
+    """Keeps the most likely tokens until their probability reaches top_p."""
+    sorted_logits = tf.sort(logits, direction="DESCENDING")
     cumulative = tf.cumsum(tf.nn.softmax(sorted_logits), axis=-1, exclusive=True)
     cutoff = tf.reduce_min(tf.where(cumulative < top_p, sorted_logits, -NEG_INF), axis=-1, keepdims=True)
-    scaled = tf.where(scaled < cutoff, NEG_INF, scaled)
-    # One noise vector per (seed, step), rotated per row: the draw never depends on the batch.
-    uniform = tf.random.stateless_uniform([vocab], seed=seed, minval=1e-20, maxval=1.0)
-    uniform = tf.gather(uniform, (tf.range(vocab)[None, :] + noise_offsets[:, None]) % vocab)
-    gumbel = -tf.math.log(-tf.math.log(uniform))
-    sampled = tf.argmax(scaled + gumbel, axis=-1, output_type=tf.int32)
-    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return tf.where(temperature > 0.0, sampled, greedy)
+    return tf.where(logits < cutoff, NEG_INF, logits)
 
 
 def export(model, tokenizer, output_dir: str, *, temperature: float, top_k: int, top_p: float,
