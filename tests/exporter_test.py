@@ -11,7 +11,8 @@ from components.common import BOS_ID, EOS_ID
 from components.tokenizer import make_tokenizer
 
 PROMPTS = ["从前有座山，", "Once upon a time", "一只狐狸", "The dragon", "", "老渔夫说：", "A tailor", "山里有座庙。"]
-LIMIT = 60  # beyond the tiny model's 24-token window, so long stories slide it
+WINDOW = 24  # the tiny model's max_story_tokens
+LIMIT = 2048  # far beyond the window: long stories slide it
 SENTENCEPIECE_OPS = {"SentencepieceOp", "SentencepieceTokenizeOp", "SentencepieceDetokenizeOp"}
 
 
@@ -68,35 +69,46 @@ def test_log_prob_matches_the_keras_model(loaded, tiny_model, spm_proto):
 
 
 def recompute_greedy(model, tok, prompt, steps):
-    """Reference decoder: recomputes the whole prefix with the Keras model at every step."""
-    encoder_ids = np.array([[BOS_ID] + tok.tokenize(prompt).numpy().tolist()[-15:]], "int32")
-    decoder_ids = [BOS_ID]
+    """Reference decoder: recomputes the whole prefix with the Keras model at every step, and
+    slides the window as the export does: when the decoder is full, its newer half becomes
+    the prefix and the text before it the prompt."""
+    encoder_ids = [BOS_ID] + tok.tokenize(prompt).numpy().tolist()[-15:]
+    generated, start = [], 0
     for _ in range(steps):
-        logits = model((encoder_ids, np.array([decoder_ids], "int32")))[0, -1]
-        decoder_ids.append(int(np.argmax(logits)))
-        if decoder_ids[-1] == EOS_ID:
+        decoder_ids = [BOS_ID] + generated[start:]
+        if len(decoder_ids) > WINDOW:
+            start = len(generated) - WINDOW // 2
+            encoder_ids = [BOS_ID] + generated[:start][-15:]
+            decoder_ids = [BOS_ID] + generated[start:]
+        logits = model((np.array([encoder_ids], "int32"), np.array([decoder_ids], "int32")))[0, -1]
+        generated.append(int(np.argmax(logits)))
+        if generated[-1] == EOS_ID:
             break
-    return decoder_ids[1:]
+    return generated
 
 
 def test_cached_decoding_equals_recomputing_the_prefix(loaded, tiny_model, spm_proto):
     tok = make_tokenizer(spm_proto)
-    out = generate(loaded, PROMPTS[:4], max_new_tokens=23, temperature=0.0)
-    for prompt, ids, n in zip(PROMPTS, out["token_ids"], out["num_tokens"]):
-        expected = recompute_greedy(tiny_model, tok, prompt, 23)
+    out = generate(loaded, PROMPTS[:3], max_new_tokens=WINDOW - 1, temperature=0.0)
+    for prompt, ids in zip(PROMPTS, out["token_ids"]):
+        expected = recompute_greedy(tiny_model, tok, prompt, WINDOW - 1)
         assert ids[: len(expected)].tolist() == expected
 
 
-def test_long_stories_slide_the_window(loaded):
-    """60 tokens from a 24-token decoder: the window slides twice and the story comes out whole."""
-    out = loaded.signatures["generate"](
-        prompt=tf.constant(["从前有座山，"]), max_new_tokens=tf.constant(LIMIT), temperature=tf.constant(1.0),
-        top_k=tf.constant(0), top_p=tf.constant(1.0), seed=tf.constant(4, tf.int64))
-    ids = out["token_ids"].numpy()[0]
-    n = int(out["num_tokens"].numpy()[0])
-    assert len(ids) <= LIMIT and (n == LIMIT or ids[n] == EOS_ID)
-    # EOS is one token in a vocabulary of hundreds: over 60 random draws, at least 25 tokens came out.
-    assert n > 24
+def test_sliding_window_equals_the_reference(loaded, tiny_model, spm_proto):
+    """60 tokens from a 24-token decoder: the window slides three times."""
+    tok = make_tokenizer(spm_proto)
+    out = generate(loaded, PROMPTS[:2], max_new_tokens=60, temperature=0.0)
+    for prompt, ids in zip(PROMPTS, out["token_ids"]):
+        expected = recompute_greedy(tiny_model, tok, prompt, 60)
+        assert ids[: len(expected)].tolist() == expected
+
+
+def test_a_2000_character_story_comes_out_whole(loaded):
+    # Greedy decoding of these random weights never writes EOS, so the story runs to the limit.
+    out = generate(loaded, ["从前有座山，"], max_new_tokens=LIMIT, temperature=0.0)
+    assert out["num_tokens"][0] == LIMIT and out["token_ids"].shape == (1, LIMIT)
+    assert len(out["story"][0].decode("utf-8")) >= 2000
 
 
 def test_beam_search(loaded):

@@ -1,0 +1,189 @@
+"""Dynamic batching: concurrent requests that can share a model call are merged along the batch
+dimension, run once, and the outputs split back, as TF Serving's BasicBatchScheduler does.
+
+Requests share a batch when they have the same key (the servable, the signature and the values
+of every non-batch input, e.g. the scalar sampling parameters) and fit in `max_batch_size` rows.
+A batch runs when it is full, when `batch_timeout_s` has passed since its first request, or
+when a newer batch with its key was opened. At most `max_enqueued_batches` batches wait; a
+request that would need another one fails at once with RESOURCE_EXHAUSTED, so overload shows
+up as fast rejections rather than growing latency. Batch inputs are concatenated as they are
+(string[B] prompts need no padding), so every request must have the same shape apart from B.
+"""
+
+import collections
+import threading
+import time
+
+import grpc
+import numpy as np
+from absl import logging
+
+from serving.errors import ServingError, invalid_argument
+
+
+class _Task:
+    """One request waiting for its share of a batch."""
+
+    def __init__(self, inputs: dict, rows: int, deadline: float | None):
+        self.inputs = inputs
+        self.rows = rows
+        self.deadline = deadline
+        self.abandoned = False  # its caller stopped waiting (deadline): do not run it
+        self.done = threading.Event()
+        self.outputs = None
+        self.error = None
+
+    def finish(self, outputs=None, error=None) -> None:
+        self.outputs, self.error = outputs, error
+        self.done.set()
+
+
+class _Batch:
+    def __init__(self, key, run, batch_inputs: frozenset):
+        self.key = key
+        self.run = run
+        self.batch_inputs = batch_inputs
+        self.tasks: list[_Task] = []
+        self.rows = 0
+        self.created = time.monotonic()
+
+
+class Batcher:
+    """Merges concurrent `submit` calls with equal keys into one `run` call per batch."""
+
+    def __init__(self, max_batch_size: int, batch_timeout_s: float, max_enqueued_batches: int,
+                 num_batch_threads: int):
+        self.max_batch_size = max_batch_size
+        self.batch_timeout_s = batch_timeout_s
+        self.max_enqueued_batches = max_enqueued_batches
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Batch] = collections.deque()  # oldest first
+        self._open: dict = {}  # key -> the newest waiting batch with that key, which may still grow
+        self._stopped = False
+        self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+                         for i in range(num_batch_threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, key, run, inputs: dict[str, np.ndarray], batch_inputs: frozenset,
+               deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Runs `run(inputs)` as part of a batch and returns this request's rows of the outputs.
+
+        `key` must be hashable and equal only for requests that `run` can serve together;
+        `batch_inputs` names the inputs to concatenate; `deadline` is a time.monotonic() value."""
+        rows = len(inputs[next(iter(batch_inputs))])
+        if rows > self.max_batch_size:
+            raise invalid_argument(f"The request has {rows} rows, more than one batch holds "
+                                   f"(--max_batch_size={self.max_batch_size}); split it.")
+        task = _Task(inputs, rows, deadline)
+        with self._cond:
+            if self._stopped:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down; retry on another one.")
+            batch = self._open.get(key)
+            if batch is None or batch.rows + rows > self.max_batch_size:
+                if len(self._queue) >= self.max_enqueued_batches:
+                    raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       f"The batching queue is full ({len(self._queue)} batches waiting); "
+                                       "retry later.")
+                batch = _Batch(key, run, batch_inputs)
+                self._queue.append(batch)
+                self._open[key] = batch
+            batch.tasks.append(task)
+            batch.rows += rows
+            if batch.rows == self.max_batch_size:
+                del self._open[key]  # full: ready to run
+            self._cond.notify()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not task.done.wait(timeout):
+            with self._cond:
+                task.abandoned = True
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "The deadline passed before the model answered.")
+        if task.error is not None:
+            raise task.error
+        return task.outputs
+
+    def stop(self) -> None:
+        """Runs the batches still waiting, then stops the batch threads."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    # ---- batch threads
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._next_ready()
+                while batch is None:
+                    if self._stopped and not self._queue:
+                        return
+                    self._cond.wait(self._time_to_next_timeout())
+                    batch = self._next_ready()
+                self._queue.remove(batch)
+                if self._open.get(batch.key) is batch:
+                    del self._open[batch.key]
+            self._run(batch)
+
+    def _next_ready(self):
+        now = time.monotonic()
+        for batch in self._queue:
+            closed = self._open.get(batch.key) is not batch
+            if closed or self._stopped or now - batch.created >= self.batch_timeout_s:
+                return batch
+        return None
+
+    def _time_to_next_timeout(self):
+        if not self._queue:
+            return None
+        return max(0.0, min(b.created for b in self._queue) + self.batch_timeout_s - time.monotonic())
+
+    def _run(self, batch: _Batch) -> None:
+        now = time.monotonic()
+        tasks = []
+        for task in batch.tasks:
+            if task.abandoned:
+                continue
+            if task.deadline is not None and task.deadline <= now:
+                task.finish(error=ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                               "The deadline passed while the request waited for a batch."))
+                continue
+            tasks.append(task)
+        if not tasks:
+            return
+        try:
+            self._run_tasks(batch, tasks)
+        except ServingError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT and len(tasks) > 1:
+                # One bad request must not fail the requests it was merged with: run each alone.
+                for task in tasks:
+                    self._run_alone(batch, task)
+            else:
+                for task in tasks:
+                    task.finish(error=e)
+        except Exception as e:  # a model bug must fail these requests, not kill the batch thread
+            logging.exception("A batch of %d requests failed", len(tasks))
+            for task in tasks:
+                task.finish(error=ServingError(grpc.StatusCode.INTERNAL, f"The model failed: {e}"))
+
+    def _run_alone(self, batch: _Batch, task: _Task) -> None:
+        try:
+            self._run_tasks(batch, [task])
+        except ServingError as e:
+            task.finish(error=e)
+
+    def _run_tasks(self, batch: _Batch, tasks: list[_Task]) -> None:
+        inputs = {name: np.concatenate([t.inputs[name] for t in tasks]) if name in batch.batch_inputs
+                  else tasks[0].inputs[name]
+                  for name in tasks[0].inputs}
+        outputs = batch.run(inputs)
+        total = sum(t.rows for t in tasks)
+        for name, array in outputs.items():
+            if array.ndim == 0 or array.shape[0] != total:
+                raise ServingError(grpc.StatusCode.INTERNAL, f"Output '{name}' has shape {list(array.shape)}, not "
+                                                              f"{total} rows, so it cannot be split per request.")
+        offsets = np.cumsum([t.rows for t in tasks])[:-1]
+        parts = {name: np.split(array, offsets) for name, array in outputs.items()}
+        for i, task in enumerate(tasks):
+            task.finish(outputs={name: pieces[i] for name, pieces in parts.items()})

@@ -1,0 +1,58 @@
+"""ServingError: the one exception a request can fail with, carrying a gRPC status code and a
+one-sentence message. The REST API maps the same code to its HTTP status."""
+
+import re
+
+import grpc
+import tensorflow as tf
+
+# TF Serving's mapping of canonical codes to HTTP statuses (RESOURCE_EXHAUSTED -> 429 so that
+# clients back off and retry, as for any rate limit).
+_HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+}
+
+# TF errors carry the canonical code numbers that gRPC uses.
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ServingError(Exception):
+    """A request that cannot be answered: `code` is a grpc.StatusCode, `message` one sentence."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS.get(self.code, 500)
+
+
+def invalid_argument(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def from_tf_error(error: tf.errors.OpError) -> ServingError:
+    """The ServingError for an error raised inside a model graph, with the graph's message
+    (e.g. a tf.debugging assertion) but without TF's node and op-name decorations."""
+    message = re.sub(r"\n\s*\[\[.*", "", error.message, flags=re.DOTALL)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return ServingError(_CODE_BY_NUMBER.get(error.error_code, grpc.StatusCode.UNKNOWN),
+                        lines[-1] if lines else type(error).__name__)

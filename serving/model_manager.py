@@ -1,0 +1,315 @@
+"""Finds, loads and retires the versions of one model under its base path.
+
+The layout is TF Serving's: `<model_base_path>/<integer version>/saved_model.pb`. Only
+directories with an integer name count (a pusher's `.tmp-3` staging directory is ignored), a
+version without saved_model.pb is skipped until it has one, and a version that fails to load is
+logged and skipped until its saved_model.pb changes. The version policy picks which of the
+loadable versions to serve; new ones are loaded before retired ones are dropped, and a request
+keeps the Servable it started with, so no request is dropped by a reload.
+"""
+
+import dataclasses
+import os
+import threading
+
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  registers the SentencePiece ops that storygen's graphs use
+from absl import logging
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
+
+from serving.errors import from_tf_error, invalid_argument, not_found
+
+DEFAULT_SIGNATURE = "serving_default"
+SAVED_MODEL_FILE = "saved_model.pb"
+
+State = ModelVersionStatus.State
+
+
+# ---------------------------------------------------------------------------------- policy
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """Which loadable versions to serve: the newest `count` ("latest[:N]"), "all", or
+    "specific:1,2"."""
+
+    kind: str
+    count: int = 1
+    versions: frozenset = frozenset()
+
+    @classmethod
+    def parse(cls, text: str) -> "VersionPolicy":
+        kind, _, arg = text.strip().partition(":")
+        try:
+            if kind == "latest":
+                policy = cls("latest", count=int(arg) if arg else 1)
+                if policy.count >= 1:
+                    return policy
+            elif kind == "all" and not arg:
+                return cls("all")
+            elif kind == "specific" and arg:
+                return cls("specific", versions=frozenset(int(v) for v in arg.split(",")))
+        except ValueError:
+            pass
+        raise ValueError(f"Version policy '{text}' is not one of latest, latest:N, all or specific:V1,V2,...")
+
+    def select(self, versions) -> set[int]:
+        if self.kind == "all":
+            return set(versions)
+        if self.kind == "specific":
+            return self.versions & set(versions)
+        return set(sorted(versions)[-self.count:])
+
+
+def parse_labels(text: str) -> dict[str, int]:
+    """'stable:1,canary:2' -> {'stable': 1, 'canary': 2}."""
+    labels = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        label, _, version = item.partition(":")
+        if not label or not version.isdigit():
+            raise ValueError(f"Version label '{item}' is not of the form label:version (e.g. stable:1).")
+        labels[label] = int(version)
+    return labels
+
+
+# ---------------------------------------------------------------------------------- servables
+
+def _is_batch_dim(shape: tf.TensorShape) -> bool:
+    return shape.rank is not None and shape.rank >= 1 and shape[0] is None
+
+
+class Signature:
+    """One callable signature of a loaded version: its SignatureDef, the TensorSpecs of its
+    inputs and outputs, and the function to run it."""
+
+    def __init__(self, name: str, signature_def: meta_graph_pb2.SignatureDef, function):
+        self.name = name
+        self.signature_def = signature_def
+        self._function = function
+        self.inputs = {k: tf.TensorSpec(tf.TensorShape(v.tensor_shape), tf.as_dtype(v.dtype), k)
+                       for k, v in signature_def.inputs.items()}
+        self.outputs = {k: tf.TensorSpec(tf.TensorShape(v.tensor_shape), tf.as_dtype(v.dtype), k)
+                        for k, v in signature_def.outputs.items()}
+        # Inputs with a leading None dimension are concatenated when batching; the others
+        # (scalar parameters) must be equal for requests to share a batch.
+        self.batch_inputs = frozenset(k for k, spec in self.inputs.items() if _is_batch_dim(spec.shape))
+        self.batchable = bool(self.batch_inputs) and all(_is_batch_dim(s.shape) for s in self.outputs.values())
+
+    def input_dtype(self, name: str) -> tf.DType:
+        if name not in self.inputs:
+            raise invalid_argument(f"Signature '{self.name}' has no input '{name}'; its inputs are "
+                                   f"{', '.join(sorted(self.inputs))}.")
+        return self.inputs[name].dtype
+
+    def __call__(self, inputs: dict) -> dict:
+        """Runs the signature on numpy inputs; errors raised in the graph become ServingErrors."""
+        tensors = {k: tf.constant(v, dtype=self.inputs[k].dtype) for k, v in inputs.items()}
+        try:
+            outputs = self._function(**tensors)
+        except tf.errors.OpError as e:
+            raise from_tf_error(e) from None
+        return {k: v.numpy() for k, v in outputs.items()}
+
+
+class Servable:
+    """One loaded version of a model."""
+
+    def __init__(self, name: str, version: int, path: str, loaded, meta_graph: meta_graph_pb2.MetaGraphDef):
+        self.name = name
+        self.version = version
+        self.path = path
+        self._loaded = loaded  # keeps the graph's variables and resources alive
+        # Only what can be called: the map in saved_model.pb also lists __saved_model_init_op.
+        self.signatures = {key: Signature(key, meta_graph.signature_def[key], loaded.signatures[key])
+                           for key in loaded.signatures if key in meta_graph.signature_def}
+        self.signature_def_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, signature in self.signatures.items():
+            self.signature_def_map.signature_def[key].CopyFrom(signature.signature_def)
+
+    def signature(self, name: str) -> Signature:
+        name = name or DEFAULT_SIGNATURE
+        if name not in self.signatures:
+            raise not_found(f"Version {self.version} of model '{self.name}' has no signature '{name}'; it has "
+                            f"{', '.join(sorted(self.signatures))}.")
+        return self.signatures[name]
+
+
+def load_servable(name: str, version: int, path: str) -> Servable:
+    """Loads the SavedModel in `path` (its 'serve' meta graph, as TF Serving does)."""
+    saved_model = saved_model_pb2.SavedModel.FromString(
+        tf.io.gfile.GFile(os.path.join(path, SAVED_MODEL_FILE), "rb").read())
+    meta_graphs = [m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags]
+    if not meta_graphs:
+        raise ValueError(f"{path} has no meta graph tagged 'serve'")
+    return Servable(name, version, path, tf.saved_model.load(path, tags=["serve"]), meta_graphs[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionStatus:
+    version: int
+    state: int  # a ModelVersionStatus.State
+    error: str = ""  # why it failed to load, if it did
+
+
+# ---------------------------------------------------------------------------------- manager
+
+class ModelManager:
+    """Serves the versions of one model that `policy` selects among those under `base_path`."""
+
+    def __init__(self, name: str, base_path: str, policy: VersionPolicy, labels: dict[str, int],
+                 loader=load_servable):
+        self.name = name
+        self.base_path = base_path
+        self.policy = policy
+        self.labels = labels
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._servables: dict[int, Servable] = {}  # replaced, never mutated, so readers need no lock
+        self._states: dict[int, VersionStatus] = {}
+        self._failed: dict[int, tuple] = {}  # version -> fingerprint of the saved_model.pb that failed
+        self._stop = threading.Event()
+        self._thread = None
+
+    # ---- polling
+
+    def start_polling(self, interval_s: float) -> None:
+        """Polls the base path every `interval_s` seconds in a background thread."""
+        self._thread = threading.Thread(target=self._poll_loop, args=(interval_s,), name="version-poller",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def _poll_loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.poll()
+            except Exception:  # a transient file-system error must not end hot reloading
+                logging.exception("Polling %s failed; will retry.", self.base_path)
+
+    def poll(self) -> None:
+        """Loads the versions the policy wants that are not loaded yet, then retires the rest."""
+        try:
+            on_disk = self._scan()
+        except tf.errors.OpError as e:  # base path unreadable or gone: keep serving what is loaded
+            logging.log_every_n_seconds(logging.WARNING, "Cannot list %s (%s); keeping the loaded versions.",
+                                        60, self.base_path, e.message)
+            return
+        servables = dict(self._servables)
+        while True:
+            loadable = [v for v, path in on_disk.items() if self._failed.get(v) != _fingerprint(path)]
+            wanted = self.policy.select(loadable)
+            missing = sorted(wanted - servables.keys(), reverse=True)
+            if not missing:
+                break
+            for version in missing:  # a failure changes `loadable`, so select again afterwards
+                servable = self._load(version, on_disk[version])
+                if servable is not None:
+                    servables[version] = servable
+        retired = sorted(servables.keys() - wanted)
+        for version in retired:
+            del servables[version]
+        with self._lock:
+            self._servables = servables
+            for version in retired:
+                self._states[version] = VersionStatus(version, State.END)
+        for version in retired:
+            logging.info("Unloaded version %d of model %s (in-flight requests finish on it).", version, self.name)
+
+    def _scan(self) -> dict[int, str]:
+        """{version: path} of the complete version directories under the base path."""
+        versions = {}
+        for entry in tf.io.gfile.listdir(self.base_path):
+            name = entry.rstrip("/")
+            if not name.isdigit():
+                continue  # e.g. a pusher's .tmp-3 staging directory
+            path = os.path.join(self.base_path, name)
+            if not tf.io.gfile.isdir(path):
+                continue
+            if not tf.io.gfile.exists(os.path.join(path, SAVED_MODEL_FILE)):
+                logging.log_every_n_seconds(logging.WARNING, "Skipping %s: it has no %s (yet).", 60, path,
+                                            SAVED_MODEL_FILE)
+                continue
+            versions[int(name)] = path
+        return versions
+
+    def _load(self, version: int, path: str):
+        self._set_state(version, State.LOADING)
+        logging.info("Loading version %d of model %s from %s", version, self.name, path)
+        try:
+            servable = self._loader(self.name, version, path)
+        except Exception as e:  # any broken SavedModel: log it, skip it, keep serving the others
+            self._failed[version] = _fingerprint(path)
+            self._set_state(version, State.END, f"failed to load: {e}")
+            logging.error("Version %d of model %s failed to load and is skipped until %s changes: %s",
+                          version, self.name, os.path.join(path, SAVED_MODEL_FILE), e)
+            return None
+        self._failed.pop(version, None)
+        self._set_state(version, State.AVAILABLE)
+        logging.info("Version %d of model %s is available, signatures: %s", version, self.name,
+                     ", ".join(sorted(servable.signatures)))
+        return servable
+
+    def _set_state(self, version: int, state: int, error: str = "") -> None:
+        with self._lock:
+            self._states[version] = VersionStatus(version, state, error)
+
+    # ---- lookups
+
+    def loaded_versions(self) -> list[int]:
+        return sorted(self._servables)
+
+    def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
+        """The servable a request names: a version, a label, or else the newest loaded version."""
+        self._check_name(name)
+        servables = self._servables
+        if label:
+            version = self._label_version(label)
+            if version not in servables:
+                raise not_found(f"Label '{label}' of model '{name}' points to version {version}, which is not loaded.")
+        if version is None:
+            if not servables:
+                raise not_found(f"Model '{name}' has no loaded version yet.")
+            return servables[max(servables)]
+        if version not in servables:
+            raise not_found(f"Version {version} of model '{name}' is not loaded; loaded versions: "
+                            f"{', '.join(map(str, sorted(servables))) or 'none'}.")
+        return servables[version]
+
+    def statuses(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
+        """The state of every version this server has seen, or of the one named."""
+        self._check_name(name)
+        if label:
+            version = self._label_version(label)
+        with self._lock:
+            states = dict(self._states)
+        if version is not None:
+            if version not in states:
+                raise not_found(f"Model '{name}' has no version {version}.")
+            return [states[version]]
+        if not states:
+            raise not_found(f"Model '{name}' has no versions under {self.base_path} yet.")
+        return [states[v] for v in sorted(states)]
+
+    def _check_name(self, name: str) -> None:
+        if name != self.name:
+            raise not_found(f"Model '{name}' is not served here; this server serves '{self.name}'.")
+
+    def _label_version(self, label: str) -> int:
+        if label not in self.labels:
+            raise not_found(f"Model '{self.name}' has no version label '{label}'; labels: "
+                            f"{', '.join(sorted(self.labels)) or 'none (see --version_labels)'}.")
+        return self.labels[label]
+
+
+def _fingerprint(path: str) -> tuple:
+    """Changes when a version's saved_model.pb is rewritten, so a fixed version is retried."""
+    try:
+        stat = tf.io.gfile.stat(os.path.join(path, SAVED_MODEL_FILE))
+    except tf.errors.OpError:
+        return ()
+    return stat.mtime_nsec, stat.length
