@@ -89,7 +89,8 @@ def run_pipeline(f) -> dict:
         inputs={"examples": examples, "tokenizer": tokenized["outputs"]["path"], "model": trained["outputs"]["path"]},
         parameters=dict(shapes, batch_size=f.batch_size),
         describe=lambda m: (f"test perplexity {m['test']['perplexity']:.2f} (unigram {m['test']['unigram_perplexity']:.1f}), "
-                            f"{m['test']['bits_per_char']:.3f} bits/char over {m['test']['chars']} chars"))
+                            f"{m['test']['bits_per_char']:.3f} bits/char (char 5-gram "
+                            f"{m['test']['char_5gram_bits_per_char']:.3f}) over {m['test']['chars']} chars"))
 
     # Exporter: a SavedModel that tokenises, decodes and detokenises in its graph.
     exported = run.step(

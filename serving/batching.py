@@ -124,6 +124,8 @@ class Batcher:
                 self._queue.remove(batch)
                 if self._open.get(batch.key) is batch:
                     del self._open[batch.key]
+                if self._queue:
+                    self._cond.notify()  # another thread must now watch the next batch's timeout
             self._run(batch)
 
     def _next_ready(self):
@@ -152,26 +154,29 @@ class Batcher:
             tasks.append(task)
         if not tasks:
             return
+        error = self._try(batch, tasks)
+        if error is None:
+            return
+        if error.code == grpc.StatusCode.INVALID_ARGUMENT and len(tasks) > 1:
+            # One bad request must not fail the requests it was merged with: run each alone.
+            for task in tasks:
+                task_error = self._try(batch, [task])
+                if task_error is not None:
+                    task.finish(error=task_error)
+        else:
+            for task in tasks:
+                task.finish(error=error)
+
+    def _try(self, batch: _Batch, tasks: list[_Task]):
+        """Runs `tasks` as one model call and finishes them, or returns the ServingError instead."""
         try:
             self._run_tasks(batch, tasks)
         except ServingError as e:
-            if e.code == grpc.StatusCode.INVALID_ARGUMENT and len(tasks) > 1:
-                # One bad request must not fail the requests it was merged with: run each alone.
-                for task in tasks:
-                    self._run_alone(batch, task)
-            else:
-                for task in tasks:
-                    task.finish(error=e)
+            return e
         except Exception as e:  # a model bug must fail these requests, not kill the batch thread
             logging.exception("A batch of %d requests failed", len(tasks))
-            for task in tasks:
-                task.finish(error=ServingError(grpc.StatusCode.INTERNAL, f"The model failed: {e}"))
-
-    def _run_alone(self, batch: _Batch, task: _Task) -> None:
-        try:
-            self._run_tasks(batch, [task])
-        except ServingError as e:
-            task.finish(error=e)
+            return ServingError(grpc.StatusCode.INTERNAL, f"The model failed: {e}")
+        return None
 
     def _run_tasks(self, batch: _Batch, tasks: list[_Task]) -> None:
         inputs = {name: np.concatenate([t.inputs[name] for t in tasks]) if name in batch.batch_inputs

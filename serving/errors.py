@@ -29,16 +29,14 @@ _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class ServingError(Exception):
-    """A request that cannot be answered: `code` is a grpc.StatusCode, `message` one sentence."""
+    """A request that cannot be answered: `code` is a grpc.StatusCode, `message` one sentence.
+    `http_status` overrides the REST status for HTTP-only errors (e.g. 413 body too large)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
-
-    @property
-    def http_status(self) -> int:
-        return _HTTP_STATUS.get(self.code, 500)
+        self.http_status = http_status or _HTTP_STATUS.get(code, 500)
 
 
 def invalid_argument(message: str) -> ServingError:

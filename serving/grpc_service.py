@@ -1,0 +1,132 @@
+"""tensorflow.serving.PredictionService and tensorflow.serving.ModelService over gRPC, with the
+service classes generated in tensorflow-serving-api, so TF Serving's clients work unchanged.
+
+Predict and GetModelMetadata are served; Classify, Regress and MultiInference (tf.Example
+APIs that storygen's text signatures have no use for) and HandleReloadConfigRequest (the
+model comes from --model_base_path) answer UNIMPLEMENTED.
+"""
+
+import time
+
+import grpc
+from absl import logging
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+
+from serving import tensor_codec
+from serving.errors import ServingError, invalid_argument
+from serving.predictor import Predictor
+from serving.stats import Stats
+
+
+def add_services(server: grpc.Server, predictor: Predictor, stats: Stats, max_elements: int) -> None:
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(predictor, stats, max_elements), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor, stats), server)
+
+
+def _spec(model_spec) -> tuple[str, int | None, str | None]:
+    """(name, version, label) of a ModelSpec; version and label are a oneof, both may be unset."""
+    version = model_spec.version.value if model_spec.HasField("version") else None
+    return model_spec.name, version, model_spec.version_label or None
+
+
+def _handle(stats: Stats, method: str, context, answer):
+    """Runs `answer(record)` for one RPC, turning a ServingError into the RPC's status."""
+    try:
+        with stats.request("grpc", method) as record:
+            return answer(record)
+    except ServingError as e:
+        context.abort(e.code, e.message)
+    except Exception as e:  # a server bug: answer INTERNAL (and log it) rather than a bare traceback
+        logging.exception("gRPC %s failed", method)
+        context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {e}")
+
+
+def _unimplemented(stats: Stats, method: str, context):
+    def answer(record):
+        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by storygen-serve.")
+
+    return _handle(stats, method, context, answer)
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+
+    def __init__(self, predictor: Predictor, stats: Stats, max_elements: int):
+        self._predictor = predictor
+        self._stats = stats
+        self._max_elements = max_elements
+
+    def Predict(self, request, context):
+        def answer(record):
+            name, version, label = _spec(request.model_spec)
+            record.target = f"{name}/{version or label or 'latest'}/{request.model_spec.signature_name}"
+            servable, signature = self._predictor.find(name, version, label, request.model_spec.signature_name)
+            inputs = {key: tensor_codec.proto_to_ndarray(key, proto, signature.input_dtype(key), self._max_elements)
+                      for key, proto in request.inputs.items()}
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            outputs = self._predictor.predict(servable, signature, inputs, list(request.output_filter), deadline)
+            record.target = f"{servable.name}/{servable.version}/{signature.name}"
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = servable.name
+            response.model_spec.version.value = servable.version
+            response.model_spec.signature_name = signature.name
+            for key, array in outputs.items():
+                response.outputs[key].CopyFrom(tensor_codec.ndarray_to_proto(array))
+            return response
+
+        return _handle(self._stats, "Predict", context, answer)
+
+    def GetModelMetadata(self, request, context):
+        def answer(record):
+            if list(request.metadata_field) != ["signature_def"]:
+                raise invalid_argument("metadata_field must be ['signature_def'], the only metadata this server "
+                                       f"has; got {list(request.metadata_field)}.")
+            servable = self._predictor.manager.resolve(*_spec(request.model_spec))
+            record.target = f"{servable.name}/{servable.version}"
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = servable.name
+            response.model_spec.version.value = servable.version
+            response.metadata["signature_def"].Pack(servable.signature_def_map)
+            return response
+
+        return _handle(self._stats, "GetModelMetadata", context, answer)
+
+    def Classify(self, request, context):
+        return _unimplemented(self._stats, "Classify", context)
+
+    def Regress(self, request, context):
+        return _unimplemented(self._stats, "Regress", context)
+
+    def MultiInference(self, request, context):
+        return _unimplemented(self._stats, "MultiInference", context)
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+
+    def __init__(self, predictor: Predictor, stats: Stats):
+        self._manager = predictor.manager
+        self._stats = stats
+
+    def GetModelStatus(self, request, context):
+        def answer(record):
+            record.target = request.model_spec.name
+            return model_status_response(self._manager.statuses(*_spec(request.model_spec)))
+
+        return _handle(self._stats, "GetModelStatus", context, answer)
+
+    def HandleReloadConfigRequest(self, request, context):
+        return _unimplemented(self._stats, "HandleReloadConfigRequest", context)
+
+
+def model_status_response(statuses) -> get_model_status_pb2.GetModelStatusResponse:
+    """GetModelStatusResponse for a list of model_manager.VersionStatus (REST sends it as JSON)."""
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for status in statuses:
+        entry = response.model_version_status.add(version=status.version, state=status.state)
+        entry.status.SetInParent()  # TF Serving always sends a status: OK unless the load failed
+        if status.error:
+            entry.status.error_code = grpc.StatusCode.UNKNOWN.value[0]
+            entry.status.error_message = status.error
+    return response

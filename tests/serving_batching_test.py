@@ -1,0 +1,223 @@
+"""Dynamic batching: the Batcher in-process with a fake model (merging, keys, full batches, queue
+limit, deadlines, isolation of a bad request), then a server with --enable_batching: fewer model
+calls than requests with every client getting its own answer, RESOURCE_EXHAUSTED / HTTP 429 when
+the queue is full, and DEADLINE_EXCEEDED from the gRPC deadline."""
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.batching import Batcher
+from serving.errors import ServingError, invalid_argument
+from serving_fixtures import ServerProcess, expected_generation, predict_request, save_version, stories
+
+CODE = grpc.StatusCode
+BATCH = frozenset({"x"})
+
+
+class FakeModel:
+    """Doubles x and echoes the scalar `s`; records each call's rows; fails on negative rows;
+    waits for `gate` if given."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.calls = []
+        self.gate = gate
+
+    def __call__(self, inputs):
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.calls.append(inputs["x"].tolist())
+        if (inputs["x"] < 0).any():
+            raise invalid_argument("x must be >= 0")
+        return {"y": inputs["x"] * 2, "s": np.full(len(inputs["x"]), inputs["s"])}
+
+
+def submit(batcher, model, x, s=0, deadline=None):
+    return batcher.submit(("model", s), model, {"x": np.array(x), "s": np.array(s)}, BATCH, deadline)
+
+
+def submit_all(batcher, model, requests):
+    """Submits (x, s) pairs at once from threads; returns each one's outputs or error."""
+    barrier = threading.Barrier(len(requests))
+
+    def one(request):
+        barrier.wait()
+        try:
+            return submit(batcher, model, *request)
+        except ServingError as e:
+            return e
+
+    with futures.ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+@pytest.fixture
+def make_batcher():
+    batchers = []
+
+    def make(max_batch_size=8, timeout_s=0.2, max_enqueued_batches=10, threads=1):
+        batchers.append(Batcher(max_batch_size, timeout_s, max_enqueued_batches, threads))
+        return batchers[-1]
+
+    yield make
+    for batcher in batchers:
+        batcher.stop()
+
+
+def test_concurrent_requests_share_one_call_and_get_their_own_rows(make_batcher):
+    model = FakeModel()
+    results = submit_all(make_batcher(), model, [([i], 0) for i in range(5)])
+    assert len(model.calls) == 1 and sorted(model.calls[0]) == [0, 1, 2, 3, 4]
+    assert [r["y"].tolist() for r in results] == [[0], [2], [4], [6], [8]]
+
+
+def test_requests_with_different_scalars_are_not_merged(make_batcher):
+    model = FakeModel()
+    results = submit_all(make_batcher(), model, [([1], 7), ([2], 8), ([3, 4], 7)])
+    assert sorted(map(sorted, model.calls)) == [[1, 3, 4], [2]]
+    assert [r["s"].tolist() for r in results] == [[7], [8], [7, 7]]
+    assert results[2]["y"].tolist() == [6, 8]
+
+
+def test_a_full_batch_runs_without_waiting_for_the_timeout(make_batcher):
+    model = FakeModel()
+    start = time.monotonic()
+    submit_all(make_batcher(max_batch_size=2, timeout_s=30), model, [([1], 0), ([2], 0)])
+    assert time.monotonic() - start < 5 and len(model.calls) == 1
+
+
+def test_batches_never_exceed_max_batch_size(make_batcher):
+    model = FakeModel()
+    results = submit_all(make_batcher(max_batch_size=4), model, [([i, i], 0) for i in range(5)])
+    assert all(len(call) <= 4 for call in model.calls) and sum(map(len, model.calls)) == 10
+    assert [r["y"].tolist() for r in results] == [[2 * i, 2 * i] for i in range(5)]
+    assert "split it" in pytest.raises(ServingError, submit, make_batcher(max_batch_size=2), model, [1, 2, 3]).value.message
+
+
+def test_a_full_queue_rejects_at_once_with_resource_exhausted(make_batcher):
+    gate = threading.Event()
+    model = FakeModel(gate)
+    batcher = make_batcher(timeout_s=0, max_enqueued_batches=1)
+    with futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(submit, batcher, model, [1], 1)  # taken by the batch thread, held at the gate
+        time.sleep(0.2)
+        waiting = pool.submit(submit, batcher, model, [2], 2)  # fills the queue
+        time.sleep(0.2)
+        with pytest.raises(ServingError) as error:
+            submit(batcher, model, [3], 3)
+        assert error.value.code == CODE.RESOURCE_EXHAUSTED and error.value.http_status == 429
+        gate.set()
+        assert running.result()["y"].tolist() == [2] and waiting.result()["y"].tolist() == [4]
+
+
+def test_a_request_past_its_deadline_fails_and_is_not_run(make_batcher):
+    gate = threading.Event()
+    model = FakeModel(gate)
+    batcher = make_batcher(timeout_s=0)
+    with futures.ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(submit, batcher, model, [1], 1)
+        time.sleep(0.2)
+        with pytest.raises(ServingError) as error:
+            submit(batcher, model, [2], 2, deadline=time.monotonic() + 0.2)
+        assert error.value.code == CODE.DEADLINE_EXCEEDED
+        gate.set()
+        blocker.result()
+    batcher.stop()
+    assert model.calls == [[1]]
+
+
+def test_a_bad_request_does_not_fail_the_requests_merged_with_it(make_batcher):
+    model = FakeModel()
+    good, bad = submit_all(make_batcher(), model, [([1], 0), ([-1], 0)])
+    assert good["y"].tolist() == [2]
+    assert isinstance(bad, ServingError) and bad.message == "x must be >= 0"
+
+
+def test_stop_runs_the_waiting_batches_first():
+    batcher = Batcher(8, 30, 10, 1)
+    model = FakeModel()
+    with futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(submit, batcher, model, [5], 0)
+        time.sleep(0.2)
+        batcher.stop()
+        assert waiting.result()["y"].tolist() == [10]
+    with pytest.raises(ServingError) as error:
+        submit(batcher, model, [1])
+    assert error.value.code == CODE.UNAVAILABLE
+
+
+# ---------------------------------------------------------------------------------- server
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Batching on with small limits: 4 rows per batch, 2 waiting batches, one batch at a time."""
+    root = tmp_path_factory.mktemp("serving_batching")
+    base = root / "storygen"
+    base.mkdir()
+    save_version(str(base), 1)
+    process = ServerProcess(str(base), root / "server.log", "--enable_batching", "--max_batch_size=4",
+                            "--batch_timeout_micros=100000", "--max_enqueued_batches=2", "--num_batch_threads=1",
+                            "--max_new_tokens_limit=2000")
+    try:
+        yield process.wait_ready(1)
+    finally:
+        process.stop()
+
+
+def generate(server, prompt, seed, max_new_tokens, rest=False, timeout=30):
+    """One generate request over gRPC or REST; returns the story or the gRPC code / HTTP status."""
+    params = dict(max_new_tokens=max_new_tokens, temperature=0.5, top_k=40, top_p=0.9, seed=seed)
+    if rest:
+        status, body = server.rest("/v1/models/storygen:predict",
+                                   {"signature_name": "generate", "inputs": {"prompt": [prompt], **params}})
+        return body["outputs"]["story"][0] if status == 200 else status
+    try:
+        return stories(server.predict([prompt], "generate", timeout=timeout, **params))[0]
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def test_server_merges_concurrent_requests_and_answers_each_client(server):
+    calls, rows = server.metric("storygen_model_calls_total"), server.metric("storygen_model_rows_total")
+    prompts = [f"故事 {i}" if i % 2 else f"story {i}" for i in range(8)]
+    barrier = threading.Barrier(len(prompts))
+
+    def client(i):
+        barrier.wait()
+        return generate(server, prompts[i], seed=7, max_new_tokens=200, rest=i % 4 == 3)
+
+    with futures.ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(client, range(len(prompts))))
+    assert answers == [expected_generation(p, 1, 200, 40, 7) for p in prompts]
+    assert server.metric("storygen_model_rows_total") - rows == 8
+    assert server.metric("storygen_model_calls_total") - calls < 8
+
+
+def test_full_queue_answers_resource_exhausted_and_http_429(server):
+    slow = 1000  # ms per batch: the first batch runs while the rest wait
+    with futures.ThreadPoolExecutor(12) as pool:
+        # Different seeds cannot share a batch, so each request needs a batch of its own.
+        first_wave = [pool.submit(generate, server, "早", seed, slow) for seed in range(8)]
+        time.sleep(0.4)  # one batch is running, one waits: one slot left
+        second_wave = [pool.submit(generate, server, "晚", seed, slow) for seed in range(100, 103)]
+        time.sleep(0.2)
+        assert generate(server, "rest", 999, slow, rest=True) == 429
+        answers = [f.result() for f in first_wave + second_wave]
+    rejected = answers.count(CODE.RESOURCE_EXHAUSTED)
+    served = [a for a in answers if a != CODE.RESOURCE_EXHAUSTED]
+    assert rejected >= 6 and len(served) >= 2
+    seeds = list(range(8)) + list(range(100, 103))
+    prompts = ["早"] * 8 + ["晚"] * 3
+    for answer, prompt, seed in zip(answers, prompts, seeds):
+        assert answer in (CODE.RESOURCE_EXHAUSTED, expected_generation(prompt, 1, slow, 40, seed))
+    assert generate(server, "after", 1, 1) == expected_generation("after", 1, 1, 40, 1)
+
+
+def test_grpc_deadline_is_honoured_while_batched(server):
+    assert generate(server, "slow", 5, 600, timeout=0.2) == CODE.DEADLINE_EXCEEDED
+    assert generate(server, "fast", 5, 1) == expected_generation("fast", 1, 1, 40, 5)
+    assert stories(server.prediction.Predict(predict_request(["默认"]), timeout=30)) == ["默认 v1"]

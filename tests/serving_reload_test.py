@@ -1,0 +1,175 @@
+"""Versions: which directories count, version policies, labels, failed loads, retiring (the
+ModelManager in-process), then hot reload in a real server while 8 clients keep asking: no
+request fails and the new version answers within two poll intervals."""
+
+import os
+import shutil
+import threading
+import time
+
+import grpc
+import pytest
+from tensorflow_serving.apis import get_model_status_pb2
+
+from serving.errors import ServingError
+from serving.model_manager import ModelManager, VersionPolicy
+from serving_fixtures import (AVAILABLE, ServerProcess, expected_story, publish_version, stage_broken_version,
+                              stage_version, stories)
+
+END = get_model_status_pb2.ModelVersionStatus.END
+POLL_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Saved stub models for versions 1-3, copied into each test's base path by `add`."""
+    store = str(tmp_path_factory.mktemp("saved_versions"))
+    return {v: stage_version(store, v) for v in (1, 2, 3)}
+
+
+@pytest.fixture
+def base(tmp_path, saved):
+    """An empty model base path, and `add(version)` to push a saved version into it atomically."""
+    path = str(tmp_path / "storygen")
+    os.makedirs(path)
+
+    def add(version):
+        staging = os.path.join(path, f".tmp-{version}")
+        shutil.copytree(saved[version], staging)
+        return publish_version(staging, version)
+
+    return path, add
+
+
+def manager(path, policy="latest", labels=None):
+    return ModelManager("storygen", path, VersionPolicy.parse(policy), labels or {})
+
+
+def call(servable, prompt="p"):
+    return servable.signature("")({"prompt": [prompt.encode()]})["story"][0].decode()
+
+
+def test_only_complete_integer_named_versions_are_loaded(base, saved):
+    path, add = base
+    add(1)
+    add(2)
+    shutil.copytree(saved[3], os.path.join(path, ".tmp-3"))  # a push in progress
+    os.makedirs(os.path.join(path, "4", "variables"))  # a version without saved_model.pb (yet)
+    shutil.copytree(saved[3], os.path.join(path, "backup"))  # not an integer name
+    models = manager(path)
+    models.poll()
+    assert models.loaded_versions() == [2]
+    assert call(models.resolve("storygen")) == expected_story("p", 2)
+
+
+@pytest.mark.parametrize("policy, loaded", [("latest:2", [2, 3]), ("all", [1, 2, 3]), ("specific:1,3", [1, 3])])
+def test_version_policy_picks_the_versions(base, policy, loaded):
+    path, add = base
+    for version in (1, 2, 3):
+        add(version)
+    models = manager(path, policy)
+    models.poll()
+    assert models.loaded_versions() == loaded
+    assert [s.version for s in models.statuses("storygen")] == loaded
+
+
+def test_a_version_that_fails_to_load_is_skipped_until_it_changes(base, saved):
+    path, add = base
+    add(1)
+    broken = publish_version(stage_broken_version(path, 2), 2)
+    models = manager(path)
+    models.poll()
+    assert models.loaded_versions() == [1]  # latest falls back to the newest loadable version
+    status = {s.version: s for s in models.statuses("storygen")}
+    assert status[1].state == AVAILABLE and status[2].state == END and "failed to load" in status[2].error
+    shutil.copy(os.path.join(saved[2], "saved_model.pb"), os.path.join(broken, "saved_model.pb"))
+    shutil.copytree(os.path.join(saved[2], "variables"), os.path.join(broken, "variables"))
+    models.poll()
+    assert models.loaded_versions() == [2]
+
+
+def test_a_new_version_retires_the_old_one_without_breaking_its_requests(base):
+    path, add = base
+    add(1)
+    models = manager(path)
+    models.poll()
+    in_flight = models.resolve("storygen")  # what a request that started before the reload holds
+    add(2)
+    models.poll()
+    assert models.loaded_versions() == [2]
+    assert call(in_flight) == expected_story("p", 1)
+    assert {s.version: s.state for s in models.statuses("storygen")} == {1: END, 2: AVAILABLE}
+
+
+def test_labels_and_versions_resolve_or_give_not_found(base):
+    path, add = base
+    add(1)
+    add(2)
+    models = manager(path, "all", {"stable": 1, "next": 3})
+    models.poll()
+    assert models.resolve("storygen", label="stable").version == 1
+    assert models.resolve("storygen", version=2).version == 2
+    for kwargs, fragment in [({"label": "beta"}, "no version label 'beta'"), ({"label": "next"}, "not loaded"),
+                             ({"version": 5}, "Version 5"), ({"name": "poems"}, "not served here")]:
+        with pytest.raises(ServingError) as error:
+            models.resolve(kwargs.pop("name", "storygen"), **kwargs)
+        assert error.value.code == grpc.StatusCode.NOT_FOUND and fragment in error.value.message
+
+
+# ---------------------------------------------------------------------------------- hot reload
+
+def test_hot_reload_under_load_drops_no_request(tmp_path, saved):
+    path = str(tmp_path / "storygen")
+    os.makedirs(path)
+    shutil.copytree(saved[1], os.path.join(path, "1"))
+    server = ServerProcess(path, tmp_path / "server.log", f"--file_system_poll_wait_seconds={POLL_S}")
+    try:
+        server.wait_ready(1)
+        stop = threading.Event()
+        answers = [[] for _ in range(8)]  # per client: (time, version)
+        failures = []
+
+        def client(i):
+            prompt = f"线程 {i}" if i % 2 else f"thread {i}"
+            while not stop.is_set():
+                try:
+                    if i % 4 == 3:
+                        status, body = server.rest("/v1/models/storygen:predict", {"instances": [prompt]})
+                        story = body["predictions"][0]["story"] if status == 200 else f"HTTP {status}: {body}"
+                    else:
+                        story = stories(server.predict([prompt], timeout=10))[0]
+                except grpc.RpcError as e:
+                    story = f"{e.code()}: {e.details()}"
+                version = next((v for v in (1, 2) if story == expected_story(prompt, v)), None)
+                if version is None:
+                    failures.append(story)
+                else:
+                    answers[i].append((time.monotonic(), version))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        staged = os.path.join(path, ".tmp-2")
+        shutil.copytree(saved[2], staged)  # the staging directory must be ignored while it is written
+        time.sleep(1.5)
+        pushed = time.monotonic()
+        publish_version(staged, 2)
+        deadline = pushed + 3 * POLL_S
+        while time.monotonic() < deadline and not all(a and a[-1][1] == 2 for a in answers):
+            time.sleep(0.05)
+        publish_version(stage_broken_version(path, 3), 3)  # must be skipped while 2 keeps serving
+        time.sleep(2.5 * POLL_S)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    finally:
+        server.stop()
+
+    assert failures == []
+    first_v2 = min(t for a in answers for t, v in a if v == 2)
+    assert first_v2 - pushed <= 2 * POLL_S, f"version 2 answered {first_v2 - pushed:.2f} s after the push"
+    for client_answers in answers:
+        versions = [v for _, v in client_answers]
+        assert versions == sorted(versions) and versions[-1] == 2  # never back to version 1
+    log = server.log()
+    assert "Version 3 of model storygen failed to load" in log and "Unloaded version 1" in log
