@@ -87,10 +87,10 @@ def train(train_data: tf.data.Dataset, eval_data: tf.data.Dataset, output_dir: s
                                         save_weights_only=True),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "logs"), update_freq="epoch"),
     ]
-    # A known cardinality lets the progress bar show the epoch's length.
-    train_data = train_data.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
-    history = model.fit(train_data, validation_data=eval_data, epochs=epochs, callbacks=callbacks, shuffle=False,
-                        verbose=verbose)
+    # An epoch is `steps_per_epoch` batches of an endless shuffled stream: the progress bar
+    # knows its length, and every epoch trains on the same number of batches.
+    history = model.fit(train_data.repeat(), validation_data=eval_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                        callbacks=callbacks, verbose=verbose)
     model.save(os.path.join(output_dir, MODEL_FILE))
     last = {key: float(values[-1]) for key, values in history.history.items()}
     last["val_perplexity"] = math.exp(min(last["val_loss"], 50.0))

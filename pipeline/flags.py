@@ -10,14 +10,7 @@ from components.ingest import BUILTIN_PREFIX
 from components.trainer import STRATEGIES
 
 
-def quiet_logging_by_default():
-    """TensorFlow logs at INFO through absl; a run shows warnings and its own progress lines
-    unless --verbosity asks for more."""
-    flags.FLAGS.set_default("verbosity", -1)
-
-
 def define_pipeline_flags():
-    quiet_logging_by_default()
     # Where things go.
     flags.DEFINE_string("data", BUILTIN_PREFIX + "fairy_tales",
                         "Story source: builtin:fairy_tales, or a .jsonl/.json/.txt file (optionally .gz), "
@@ -73,7 +66,6 @@ def define_pipeline_flags():
 
 
 def define_generate_flags():
-    quiet_logging_by_default()
     flags.DEFINE_string("model_dir", "saved_models/storygen",
                         "A model base path (its newest integer version is used) or one SavedModel directory.")
     flags.DEFINE_multi_string("prompt", ["从前有座山，"], "Prompt to continue; repeat the flag for several.")
@@ -83,3 +75,15 @@ def define_generate_flags():
     flags.DEFINE_float("top_p", 0.95, "Keep the most likely tokens up to this probability (1 = off).",
                        lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same story.")
+
+
+def quiet_logging_unless_asked():
+    """TensorFlow logs at INFO through absl; a run shows warnings and its own progress lines
+    unless --verbosity asks for more. Call after flags are parsed."""
+    import logging as python_logging
+
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+        python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)

@@ -50,6 +50,7 @@ def main(argv=None):
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (use --prompt=TEXT).")
+    storygen_flags.quiet_logging_unless_asked()
     try:
         path = resolve_saved_model(FLAGS.model_dir)
     except FileNotFoundError as e:

@@ -121,6 +121,7 @@ def main(argv=None):
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
+    storygen_flags.quiet_logging_unless_asked()
     try:
         run_pipeline(FLAGS)
     except UserError as e:
