@@ -40,8 +40,9 @@ class StoryGenerator(tf.Module):
         self.tokenizer = tokenizer
         self.window = model.max_story_tokens
         self.limit = max_new_tokens_limit
-        # Saved with the model so that clients can read the limit: `loaded.max_new_tokens_limit`.
+        # Saved with the model so that clients can read them: `loaded.max_new_tokens_limit`, `loaded.decoder_window`.
         self.max_new_tokens_limit = tf.Variable(max_new_tokens_limit, trainable=False, dtype=tf.int32)
+        self.decoder_window = tf.Variable(self.window, trainable=False, dtype=tf.int32)
         self.default_sampling = (float(temperature), int(top_k), float(top_p))
         self.length_penalty = float(length_penalty)
 

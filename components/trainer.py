@@ -63,7 +63,8 @@ class ThroughputLogger(keras.callbacks.Callback):
 
 
 def train(train_data: tf.data.Dataset, eval_data: tf.data.Dataset, output_dir: str, *, model_config: dict,
-          epochs: int, steps_per_epoch: int, tokens_per_epoch: int, learning_rate: float, warmup_steps: int,
+          epochs: int, steps_per_epoch: int, tokens_per_epoch: int, validation_steps: int, learning_rate: float,
+          warmup_steps: int,
           weight_decay: float, strategy_name: str, verbose: int = 2) -> dict:
     """Fits the model, saves `model.keras` and returns the final training and validation metrics.
 
@@ -90,7 +91,7 @@ def train(train_data: tf.data.Dataset, eval_data: tf.data.Dataset, output_dir: s
     # An epoch is `steps_per_epoch` batches of an endless shuffled stream: the progress bar
     # knows its length, and every epoch trains on the same number of batches.
     history = model.fit(train_data.repeat(), validation_data=eval_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                        callbacks=callbacks, verbose=verbose)
+                        validation_steps=validation_steps, callbacks=callbacks, verbose=verbose)
     model.save(os.path.join(output_dir, MODEL_FILE))
     last = {key: float(values[-1]) for key, values in history.history.items()}
     last["val_perplexity"] = math.exp(min(last["val_loss"], 50.0))

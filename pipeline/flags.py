@@ -42,7 +42,8 @@ def define_pipeline_flags():
 
     # Model.
     flags.DEFINE_integer("max_prompt_tokens", 64, "Longest prompt the encoder reads (its last tokens are kept).", lower_bound=2)
-    flags.DEFINE_integer("max_story_tokens", 256, "Longest story the decoder writes.", lower_bound=2)
+    flags.DEFINE_integer("max_story_tokens", 384, "The decoder's window: longest story window it learns to write "
+                         "(a built-in English story is about 330 tokens).", lower_bound=2)
     flags.DEFINE_integer("d_model", 128, "Width of the Transformer.", lower_bound=8)
     flags.DEFINE_integer("num_layers", 2, "Encoder layers, and as many decoder layers.", lower_bound=1)
     flags.DEFINE_integer("num_heads", 4, "Attention heads.", lower_bound=1)
@@ -69,7 +70,8 @@ def define_generate_flags():
     flags.DEFINE_string("model_dir", "saved_models/storygen",
                         "A model base path (its newest integer version is used) or one SavedModel directory.")
     flags.DEFINE_multi_string("prompt", ["从前有座山，"], "Prompt to continue; repeat the flag for several.")
-    flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: the model's limit).", lower_bound=1)
+    flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: the decoder's window; up to "
+                         "the model's max_new_tokens_limit, sliding the window).", lower_bound=1)
     flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).", lower_bound=0.0)
     flags.DEFINE_integer("top_k", 40, "Keep only the k most likely tokens (0 = off).", lower_bound=0)
     flags.DEFINE_float("top_p", 0.95, "Keep the most likely tokens up to this probability (1 = off).",

@@ -37,7 +37,8 @@ def generate(saved_model_path: str, prompts, *, max_new_tokens, temperature, top
     model = tf.saved_model.load(saved_model_path)
     signature = model.signatures["generate"]
     limit = int(model.max_new_tokens_limit.numpy())
-    out = signature(prompt=tf.constant(prompts), max_new_tokens=tf.constant(min(max_new_tokens or limit, limit)),
+    max_new_tokens = min(max_new_tokens or int(model.decoder_window.numpy()), limit)
+    out = signature(prompt=tf.constant(prompts), max_new_tokens=tf.constant(max_new_tokens),
                     temperature=tf.constant(temperature), top_k=tf.constant(top_k), top_p=tf.constant(top_p),
                     seed=tf.constant(seed, tf.int64))
     return [story.decode("utf-8", errors="replace") for story in out["story"].numpy()]

@@ -69,8 +69,10 @@ def run_pipeline(f) -> dict:
         eval_data = transform.training_batches(examples, "eval", tok, batch_size=f.batch_size, shuffle=False,
                                                **shapes)
         steps, tokens = transform.count_batches(train_data)
+        validation_steps, _ = transform.count_batches(eval_data)
         return trainer.train(train_data, eval_data, out, model_config=model_config, epochs=f.epochs,
-                             steps_per_epoch=steps, tokens_per_epoch=tokens, learning_rate=f.learning_rate,
+                             steps_per_epoch=steps, tokens_per_epoch=tokens, validation_steps=validation_steps,
+                             learning_rate=f.learning_rate,
                              warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
                              strategy_name=f.distribution_strategy,
                              verbose=1 if sys.stdout.isatty() else 2)

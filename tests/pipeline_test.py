@@ -53,38 +53,101 @@ def test_second_run_reuses_steps_and_pushes_version_2(tiny_pipeline):
         assert f.read() == exported
 
 
-def test_pushed_model_needs_only_tensorflow_and_tensorflow_text(tiny_pipeline):
-    script = f"""
+PLAIN_TF_SCRIPT = """
 import json, sys
 import tensorflow as tf
 import tensorflow_text
-model = tf.saved_model.load({os.path.join(tiny_pipeline.model_base_path, '2')!r})
-out = model.signatures["serving_default"](prompt=tf.constant(["从前有座山，", "Once upon a time,"]))
+model = tf.saved_model.load(sys.argv[1])
+prompts = tf.constant(["从前有座山，山里有座庙，庙里住着一个小和尚，名叫阿福。",
+                       "Once upon a time, in a faraway kingdom, there lived a poor tailor named Hans."])
+default = model.signatures["serving_default"](prompt=prompts)
+generated = model.signatures["generate"](prompt=prompts, max_new_tokens=tf.constant(60), temperature=tf.constant(0.7),
+                                         top_k=tf.constant(20), top_p=tf.constant(0.9), seed=tf.constant(1, tf.int64))
+beams = model.signatures["beam_search"](prompt=prompts, max_new_tokens=tf.constant(30), num_beams=tf.constant(3))
+scored = model.signatures["score"](prompt=prompts, story=generated["story"])
 own = sorted(m for m in sys.modules if m.split(".")[0] in ("components", "pipeline", "keras_hub"))
-print(json.dumps({{"stories": [s.decode() for s in out["story"].numpy()], "num_tokens": out["num_tokens"].numpy().tolist(), "own": own}}))
+print(json.dumps({"stories": [s.decode() for s in default["story"].numpy()],
+                  "num_tokens": default["num_tokens"].numpy().tolist(),
+                  "generate": generated["num_tokens"].numpy().tolist(),
+                  "beams": [s.decode() for s in beams["story"].numpy()],
+                  "score": scored["bits_per_char"].numpy().tolist(), "own": own}))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/",
-                            env=dict(os.environ, PYTHONPATH=""), timeout=300)
+
+
+def test_pushed_model_runs_every_signature_with_only_tensorflow_and_tensorflow_text(tiny_pipeline):
+    result = subprocess.run([sys.executable, "-c", PLAIN_TF_SCRIPT, os.path.join(tiny_pipeline.model_base_path, "2")],
+                            capture_output=True, text=True, cwd="/", env=dict(os.environ, PYTHONPATH=""), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["own"] == []
     zh, en = out["stories"]
-    assert all(n > 0 for n in out["num_tokens"])
+    assert all(n > 0 for n in out["num_tokens"] + out["generate"])
     assert sum("\u4e00" <= c <= "\u9fff" for c in zh) > len(zh) / 3  # the model learned to continue in Chinese
     assert sum(c.isascii() for c in en) > 0.9 * len(en)  # ... and in English
+    assert all(beam for beam in out["beams"]) and all(0 < bpc < 20 for bpc in out["score"])
+
+
+def test_saved_model_cli_shows_the_signatures(tiny_pipeline):
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    result = subprocess.run([cli, "show", "--all", "--dir", os.path.join(tiny_pipeline.model_base_path, "1")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for signature in ("serving_default", "generate", "beam_search", "score"):
+        assert f"signature_def['{signature}']" in result.stdout
+    assert "inputs['max_new_tokens'] tensor_info:\n        dtype: DT_INT32" in result.stdout
+
+
+def test_generated_stories_retokenise_and_score_matches(tiny_pipeline):
+    """score() of a generated story equals generate()'s log_prob when the story retokenises to
+    the generated ids; the tokenizer keeps that true for nearly every story."""
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    from components import corpus
+    from components.tokenizer import load_proto, make_tokenizer
+
+    model = tf.saved_model.load(os.path.join(tiny_pipeline.model_base_path, "2"))
+    tok = make_tokenizer(load_proto(tiny_pipeline.step_dir("first", "tokenizer")))
+    prompts = [s["prompt"] for s in corpus.sample(32, seed=123)]
+    out = model.signatures["generate"](prompt=tf.constant(prompts), max_new_tokens=tf.constant(384),
+                                       temperature=tf.constant(0.8), top_k=tf.constant(0), top_p=tf.constant(1.0),
+                                       seed=tf.constant(5, tf.int64))
+    scored = model.signatures["score"](prompt=tf.constant(prompts), story=out["story"])
+    ended = same = 0
+    for row, (ids, n) in enumerate(zip(out["token_ids"].numpy(), out["num_tokens"].numpy())):
+        if n == 384 or ids[n] != 3:
+            continue  # cut off before EOS: score would add an EOS that generate never drew
+        ended += 1
+        if tok.tokenize(out["story"][row]).numpy().tolist() == ids[:n].tolist():
+            same += 1
+            np.testing.assert_allclose(scored["log_likelihood"].numpy()[row], out["log_prob"].numpy()[row],
+                                       rtol=1e-3, atol=1e-3)
+    print(f"retokenisation rate: {same}/{ended}")
+    assert ended >= 10 and same >= 0.95 * ended
 
 
 def test_generate_cli(tiny_pipeline):
-    result = run_cli("pipeline.generate", f"--model_dir={tiny_pipeline.model_base_path}", "--prompt=从前有座山，",
-                     "--prompt=Once upon a time,", "--seed=3", "--max_new_tokens=30")
+    zh = "从前有座山，山里有座庙，庙里住着一个小和尚，名叫阿福。"
+    en = "Once upon a time, in a faraway kingdom, there lived a poor tailor named Hans."
+    args = ("pipeline.generate", f"--model_dir={tiny_pipeline.model_base_path}", f"--prompt={zh}", f"--prompt={en}",
+            "--seed=3", "--max_new_tokens=30")
+    result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-2000:]
     stories = [s for s in result.stdout.split("\n\n") if s.strip()]
     assert len(stories) == 2
-    assert stories[0].startswith("从前有座山，") and len(stories[0]) > len("从前有座山，")
-    assert stories[1].startswith("Once upon a time, ")
-    again = run_cli("pipeline.generate", f"--model_dir={tiny_pipeline.model_base_path}", "--prompt=从前有座山，",
-                    "--prompt=Once upon a time,", "--seed=3", "--max_new_tokens=30")
-    assert again.stdout == result.stdout
+    assert stories[0].startswith(zh) and len(stories[0]) > len(zh)
+    assert stories[1].startswith(en) and len(stories[1]) > len(en) + 1
+    assert run_cli(*args).stdout == result.stdout  # the same seed writes the same stories
+
+
+def test_join_story():
+    from pipeline.generate import join_story
+
+    assert join_story("从前有座山，", "山里有座庙。") == "从前有座山，山里有座庙。"
+    assert join_story("Once upon a time,", "there was a fox.") == "Once upon a time, there was a fox."
+    assert join_story("Once upon a time, ", "there was a fox.") == "Once upon a time, there was a fox."
+    assert join_story("", "A fox.") == "A fox."
 
 
 @pytest.mark.parametrize("args, message", [
