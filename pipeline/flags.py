@@ -36,6 +36,23 @@ def define_pipeline_flags():
     flags.DEFINE_float("max_bad_fraction", 0.01, "Stop when more than this fraction of records is bad.",
                        lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_string("encoding", "utf-8", "Text encoding of the input files (e.g. gbk).")
+    flags.DEFINE_string("text_key", None, "JSON key, CSV/TSV column or TFRecord feature that holds the story "
+                        "(default: 'story', or else 'text').")
+    flags.DEFINE_string("prompt_key", "prompt", "Key, column or feature of the prompt (optional: without one, "
+                        "the story's opening becomes the prompt).")
+    flags.DEFINE_string("title_key", "title", "Key, column or feature of the title (optional).")
+    flags.DEFINE_string("lang_key", "lang", "Key, column or feature of the language: zh, en or other (optional: "
+                        "detected from the script when absent).")
+    flags.DEFINE_string("tags_key", "tags", "Key, column or feature of the tags: a list, or one comma-separated "
+                        "string (optional).")
+    flags.DEFINE_string("text_separator", None, "Separator between stories in a .txt file, e.g. '\\n\\n' (a blank "
+                        "line) or '<|endoftext|>'; \\n, \\t and \\r are understood (default: one story per file).")
+    flags.DEFINE_string("tfds_text_key", None, "Feature that holds the story in a tfds:NAME source (default: as "
+                        "--text_key).")
+    flags.DEFINE_string("tfds_data_dir", None, "Where tfds:NAME datasets are prepared (default: $TFDS_DATA_DIR or "
+                        "~/tensorflow_datasets); ingest never downloads one.")
+    flags.DEFINE_integer("num_parallel_reads", 4, "Input files read ahead in parallel threads (1 = one after "
+                         "another); the output is the same either way.", lower_bound=1)
 
     # Tokenizer.
     flags.DEFINE_integer("vocab_size", 4000, "SentencePiece vocabulary size (includes 256 byte pieces).", lower_bound=300)
@@ -57,6 +74,18 @@ def define_pipeline_flags():
     flags.DEFINE_integer("warmup_steps", 100, "Linear warm-up steps before cosine decay.", lower_bound=0)
     flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.", lower_bound=0.0)
     flags.DEFINE_enum("distribution_strategy", "default", STRATEGIES, "tf.distribute strategy to train under.")
+    flags.DEFINE_list("profile_steps", None, "Two step numbers FIRST,LAST: record a TensorBoard profiler trace "
+                      "of those training steps.")
+    flags.register_validator("profile_steps", lambda v: v is None or (len(v) == 2 and all(x.isdigit() for x in v)),
+                             message="--profile_steps takes two step numbers, e.g. --profile_steps=10,20")
+
+    # Evaluator and pusher.
+    flags.DEFINE_integer("eval_generate_count", 64, "Test prompts to continue for the generation metrics.", lower_bound=1)
+    flags.DEFINE_float("max_bits_per_char", 4.0, "Blessing: the candidate's test bits per character must not exceed this.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("max_bpc_regression", 0.01, "Blessing: how much worse than the pushed model's bits per character "
+                       "the candidate may be.", lower_bound=0.0)
+    flags.DEFINE_boolean("force_push", False, "Push even a model the evaluator did not bless (with a warning).")
 
     # Exporter: sampling of the serving_default signature, and the longest story a request may ask for.
     flags.DEFINE_integer("max_new_tokens_limit", 2048, "Most tokens one generate request may ask for; beyond "

@@ -12,7 +12,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the log
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from components.common import UserError
 from pipeline import flags as storygen_flags
@@ -74,25 +74,33 @@ def run_pipeline(f) -> dict:
                              steps_per_epoch=steps, tokens_per_epoch=tokens, validation_steps=validation_steps,
                              learning_rate=f.learning_rate,
                              warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
-                             strategy_name=f.distribution_strategy,
+                             strategy_name=f.distribution_strategy, tokenizer=tok,
+                             profile_steps=tuple(map(int, f.profile_steps)) if f.profile_steps else None,
                              verbose=1 if sys.stdout.isatty() else 2)
 
     trained = run.step(
         "trainer", train, inputs={"examples": examples, "tokenizer": tokenized["outputs"]["path"]},
         parameters=dict(model_config, **_values(f, "batch_size", "epochs", "learning_rate", "warmup_steps",
-                                                "weight_decay", "distribution_strategy", "seed")),
+                                                "weight_decay", "distribution_strategy", "seed", "profile_steps")),
         describe=lambda m: (f"loss {m['loss']:.3f}, val_loss {m['val_loss']:.3f} "
                             f"(val perplexity {m['val_perplexity']:.1f}), {m['tokens_per_second']:.0f} tokens/s"))
     model = trainer.load_model(trained["outputs"]["path"])
 
-    # Evaluator: held-out perplexity and bits per character on the test split.
-    run.step(
-        "evaluator", lambda out: evaluator.evaluate(model, tok, examples, out, batch_size=f.batch_size, **shapes),
-        inputs={"examples": examples, "tokenizer": tokenized["outputs"]["path"], "model": trained["outputs"]["path"]},
-        parameters=dict(shapes, batch_size=f.batch_size),
-        describe=lambda m: (f"test perplexity {m['test']['perplexity']:.2f} (unigram {m['test']['unigram_perplexity']:.1f}), "
-                            f"{m['test']['bits_per_char']:.3f} bits/char (char 5-gram "
-                            f"{m['test']['char_5gram_bits_per_char']:.3f}) over {m['test']['chars']} chars"))
+    # Evaluator: test-split metrics, and the blessing against the newest pushed version.
+    model_base_path = os.path.join(f.serving_model_dir, f.model_name)
+    pushed = pusher.versions(model_base_path)
+    baseline = os.path.join(model_base_path, str(pushed[-1])) if pushed else None
+    evaluated = run.step(
+        "evaluator", lambda out: evaluator.evaluate(
+            model, tok, examples, out, batch_size=f.batch_size, baseline_model=baseline,
+            max_bpc_regression=f.max_bpc_regression, max_bits_per_char=f.max_bits_per_char,
+            generate_count=f.eval_generate_count, **shapes),
+        inputs={"examples": examples, "tokenizer": tokenized["outputs"]["path"], "model": trained["outputs"]["path"],
+                **({"baseline_model": baseline} if baseline else {})},
+        parameters=dict(shapes, **_values(f, "batch_size", "max_bpc_regression", "max_bits_per_char",
+                                          "eval_generate_count")),
+        describe=_describe_evaluation)
+    blessing = evaluated["metrics"]["blessing"]
 
     # Exporter: a SavedModel that tokenises, decodes and detokenises in its graph.
     exported = run.step(
@@ -103,13 +111,33 @@ def run_pipeline(f) -> dict:
         parameters=_values(f, "temperature", "top_k", "top_p", "max_new_tokens_limit"),
         describe=lambda m: "SavedModel with signatures serving_default, generate, beam_search, score")
 
-    # Pusher: copy it atomically to <serving_model_dir>/<model_name>/<next version>/.
+    # Pusher: copy a blessed model atomically to <serving_model_dir>/<model_name>/<next version>/.
     saved_model = os.path.join(exported["outputs"]["path"], exporter.SAVED_MODEL_DIR)
+    if not blessing["blessed"] and f.force_push:
+        logging.warning("Pushing a model the evaluator did not bless (--force_push): %s", blessing["reason"])
+
+    def push(out):
+        if blessing["blessed"] or f.force_push:
+            return {"pushed": True, **pusher.push(saved_model, f.serving_model_dir, f.model_name)}
+        return {"pushed": False, "reason": blessing["reason"]}
+
     return run.step(
-        "pusher", lambda out: pusher.push(saved_model, f.serving_model_dir, f.model_name),
-        inputs={"saved_model": exported["outputs"]["path"]},
-        parameters=_values(f, "serving_model_dir", "model_name"), cacheable=False,
-        describe=lambda m: f"pushed version {m['version']} to {m['path']}")
+        "pusher", push, inputs={"saved_model": exported["outputs"]["path"]},
+        parameters=_values(f, "serving_model_dir", "model_name", "force_push"), cacheable=False,
+        describe=lambda m: (f"pushed version {m['version']} to {m['path']}" if m["pushed"]
+                            else f"not pushed: {m['reason']}"))
+
+
+def _describe_evaluation(m) -> str:
+    test, generation = m["test"], m["generation"]["all"]
+    text = (f"test perplexity {test['perplexity']:.2f} (unigram {test['unigram_perplexity']:.1f}), "
+            f"{test['bits_per_char']:.3f} bits/char (char 5-gram {test['char_5gram_bits_per_char']:.3f}")
+    if "exact_bits_per_char" in test:
+        text += f", exact {test['exact_bits_per_char']:.3f}"
+    text += f"), BLEU {generation['bleu']:.3f}, ROUGE-L {generation['rouge_l']:.3f}"
+    if "grammar_acceptance_rate" in generation:
+        text += f", {generation['grammar_acceptance_rate']:.0%} accepted by the grammar"
+    return text + f"; {'blessed' if m['blessing']['blessed'] else 'NOT blessed: ' + m['blessing']['reason']}"
 
 
 def _values(f, *names) -> dict:

@@ -7,7 +7,7 @@ A batch runs when it is full, when `batch_timeout_s` has passed since its first 
 when a newer batch with its key was opened. At most `max_enqueued_batches` batches wait; a
 request that would need another one fails at once with RESOURCE_EXHAUSTED, so overload shows
 up as fast rejections rather than growing latency. Batch inputs are concatenated as they are
-(string[B] prompts need no padding), so every request must have the same shape apart from B.
+(string[B] prompts need no padding), so the key must also hold their shapes apart from B.
 """
 
 import collections
@@ -95,8 +95,7 @@ class Batcher:
             self._cond.notify()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not task.done.wait(timeout):
-            with self._cond:
-                task.abandoned = True
+            task.abandoned = True  # if its batch has not started yet, it runs without this request
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "The deadline passed before the model answered.")
         if task.error is not None:
             raise task.error

@@ -1,9 +1,9 @@
-"""storygen-client: sends prompts to storygen-serve, or to a real TensorFlow Serving, and prints
+r"""storygen-client: sends prompts to storygen-serve, or to a real TensorFlow Serving, and prints
 the stories, one per prompt.
 
     python -m serving.client --server localhost:8500 --prompt 从前有座山
     python -m serving.client --prompt "Once upon a time" --signature generate \
-        --temperature 0.8 --top_k 40 --seed 7 --max_new_tokens 64
+        --max_new_tokens 64 --temperature 0.8 --top_k 40 --top_p 0.95 --seed 7
     python -m serving.client --rest http://localhost:8501 --prompt 从前有座山
 
 It uses only tensorflow-serving-api's gRPC stubs (or plain HTTP for --rest), nothing of the
@@ -24,21 +24,23 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("server", "localhost:8500", "gRPC address of the model server (host:port).")
-flags.DEFINE_string("rest", None, "Use the REST API at this URL (e.g. http://localhost:8501) instead of gRPC.")
-flags.DEFINE_string("model_name", "storygen", "Model name on the server.")
-flags.DEFINE_integer("model_version", None, "Version to ask for; default: the newest the server has.")
-flags.DEFINE_string("model_version_label", None, "Version label to ask for instead (e.g. stable).")
-flags.DEFINE_string("signature", "serving_default", "Signature: serving_default, generate, beam_search.")
-flags.DEFINE_multi_string("prompt", None, "Prompt to continue; repeat the flag for a batch.")
-flags.mark_flag_as_required("prompt")
-flags.DEFINE_integer("max_new_tokens", None, "Most tokens to generate.")
-flags.DEFINE_float("temperature", None, "Sampling temperature; 0 is greedy.")
-flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens; 0 turns it off.")
-flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1]; 1 turns it off.")
-flags.DEFINE_integer("seed", None, "Sampling seed, for reproducible stories.")
-flags.DEFINE_integer("num_beams", None, "Beams, for the beam_search signature.")
-flags.DEFINE_float("timeout", 120, "Seconds to wait for the answer.")
+def define_flags():
+    """Defines the client's flags (in a function, so importing this module defines none)."""
+    flags.DEFINE_string("server", "localhost:8500", "gRPC address of the model server (host:port).")
+    flags.DEFINE_string("rest", None, "Use the REST API at this URL (e.g. http://localhost:8501) instead of gRPC.")
+    flags.DEFINE_string("model_name", "storygen", "Model name on the server.")
+    flags.DEFINE_integer("model_version", None, "Version to ask for; default: the newest the server has.")
+    flags.DEFINE_string("model_version_label", None, "Version label to ask for instead (e.g. stable).")
+    flags.DEFINE_string("signature", "serving_default", "Signature: serving_default, generate, beam_search.")
+    flags.DEFINE_multi_string("prompt", None, "Prompt to continue; repeat the flag for a batch.")
+    flags.mark_flag_as_required("prompt")
+    flags.DEFINE_integer("max_new_tokens", None, "Most tokens to generate.")
+    flags.DEFINE_float("temperature", None, "Sampling temperature; 0 is greedy.")
+    flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens; 0 turns it off.")
+    flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1]; 1 turns it off.")
+    flags.DEFINE_integer("seed", None, "Sampling seed, for reproducible stories.")
+    flags.DEFINE_integer("num_beams", None, "Beams, for the beam_search signature.")
+    flags.DEFINE_float("timeout", 120, "Seconds to wait for the answer.")
 
 # The serving contract's scalar parameters and their dtypes (schemas/ and DESIGN.md).
 PARAMETER_DTYPES = {"max_new_tokens": tf.int32, "temperature": tf.float32, "top_k": tf.int32, "top_p": tf.float32,
@@ -109,7 +111,7 @@ def _b64_text(value: dict) -> str:
 
 def _run(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass prompts with --prompt.")
+        sys.exit(f"storygen-client: unexpected arguments {argv[1:]}; pass prompts with --prompt.")
     parameters = {name: FLAGS[name].value for name in PARAMETER_DTYPES if FLAGS[name].value is not None}
     predict = predict_rest if FLAGS.rest else predict_grpc
     try:
@@ -123,6 +125,7 @@ def _run(argv):
 
 def main():
     """Console script entry point (`storygen-client`)."""
+    define_flags()
     app.run(_run)
 
 

@@ -115,10 +115,9 @@ class Signature:
 class Servable:
     """One loaded version of a model."""
 
-    def __init__(self, name: str, version: int, path: str, loaded, meta_graph: meta_graph_pb2.MetaGraphDef):
+    def __init__(self, name: str, version: int, loaded, meta_graph: meta_graph_pb2.MetaGraphDef):
         self.name = name
         self.version = version
-        self.path = path
         self._loaded = loaded  # keeps the graph's variables and resources alive
         # Only what can be called: the map in saved_model.pb also lists __saved_model_init_op.
         self.signatures = {key: Signature(key, meta_graph.signature_def[key], loaded.signatures[key])
@@ -137,12 +136,12 @@ class Servable:
 
 def load_servable(name: str, version: int, path: str) -> Servable:
     """Loads the SavedModel in `path` (its 'serve' meta graph, as TF Serving does)."""
-    saved_model = saved_model_pb2.SavedModel.FromString(
-        tf.io.gfile.GFile(os.path.join(path, SAVED_MODEL_FILE), "rb").read())
+    with tf.io.gfile.GFile(os.path.join(path, SAVED_MODEL_FILE), "rb") as f:
+        saved_model = saved_model_pb2.SavedModel.FromString(f.read())
     meta_graphs = [m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags]
     if not meta_graphs:
         raise ValueError(f"{path} has no meta graph tagged 'serve'")
-    return Servable(name, version, path, tf.saved_model.load(path, tags=["serve"]), meta_graphs[0])
+    return Servable(name, version, tf.saved_model.load(path, tags=["serve"]), meta_graphs[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,13 +156,11 @@ class VersionStatus:
 class ModelManager:
     """Serves the versions of one model that `policy` selects among those under `base_path`."""
 
-    def __init__(self, name: str, base_path: str, policy: VersionPolicy, labels: dict[str, int],
-                 loader=load_servable):
+    def __init__(self, name: str, base_path: str, policy: VersionPolicy, labels: dict[str, int]):
         self.name = name
         self.base_path = base_path
         self.policy = policy
         self.labels = labels
-        self._loader = loader
         self._lock = threading.Lock()
         self._servables: dict[int, Servable] = {}  # replaced, never mutated, so readers need no lock
         self._states: dict[int, VersionStatus] = {}
@@ -241,7 +238,7 @@ class ModelManager:
         self._set_state(version, State.LOADING)
         logging.info("Loading version %d of model %s from %s", version, self.name, path)
         try:
-            servable = self._loader(self.name, version, path)
+            servable = load_servable(self.name, version, path)
         except Exception as e:  # any broken SavedModel: log it, skip it, keep serving the others
             self._failed[version] = _fingerprint(path)
             self._set_state(version, State.END, f"failed to load: {e}")

@@ -54,11 +54,12 @@ class Predictor:
             return outputs
 
         if self.batcher is not None and signature.batchable:
-            # Only requests with equal non-batch inputs (e.g. sampling parameters) can share a call.
-            scalars = tuple((name, array.shape, tuple(array.ravel().tolist()))
-                            for name, array in sorted(inputs.items()) if name not in signature.batch_inputs)
-            outputs = self.batcher.submit((servable, signature.name, scalars), run, inputs,
-                                          signature.batch_inputs, deadline)
+            # Requests can share a call if their non-batch inputs (e.g. sampling parameters) are equal
+            # and their batch inputs differ only in the number of rows.
+            key = (servable, signature.name) + tuple(
+                (name, array.shape[1:]) if name in signature.batch_inputs else (name, tuple(array.ravel().tolist()))
+                for name, array in sorted(inputs.items()))
+            outputs = self.batcher.submit(key, run, inputs, signature.batch_inputs, deadline)
         else:
             outputs = run(inputs)
         if output_filter:

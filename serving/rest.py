@@ -25,7 +25,7 @@ from serving import tensor_codec
 from serving.errors import ServingError, invalid_argument, not_found
 from serving.grpc_service import model_status_response
 from serving.predictor import Predictor
-from serving.stats import Stats
+from serving.stats import RequestRecord, Stats
 
 METRICS_PATH = "/monitoring/prometheus/metrics"
 _MODEL_URL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
@@ -55,41 +55,44 @@ class RestServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def handle(self, handler: "_Handler", method: str, path: str) -> tuple[int, object]:
-        """(HTTP status, JSON-able body or text) for one request."""
-        if path == METRICS_PATH and method == "GET":
-            return 200, self.stats.prometheus_text()
+    def handle(self, handler: "_Handler", method: str, path: str, record: RequestRecord) -> tuple[int, object]:
+        """(HTTP status, JSON-able body) for one API request; fills in `record` for the stats."""
+        record.target = path
         match = _MODEL_URL.fullmatch(path)
-        api_method = match and _ROUTES.get((method, match["action"]))
+        record.method = (match and _ROUTES.get((method, match["action"]))) or "Unknown"
         try:
-            with self.stats.request("rest", api_method or "Unknown") as record:
-                record.target = path
-                if match is None:
-                    raise not_found(f"No such URL: {path}; see /v1/models/<name>[/versions/<v>]...")
-                if api_method is None:
-                    raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not allowed on {path}.",
-                                       http_status=405)
-                name, label = match["name"], match["label"]
-                version = int(match["version"]) if match["version"] else None
-                return 200, getattr(self, "_" + api_method)(handler, name, version, label)
+            if match is None:
+                raise not_found(f"No such URL: {path}; see /v1/models/<name>[/versions/<v>]...")
+            if record.method == "Unknown":
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not allowed on {path}.",
+                                   http_status=405)
+            if record.method in ("Classify", "Regress"):
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                                   f"{record.method} is not implemented by storygen-serve.")
+            answer = {"GetModelStatus": self._status, "GetModelMetadata": self._metadata,
+                      "Predict": self._predict}[record.method]
+            version = int(match["version"]) if match["version"] else None
+            return 200, answer(handler, match["name"], version, match["label"])
         except ServingError as e:
+            record.code = e.code
             return e.http_status, {"error": e.message}
         except Exception as e:  # a server bug: answer 500 (and log it) rather than drop the connection
             logging.exception("REST %s %s failed", method, path)
+            record.code = grpc.StatusCode.INTERNAL
             return 500, {"error": f"Internal error: {e}"}
 
-    def _GetModelStatus(self, handler, name, version, label):
+    def _status(self, handler, name, version, label):
         response = model_status_response(self.predictor.manager.statuses(name, version, label))
         return json_format.MessageToDict(response, preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=True)
 
-    def _GetModelMetadata(self, handler, name, version, label):
+    def _metadata(self, handler, name, version, label):
         servable = self.predictor.manager.resolve(name, version, label)
         return {"model_spec": {"name": servable.name, "signature_name": "", "version": str(servable.version)},
                 "metadata": {"signature_def": json_format.MessageToDict(servable.signature_def_map,
                                                                         preserving_proto_field_name=True)}}
 
-    def _Predict(self, handler, name, version, label):
+    def _predict(self, handler, name, version, label):
         payload = handler.read_json(self.max_request_bytes)
         signature_name = payload.get("signature_name", "")
         if not isinstance(signature_name, str):
@@ -98,12 +101,6 @@ class RestServer:
         inputs, row_format = tensor_codec.decode_json_request(payload, signature)
         outputs = self.predictor.predict(servable, signature, inputs, deadline=time.monotonic() + self.timeout_s)
         return tensor_codec.encode_json_response(outputs, row_format)
-
-    def _Classify(self, handler, name, version, label):
-        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "Classify is not implemented by storygen-serve.")
-
-    def _Regress(self, handler, name, version, label):
-        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "Regress is not implemented by storygen-serve.")
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -146,15 +143,36 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._answer("POST")
 
+    def do_PUT(self):
+        self._answer("PUT")
+
+    def do_DELETE(self):
+        self._answer("DELETE")
+
     def _answer(self, method: str) -> None:
+        self.body_read = False
+        app = self.server.app
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        status, body = self.server.app.handle(self, method, path)
+        if path == METRICS_PATH and method == "GET":
+            self._send(200, app.stats.prometheus_text())
+            return
+        # The response is sent inside the request's accounting, so a draining server waits for it.
+        with app.stats.request("rest") as record:
+            status, body = app.handle(self, method, path, record)
+            self._send(status, body)
+
+    def _send(self, status: int, body) -> None:
+        """Sends a JSON body (or text, for the metrics)."""
+        if not self.body_read and self.headers.get("Content-Length", "0") != "0":
+            self.close_connection = True  # the unread body would be taken for the next request
         if isinstance(body, str):
             data, content_type = body.encode("utf-8"), "text/plain; version=0.0.4"
         else:
             data, content_type = json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json"
         try:
             self.send_response(status)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -166,14 +184,14 @@ class _Handler(BaseHTTPRequestHandler):
         """The request body parsed as a JSON object, within `max_bytes`."""
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            self.close_connection = True  # the body, if any, was not read: the stream is out of step
+            self.close_connection = True  # a chunked body, if any, was not read
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "The request needs a Content-Length header.",
                                http_status=411)
         if int(length) > max_bytes:
-            self.close_connection = True
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"The request body is {length} bytes, over this "
                                                                     f"server's limit of {max_bytes}.", http_status=413)
         body = self.rfile.read(int(length))
+        self.body_read = True
         try:
             payload = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:

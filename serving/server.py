@@ -1,4 +1,4 @@
-"""storygen-serve: serves the versions of one SavedModel over TensorFlow Serving's gRPC and REST
+r"""storygen-serve: serves the versions of one SavedModel over TensorFlow Serving's gRPC and REST
 APIs, for machines where tensorflow_model_server is not available.
 
     python -m serving.server --model_name storygen --model_base_path saved_models/storygen \
@@ -28,91 +28,66 @@ from serving.stats import Stats
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("model_name", "storygen", "Name of the model in requests (ModelSpec.name, /v1/models/<name>).")
-flags.DEFINE_string("model_base_path", None, "Directory holding the model's integer-named version directories, "
-                    "e.g. saved_models/storygen (any tf.io.gfile path).")
-flags.mark_flag_as_required("model_base_path")
-flags.DEFINE_string("host", "127.0.0.1", "Address to listen on; 0.0.0.0 (or ::) exposes the server to the network.")
-flags.DEFINE_integer("port", 8500, "gRPC port.", lower_bound=1, upper_bound=65535)
-flags.DEFINE_integer("rest_api_port", 8501, "REST port; 0 turns the REST API off.", lower_bound=0, upper_bound=65535)
-flags.DEFINE_string("model_version_policy", "latest", "Versions to serve: latest, latest:N (the newest N), all, or "
-                    "specific:V1,V2.")
-flags.DEFINE_string("version_labels", "", "Version labels for ModelSpec.version_label and /labels/<label>, e.g. "
-                    "stable:1,canary:2.")
-flags.DEFINE_float("file_system_poll_wait_seconds", 1, "Seconds between looks for new or retired versions; 0 looks "
-                   "once at startup.", lower_bound=0)
-flags.DEFINE_bool("enable_batching", False, "Merge concurrent requests into one model call (dynamic batching).")
-flags.DEFINE_integer("max_batch_size", 32, "Most rows in one batched model call.", lower_bound=1)
-flags.DEFINE_integer("batch_timeout_micros", 1000, "Longest wait for more requests to fill a batch.", lower_bound=0)
-flags.DEFINE_integer("max_enqueued_batches", 100, "Most batches waiting to run; beyond it requests fail with "
-                     "RESOURCE_EXHAUSTED (HTTP 429).", lower_bound=1)
-flags.DEFINE_integer("num_batch_threads", os.cpu_count() or 1, "Batches run in parallel.", lower_bound=1)
-# Every request waiting for a batch holds a gRPC thread, so this also bounds how full batches get.
-flags.DEFINE_integer("grpc_max_threads", 64, "Threads answering gRPC requests.", lower_bound=1)
-flags.DEFINE_integer("rest_api_num_threads", 64, "Most concurrent REST connections; beyond it new ones get 503.",
-                     lower_bound=1)
-flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "Deadline of a REST request.", lower_bound=1)
-flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest gRPC message or REST body accepted.", lower_bound=1024)
-flags.DEFINE_integer("max_prompt_bytes", 8192, "Longest string (prompt or story) accepted, in UTF-8 bytes.",
-                     lower_bound=1)
-flags.DEFINE_integer("max_request_batch_size", 64, "Most rows (prompts) in one request.", lower_bound=1)
-flags.DEFINE_integer("max_new_tokens_limit", 1024, "Largest max_new_tokens accepted, for signatures that have it.",
-                     lower_bound=1)
-flags.DEFINE_float("drain_timeout_seconds", 30, "On SIGTERM, longest wait for in-flight requests.", lower_bound=0)
-flags.DEFINE_float("summary_interval_seconds", 60, "Seconds between summary log lines.", lower_bound=0.1)
+def define_flags():
+    """Defines the server's flags (in a function, so importing this module defines none)."""
+    flags.DEFINE_string("model_name", "storygen", "Name of the model in requests (ModelSpec.name, /v1/models/<name>).")
+    flags.DEFINE_string("model_base_path", None, "Directory holding the model's integer-named version directories, "
+                        "e.g. saved_models/storygen (any tf.io.gfile path).")
+    flags.mark_flag_as_required("model_base_path")
+    flags.DEFINE_string("host", "127.0.0.1", "Address to listen on; 0.0.0.0 (or ::) opens the server to the network.")
+    flags.DEFINE_integer("port", 8500, "gRPC port.", lower_bound=1, upper_bound=65535)
+    flags.DEFINE_integer("rest_api_port", 8501, "REST port; 0 turns the REST API off.", lower_bound=0,
+                         upper_bound=65535)
+    flags.DEFINE_string("model_version_policy", "latest", "Versions to serve: latest, latest:N (the newest N), all, "
+                        "or specific:V1,V2.")
+    flags.DEFINE_string("version_labels", "", "Version labels for ModelSpec.version_label and /labels/<label>, "
+                        "e.g. stable:1,canary:2.")
+    flags.DEFINE_float("file_system_poll_wait_seconds", 1, "Seconds between looks for new or retired versions; "
+                       "0 looks once at startup.", lower_bound=0)
+    flags.DEFINE_bool("enable_batching", False, "Merge concurrent requests into one model call (dynamic batching).")
+    flags.DEFINE_integer("max_batch_size", 32, "Most rows in one batched model call.", lower_bound=1)
+    flags.DEFINE_integer("batch_timeout_micros", 1000, "Longest wait for more requests to fill a batch.",
+                         lower_bound=0)
+    flags.DEFINE_integer("max_enqueued_batches", 100, "Most batches waiting to run; beyond it requests fail with "
+                         "RESOURCE_EXHAUSTED (HTTP 429).", lower_bound=1)
+    flags.DEFINE_integer("num_batch_threads", os.cpu_count() or 1, "Batches run in parallel.", lower_bound=1)
+    # Every request waiting for a batch holds a gRPC thread, so this also bounds how full batches get.
+    flags.DEFINE_integer("grpc_max_threads", 64, "Threads answering gRPC requests.", lower_bound=1)
+    flags.DEFINE_integer("rest_api_num_threads", 64, "Most concurrent REST connections; beyond it new ones get 503.",
+                         lower_bound=1)
+    flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "Deadline of a REST request.", lower_bound=1)
+    flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest gRPC message or REST body accepted.",
+                         lower_bound=1024)
+    flags.DEFINE_integer("max_prompt_bytes", 8192, "Longest string (prompt or story) accepted, in UTF-8 bytes.",
+                         lower_bound=1)
+    flags.DEFINE_integer("max_request_batch_size", 64, "Most rows (prompts) in one request.", lower_bound=1)
+    flags.DEFINE_integer("max_new_tokens_limit", 1024, "Largest max_new_tokens accepted, for signatures that "
+                         "have it.", lower_bound=1)
+    flags.DEFINE_float("drain_timeout_seconds", 30, "On SIGTERM, longest wait for in-flight requests.",
+                       lower_bound=0)
+    flags.DEFINE_float("summary_interval_seconds", 60, "Seconds between summary log lines.", lower_bound=0.1)
 
 
 def main():
     """Console script entry point (`storygen-serve`)."""
+    define_flags()
     app.run(_serve)
 
 
 def _serve(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; every setting is a --flag.")
+        sys.exit(f"storygen-serve: unexpected arguments {argv[1:]}; every setting is a --flag.")
     try:
         policy = VersionPolicy.parse(FLAGS.model_version_policy)
         labels = parse_labels(FLAGS.version_labels)
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        sys.exit(f"storygen-serve: {e}")
     if not tf.io.gfile.isdir(FLAGS.model_base_path):
-        raise app.UsageError(f"--model_base_path {FLAGS.model_base_path} is not a directory; point it at the "
-                             "folder holding the version directories, e.g. saved_models/storygen.")
+        sys.exit(f"storygen-serve: --model_base_path {FLAGS.model_base_path} is not a directory; point it at the "
+                 "folder holding the version directories, e.g. saved_models/storygen.")
 
-    stats = Stats()
-    manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, policy, labels)
-    manager.poll()
-    if not manager.loaded_versions():
-        logging.warning("No loadable version of %s under %s yet; waiting for one.", FLAGS.model_name,
-                        FLAGS.model_base_path)
-    batcher = None
-    if FLAGS.enable_batching:
-        batcher = Batcher(FLAGS.max_batch_size, FLAGS.batch_timeout_micros / 1e6, FLAGS.max_enqueued_batches,
-                          FLAGS.num_batch_threads)
-    limits = Limits(FLAGS.max_prompt_bytes, FLAGS.max_request_batch_size, FLAGS.max_new_tokens_limit)
-    predictor = Predictor(manager, limits, stats, batcher)
-
-    grpc_server = _start_grpc(predictor, stats)
-    rest_server = None
-    if FLAGS.rest_api_port:
-        try:
-            rest_server = RestServer(FLAGS.host, FLAGS.rest_api_port, predictor, stats,
-                                     max_request_bytes=FLAGS.max_request_bytes,
-                                     timeout_s=FLAGS.rest_api_timeout_in_ms / 1000,
-                                     max_connections=FLAGS.rest_api_num_threads)
-        except OSError as e:
-            sys.exit(f"storygen-serve: cannot listen for REST on {FLAGS.host}:{FLAGS.rest_api_port} ({e}); "
-                     "is another server using the port?")
-        rest_server.start()
-    if FLAGS.file_system_poll_wait_seconds > 0:
-        manager.start_polling(FLAGS.file_system_poll_wait_seconds)
+    # Handle SIGTERM from the start, so that one arriving while the model loads also drains cleanly.
     stopping = threading.Event()
-    threading.Thread(target=_log_summaries, args=(stats, stopping), name="summary", daemon=True).start()
-    logging.info("Serving model %s (versions %s) on gRPC %s:%d%s, batching %s", FLAGS.model_name,
-                 manager.loaded_versions(), FLAGS.host, FLAGS.port,
-                 f" and REST {FLAGS.host}:{FLAGS.rest_api_port}" if rest_server else "",
-                 "on" if batcher else "off")
-
     received = []
 
     def on_signal(signum, frame):
@@ -121,6 +96,33 @@ def _serve(argv):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    stats = Stats()
+    manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, policy, labels)
+    batcher = None
+    if FLAGS.enable_batching:
+        batcher = Batcher(FLAGS.max_batch_size, FLAGS.batch_timeout_micros / 1e6, FLAGS.max_enqueued_batches,
+                          FLAGS.num_batch_threads)
+    limits = Limits(FLAGS.max_prompt_bytes, FLAGS.max_request_batch_size, FLAGS.max_new_tokens_limit)
+    predictor = Predictor(manager, limits, stats, batcher)
+    # Bind both ports before loading the model, so that a port in use fails at once.
+    grpc_server = _bind_grpc(predictor, stats)
+    rest_server = _bind_rest(predictor, stats) if FLAGS.rest_api_port else None
+
+    manager.poll()
+    if not manager.loaded_versions():
+        logging.warning("No loadable version of %s under %s yet; waiting for one.", FLAGS.model_name,
+                        FLAGS.model_base_path)
+    grpc_server.start()
+    if rest_server:
+        rest_server.start()
+    if FLAGS.file_system_poll_wait_seconds > 0:
+        manager.start_polling(FLAGS.file_system_poll_wait_seconds)
+    threading.Thread(target=_log_summaries, args=(stats, stopping), name="summary", daemon=True).start()
+    logging.info("Serving model %s (versions %s) on gRPC %s:%d%s, batching %s", FLAGS.model_name,
+                 manager.loaded_versions(), FLAGS.host, FLAGS.port,
+                 f" and REST {FLAGS.host}:{FLAGS.rest_api_port}" if rest_server else "",
+                 "on" if batcher else "off")
     stopping.wait()
 
     logging.info("%s received: draining %d in-flight requests (at most %.0f s).", received[0], stats.in_flight(),
@@ -140,7 +142,7 @@ def _serve(argv):
                         FLAGS.drain_timeout_seconds)
 
 
-def _start_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:
+def _bind_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=FLAGS.grpc_max_threads, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", FLAGS.max_request_bytes),
@@ -153,8 +155,16 @@ def _start_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:
     except RuntimeError as e:
         sys.exit(f"storygen-serve: cannot listen for gRPC on {host}:{FLAGS.port} ({e}); is another server using "
                  "the port?")
-    server.start()
     return server
+
+
+def _bind_rest(predictor: Predictor, stats: Stats) -> RestServer:
+    try:
+        return RestServer(FLAGS.host, FLAGS.rest_api_port, predictor, stats, max_request_bytes=FLAGS.max_request_bytes,
+                          timeout_s=FLAGS.rest_api_timeout_in_ms / 1000, max_connections=FLAGS.rest_api_num_threads)
+    except OSError as e:
+        sys.exit(f"storygen-serve: cannot listen for REST on {FLAGS.host}:{FLAGS.rest_api_port} ({e}); is another "
+                 "server using the port?")
 
 
 def _log_summaries(stats: Stats, stopping: threading.Event) -> None:

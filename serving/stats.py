@@ -15,10 +15,9 @@ from serving.errors import ServingError
 class RequestRecord:
     """What a request handler fills in while it works, for the log line."""
 
-    def __init__(self, protocol: str, method: str):
-        self.protocol = protocol
+    def __init__(self, method: str):
         self.method = method
-        self.target = ""  # e.g. "storygen/2/generate rows=3"
+        self.target = ""  # e.g. "storygen/2/generate"
         self.code = grpc.StatusCode.OK
 
 
@@ -36,9 +35,10 @@ class Stats:
         self._window_rows = 0
 
     @contextlib.contextmanager
-    def request(self, protocol: str, method: str):
-        """Counts a request while it runs; a ServingError escaping it sets its code."""
-        record = RequestRecord(protocol, method)
+    def request(self, protocol: str, method: str = ""):
+        """Counts a request while it runs (the handler may fill in the record's method, target and
+        code); a ServingError escaping it sets its code."""
+        record = RequestRecord(method)
         start = time.monotonic()
         with self._lock:
             self._in_flight += 1
@@ -55,11 +55,11 @@ class Stats:
             elapsed = time.monotonic() - start
             with self._lock:
                 self._in_flight -= 1
-                self._requests[protocol, method, record.code.name] += 1
+                self._requests[protocol, record.method, record.code.name] += 1
                 self._window_codes[record.code.name] += 1
                 self._window_latencies.append(elapsed)
                 self._lock.notify_all()
-            logging.debug("%s %s %s -> %s in %.1f ms", protocol, method, record.target, record.code.name,
+            logging.debug("%s %s %s -> %s in %.1f ms", protocol, record.method, record.target, record.code.name,
                           elapsed * 1000)
 
     def record_model_call(self, rows: int) -> None:

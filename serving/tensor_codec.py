@@ -154,7 +154,8 @@ def _leaf_converter(name: str, dtype: tf.DType):
                 try:
                     return base64.b64decode(leaf["b64"], validate=True)
                 except (binascii.Error, ValueError):
-                    raise invalid_argument(f"Input '{name}' holds invalid base64 in a {{\"b64\": ...}} value.") from None
+                    raise invalid_argument(f"Input '{name}' holds a {{\"b64\": ...}} value that is not valid "
+                                           "base64.") from None
             fail(leaf, 'strings or {"b64": ...} objects')
     elif dtype == tf.bool:
         def convert(leaf):
@@ -172,7 +173,8 @@ def _leaf_converter(name: str, dtype: tf.DType):
         def convert(leaf):
             return leaf if isinstance(leaf, (int, float)) and not isinstance(leaf, bool) else fail(leaf, "numbers")
     else:
-        raise invalid_argument(f"Input '{name}' has dtype {dtype.name}, which the JSON API does not carry; use gRPC.")
+        raise invalid_argument(f"Input '{name}' has dtype {dtype.name}, which the JSON API does not carry; "
+                               "use gRPC.")
     return convert
 
 

@@ -1,8 +1,10 @@
 """The server's gRPC and REST APIs against a real server process: predictions in Chinese and
-English, metadata, model status, version and label selection, the client CLI, and 60 malformed
+English, metadata, model status, version and label selection, the client CLI, and 62 malformed
 requests that each get their own status while the server keeps answering."""
 
 import base64
+import http.client
+import json
 import os
 import subprocess
 import sys
@@ -92,7 +94,8 @@ def test_grpc_metadata_lists_the_signatures_with_dtypes_and_shapes(server):
                 for name, info in tensors.items()}
 
     assert described(signatures["serving_default"].inputs) == {"prompt": ("string", [-1])}
-    assert described(signatures["serving_default"].outputs) == {"story": ("string", [-1]), "num_tokens": ("int32", [-1])}
+    assert described(signatures["serving_default"].outputs) == {"story": ("string", [-1]),
+                                                                "num_tokens": ("int32", [-1])}
     assert described(signatures["generate"].inputs) == {
         "prompt": ("string", [-1]), "max_new_tokens": ("int32", []), "temperature": ("float32", []),
         "top_k": ("int32", []), "top_p": ("float32", []), "seed": ("int64", [])}
@@ -162,6 +165,23 @@ def test_rest_metadata_and_status(server):
     assert (status, [s["version"] for s in body["model_version_status"]]) == (200, ["2"])
 
 
+def test_rest_keep_alive_connection_stays_in_step_after_errors(server):
+    """Requests on one connection, some of whose bodies the server does not read."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+    good = json.dumps({"instances": [EN]}).encode()
+    try:
+        for method, path, body, status in [("POST", PREDICT, good, 200), ("POST", "/v2/stories", good, 404),
+                                           ("POST", PREDICT, b"{bad", 400), ("PUT", PREDICT, good, 405),
+                                           ("POST", PREDICT, good, 200)]:
+            connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+            assert response.status == status, answer
+        assert answer == {"predictions": [{"story": expected_story(EN, 2), "num_tokens": 16}]}
+    finally:
+        connection.close()
+
+
 # ---------------------------------------------------------------------------------- client CLI
 
 def test_client_cli_prints_the_story_over_grpc_and_rest(server):
@@ -196,12 +216,8 @@ def _with(request, name, proto=None):
     return request
 
 
-def _status(model=None, version=None):
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = model or "storygen"
-    if version is not None:
-        request.model_spec.version.value = version
-    return request
+def _generate(**changes):
+    return predict_request([EN], "generate", **dict(GENERATE, **changes))
 
 
 def _huge_declared_shape():
@@ -223,67 +239,80 @@ def _filtered(request, name):
     return request
 
 
-# name -> (call on the server, expected code, a fragment of the message)
-BAD_GRPC = {
-    "wrong dtype": (lambda s: s.prediction.Predict(_with(predict_request([EN]), "prompt", tf.make_tensor_proto([1]))),
-                    CODE.INVALID_ARGUMENT, "dtype int32"),
-    "wrong scalar dtype": (lambda s: s.prediction.Predict(_with(predict_request([EN], "generate", **GENERATE),
-                                                                "temperature", tf.make_tensor_proto(0.5, tf.float64))),
+def _status(model="storygen", version=None):
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = model
+    if version is not None:
+        request.model_spec.version.value = version
+    return request
+
+
+# name -> (PredictRequest, expected code, a fragment of the message)
+BAD_PREDICT = {
+    "wrong dtype": (_with(predict_request([EN]), "prompt", tf.make_tensor_proto([1])), CODE.INVALID_ARGUMENT,
+                    "dtype int32"),
+    "wrong scalar dtype": (_with(_generate(), "temperature", tf.make_tensor_proto(0.5, tf.float64)),
                            CODE.INVALID_ARGUMENT, "expects float32"),
-    "missing input": (lambda s: s.prediction.Predict(_with(predict_request([EN], "generate", **GENERATE), "seed")),
-                      CODE.INVALID_ARGUMENT, "seed"),
-    "extra input": (lambda s: s.prediction.Predict(predict_request([EN], seed=7)), CODE.INVALID_ARGUMENT, "no input 'seed'"),
-    "empty batch": (lambda s: s.predict([]), CODE.INVALID_ARGUMENT, "empty batch"),
-    "wrong rank": (lambda s: s.prediction.Predict(_with(predict_request([EN]), "prompt",
-                                                        tf.make_tensor_proto([[b"a"]], tf.string))),
+    "missing input": (_with(_generate(), "seed"), CODE.INVALID_ARGUMENT, "seed"),
+    "extra input": (predict_request([EN], seed=7), CODE.INVALID_ARGUMENT, "no input 'seed'"),
+    "empty batch": (predict_request([]), CODE.INVALID_ARGUMENT, "empty batch"),
+    "wrong rank": (_with(predict_request([EN]), "prompt", tf.make_tensor_proto([[b"a"]], tf.string)),
                    CODE.INVALID_ARGUMENT, "shape [1, 1]"),
-    "vector for a scalar": (lambda s: s.prediction.Predict(_with(predict_request([EN], "generate", **GENERATE),
-                                                                 "max_new_tokens", tf.make_tensor_proto([4], tf.int32))),
+    "vector for a scalar": (_with(_generate(), "max_new_tokens", tf.make_tensor_proto([4], tf.int32)),
                             CODE.INVALID_ARGUMENT, "scalar"),
-    "huge prompt": (lambda s: s.predict(["x" * 2000]), CODE.INVALID_ARGUMENT, "1024 bytes"),
-    "invalid utf-8": (lambda s: s.predict([b"\xff\xfe story"]), CODE.INVALID_ARGUMENT, "UTF-8"),
-    "too many rows": (lambda s: s.predict([EN] * 9), CODE.INVALID_ARGUMENT, "9 rows"),
-    "negative temperature": (lambda s: s.predict([EN], "generate", **dict(GENERATE, temperature=-1.0)),
-                             CODE.INVALID_ARGUMENT, "temperature must be >= 0"),
-    "max_new_tokens over limit": (lambda s: s.predict([EN], "generate", **dict(GENERATE, max_new_tokens=5000)),
-                                  CODE.INVALID_ARGUMENT, "2000"),
-    "max_new_tokens zero": (lambda s: s.predict([EN], "generate", **dict(GENERATE, max_new_tokens=0)),
-                            CODE.INVALID_ARGUMENT, "max_new_tokens"),
-    "huge declared shape": (lambda s: s.prediction.Predict(_with(predict_request([EN]), "prompt", _huge_declared_shape())),
-                            CODE.INVALID_ARGUMENT, "limit"),
-    "malformed tensor": (lambda s: s.prediction.Predict(_with(predict_request([EN], "generate", **GENERATE),
-                                                              "temperature", _truncated_proto())),
-                         CODE.INVALID_ARGUMENT, "not a valid TensorProto"),
-    "unknown output filter": (lambda s: s.prediction.Predict(_filtered(predict_request([EN]), "log_prob")),
-                              CODE.INVALID_ARGUMENT, "output_filter"),
-    "message too large": (lambda s: s.predict(["x" * 1000] * 80), CODE.RESOURCE_EXHAUSTED, ""),
-    "unknown model": (lambda s: s.predict([EN], model="poems"), CODE.NOT_FOUND, "poems"),
-    "unknown version": (lambda s: s.predict([EN], version=7), CODE.NOT_FOUND, "Version 7"),
-    "unknown label": (lambda s: s.predict([EN], label="beta"), CODE.NOT_FOUND, "beta"),
-    "label of an unloaded version": (lambda s: s.predict([EN], label="gone"), CODE.NOT_FOUND, "version 9"),
-    "unknown signature": (lambda s: s.predict([EN], "poem"), CODE.NOT_FOUND, "poem"),
-    "classify": (lambda s: s.prediction.Classify(classification_pb2.ClassificationRequest()), CODE.UNIMPLEMENTED,
-                 "Classify"),
-    "regress": (lambda s: s.prediction.Regress(regression_pb2.RegressionRequest()), CODE.UNIMPLEMENTED, "Regress"),
-    "multi inference": (lambda s: s.prediction.MultiInference(inference_pb2.MultiInferenceRequest()),
-                        CODE.UNIMPLEMENTED, "MultiInference"),
-    "reload config": (lambda s: s.models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest()),
+    "huge prompt": (predict_request(["x" * 2000]), CODE.INVALID_ARGUMENT, "1024 bytes"),
+    "invalid utf-8": (predict_request([b"\xff\xfe story"]), CODE.INVALID_ARGUMENT, "UTF-8"),
+    "too many rows": (predict_request([EN] * 9), CODE.INVALID_ARGUMENT, "9 rows"),
+    "negative temperature": (_generate(temperature=-1.0), CODE.INVALID_ARGUMENT, "temperature must be >= 0"),
+    "max_new_tokens over limit": (_generate(max_new_tokens=5000), CODE.INVALID_ARGUMENT, "2000"),
+    "max_new_tokens zero": (_generate(max_new_tokens=0), CODE.INVALID_ARGUMENT, "max_new_tokens"),
+    "huge declared shape": (_with(predict_request([EN]), "prompt", _huge_declared_shape()), CODE.INVALID_ARGUMENT,
+                            "limit"),
+    "malformed tensor": (_with(_generate(), "temperature", _truncated_proto()), CODE.INVALID_ARGUMENT,
+                         "not a valid TensorProto"),
+    "unknown output filter": (_filtered(predict_request([EN]), "log_prob"), CODE.INVALID_ARGUMENT, "output_filter"),
+    "message too large": (predict_request(["x" * 1000] * 80), CODE.RESOURCE_EXHAUSTED, ""),
+    "unknown model": (predict_request([EN], model="poems"), CODE.NOT_FOUND, "poems"),
+    "unknown version": (predict_request([EN], version=7), CODE.NOT_FOUND, "Version 7"),
+    "unknown label": (predict_request([EN], label="beta"), CODE.NOT_FOUND, "beta"),
+    "label of an unloaded version": (predict_request([EN], label="gone"), CODE.NOT_FOUND, "version 9"),
+    "unknown signature": (predict_request([EN], "poem"), CODE.NOT_FOUND, "poem"),
+}
+
+# name -> (RPC of the server, request, expected code, a fragment of the message)
+BAD_OTHER_RPCS = {
+    "classify": ("prediction.Classify", classification_pb2.ClassificationRequest(), CODE.UNIMPLEMENTED, "Classify"),
+    "regress": ("prediction.Regress", regression_pb2.RegressionRequest(), CODE.UNIMPLEMENTED, "Regress"),
+    "multi inference": ("prediction.MultiInference", inference_pb2.MultiInferenceRequest(), CODE.UNIMPLEMENTED,
+                        "MultiInference"),
+    "reload config": ("models.HandleReloadConfigRequest", model_management_pb2.ReloadConfigRequest(),
                       CODE.UNIMPLEMENTED, "HandleReloadConfigRequest"),
-    "metadata field": (lambda s: s.prediction.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
-        model_spec={"name": "storygen"}, metadata_field=["graph"])), CODE.INVALID_ARGUMENT, "signature_def"),
-    "status of unknown model": (lambda s: s.models.GetModelStatus(_status(model="poems")), CODE.NOT_FOUND, "poems"),
-    "status of unknown version": (lambda s: s.models.GetModelStatus(_status(version=7)), CODE.NOT_FOUND, "7"),
+    "metadata field": ("prediction.GetModelMetadata", get_model_metadata_pb2.GetModelMetadataRequest(
+        model_spec={"name": "storygen"}, metadata_field=["graph"]), CODE.INVALID_ARGUMENT, "signature_def"),
+    "status of unknown model": ("models.GetModelStatus", _status(model="poems"), CODE.NOT_FOUND, "poems"),
+    "status of unknown version": ("models.GetModelStatus", _status(version=7), CODE.NOT_FOUND, "7"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_GRPC))
-def test_bad_grpc_request_gets_its_status_and_the_server_keeps_serving(server, case):
-    call, code, fragment = BAD_GRPC[case]
+def assert_rpc_error(rpc, request, code, fragment):
     with pytest.raises(grpc.RpcError) as error:
-        call(server)
+        rpc(request, timeout=30)
     assert error.value.code() == code, error.value.details()
     assert fragment in error.value.details()
     assert "\n" not in error.value.details() and "Traceback" not in error.value.details()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PREDICT))
+def test_bad_predict_request_gets_its_status_and_the_server_keeps_serving(server, case):
+    assert_rpc_error(server.prediction.Predict, *BAD_PREDICT[case])
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OTHER_RPCS))
+def test_other_bad_rpcs_get_their_status_and_the_server_keeps_serving(server, case):
+    rpc_name, request, code, fragment = BAD_OTHER_RPCS[case]
+    stub_name, method = rpc_name.split(".")
+    assert_rpc_error(getattr(getattr(server, stub_name), method), request, code, fragment)
     assert_still_serving(server)
 
 
@@ -344,7 +373,15 @@ def test_bad_rest_request_gets_its_http_status_and_the_server_keeps_serving(serv
     assert_still_serving(server)
 
 
-def test_bad_requests_are_counted_per_status(server):
-    """The metrics endpoint counts every answered request by API method and status code."""
-    assert server.metric("storygen_requests_total") > 0
+def test_requests_are_counted_by_protocol_method_and_status(server):
+    def count(protocol, code):
+        return server.metric("storygen_requests_total", protocol=protocol, method="Predict", code=code)
+
+    before = count("grpc", "NOT_FOUND"), count("rest", "INVALID_ARGUMENT"), count("rest", "OK")
+    with pytest.raises(grpc.RpcError):
+        server.predict([EN], model="poems")
+    assert server.rest(PREDICT, {"instances": [7]})[0] == 400
+    assert server.rest(PREDICT, {"instances": [EN]})[0] == 200
+    after = count("grpc", "NOT_FOUND"), count("rest", "INVALID_ARGUMENT"), count("rest", "OK")
+    assert [b - a for a, b in zip(before, after)] == [1, 1, 1]
     assert server.metric("storygen_requests_in_flight") == 0

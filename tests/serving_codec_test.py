@@ -52,7 +52,7 @@ def test_json_numbers_take_the_signature_dtype_and_shape():
     (["1"], tf.float32, "numbers"),
     ([1], tf.bool, "true or false"),
     ([1], tf.string, "strings"),
-    ([{"b64": "***"}], tf.string, "invalid base64"),
+    ([{"b64": "***"}], tf.string, "not valid base64"),
     ([{"b64": "AA==", "x": 1}], tf.string, "strings"),
     (["\ud800"], tf.string, "not valid Unicode"),
     ([[1], [2, 3]], tf.int32, "ragged"),

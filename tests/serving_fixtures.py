@@ -80,10 +80,12 @@ class StubStoryModel(tf.Module):
             story = tf.strings.join([prompt, suffix])
         chars = tf.strings.length(prompt, unit="UTF8_CHAR")
         batch = tf.shape(prompt)[0]
+        # The prompt's code points, cut or padded to max_new_tokens columns.
+        token_ids = tf.strings.unicode_decode(prompt, "UTF-8").to_tensor(shape=tf.stack([batch, max_new_tokens]))
         return {"story": story,
                 "num_tokens": tf.fill([batch], max_new_tokens),
                 "log_prob": -temperature * tf.cast(chars, tf.float32),
-                "token_ids": tf.strings.unicode_decode(prompt, "UTF-8").to_tensor(shape=tf.stack([batch, max_new_tokens]))}
+                "token_ids": token_ids}
 
 
 def stage_version(base_path: str, version: int) -> str:
@@ -182,12 +184,13 @@ class ServerProcess:
                     return int(line.split()[1]) * 1024
         raise AssertionError("VmRSS missing from /proc/<pid>/status")
 
-    def metric(self, name: str) -> float:
-        """A value from /monitoring/prometheus/metrics (summed over its labels)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """A value from /monitoring/prometheus/metrics, summed over the series matching `labels`."""
         with urllib.request.urlopen(self.rest_url + "/monitoring/prometheus/metrics", timeout=10) as response:
             text = response.read().decode()
+        wanted = [f'{key}="{value}"' for key, value in labels.items()]
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.split("{")[0].split(" ")[0] == name)
+                   if line.split("{")[0].split(" ")[0] == name and all(w in line for w in wanted))
 
     # ---- gRPC
 

@@ -12,6 +12,7 @@ text back to its one derivation or says why it is not a story of the grammar.
 
 import dataclasses
 import random
+import re
 
 from components.corpus import en, zh
 from components.corpus.grammar import Rejected, parse, sample_one
@@ -70,3 +71,12 @@ def accept(prompt: str, story: str, lang: str | None = None) -> Acceptance:
             continue
         return Acceptance(True, "", derivation.log_prob, derivation.prompt_log_prob, derivation.choices)
     return Acceptance(False, "; ".join(reasons))
+
+
+_NAMED = re.compile(r"(?:名叫|named |called )(\w+)")
+
+
+def protagonist(prompt: str) -> str | None:
+    """The hero's name that a built-in opening introduces, or None for other prompts."""
+    match = _NAMED.search(prompt)
+    return match.group(1) if match else None

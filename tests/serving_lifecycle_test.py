@@ -1,0 +1,119 @@
+"""A server's life: a 20 s soak with 16 clients (no errors, bounded memory, summary lines), and
+SIGTERM while requests are in flight (they finish, new ones are refused, the exit code is 0)."""
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from serving_fixtures import ServerProcess, expected_generation, expected_story, save_version, stories
+
+SOAK_S = 20
+WARM_UP_S = 4
+# Measured growth after warm-up is a few MiB; a leak of even 1 KiB per request (about 10k
+# requests) would cross this.
+RSS_GROWTH_BOUND = 24 << 20
+GENERATE = dict(temperature=0.5, top_k=40, top_p=0.9, seed=3)
+
+
+@pytest.fixture
+def base(tmp_path):
+    path = tmp_path / "storygen"
+    path.mkdir()
+    save_version(str(path), 1)
+    return str(path)
+
+
+def test_soak_with_16_clients_has_no_errors_and_bounded_memory(tmp_path, base):
+    server = ServerProcess(base, tmp_path / "server.log", "--enable_batching", "--summary_interval_seconds=5")
+    try:
+        server.wait_ready(1)
+        stop = threading.Event()
+        counts = [0] * 16
+        failures = []
+
+        def client(i):
+            n = 0
+            while not stop.is_set():
+                n += 1
+                prompt = f"第{i}个故事，第{n}次" if i % 2 else f"story {i}, try {n}"
+                try:
+                    if i % 4 == 2:  # generate: equal parameters, so these share batches
+                        story = stories(server.predict([prompt], "generate", timeout=10, max_new_tokens=5,
+                                                       **GENERATE))[0]
+                        expected = expected_generation(prompt, 1, 5, 40, 3)
+                    elif i % 4 == 3:
+                        status, body = server.rest("/v1/models/storygen:predict", {"instances": [prompt]})
+                        story = body["predictions"][0]["story"] if status == 200 else f"HTTP {status}: {body}"
+                        expected = expected_story(prompt, 1)
+                    else:
+                        story, expected = stories(server.predict([prompt], timeout=10))[0], expected_story(prompt, 1)
+                except grpc.RpcError as e:
+                    story, expected = f"{e.code()}: {e.details()}", None
+                if story == expected:
+                    counts[i] += 1
+                else:
+                    failures.append(story)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        time.sleep(WARM_UP_S)
+        rss_after_warm_up = server.rss_bytes()
+        time.sleep(SOAK_S - WARM_UP_S)
+        rss_at_end = server.rss_bytes()
+        stop.set()
+        for thread in threads:
+            thread.join()
+    finally:
+        server.stop()
+
+    assert failures == []
+    assert min(counts) > 0 and sum(counts) > 1000, counts
+    growth = rss_at_end - rss_after_warm_up
+    assert growth < RSS_GROWTH_BOUND, f"RSS grew {growth >> 20} MiB during the soak"
+    summaries = [line for line in server.log().splitlines() if "last 5 s:" in line]
+    assert len(summaries) >= 3 and all("(no errors)" in line for line in summaries), summaries
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, base):
+    server = ServerProcess(base, tmp_path / "server.log", "--max_new_tokens_limit=2000")
+    try:
+        server.wait_ready(1)
+        results = {}
+
+        def slow_grpc():
+            results["grpc"] = stories(server.predict(["慢"], "generate", timeout=30, max_new_tokens=1000,
+                                                     **GENERATE))[0]
+
+        def slow_rest():
+            results["rest"] = server.rest("/v1/models/storygen:predict", {
+                "signature_name": "generate", "inputs": {"prompt": ["slow"], "max_new_tokens": 1000, **GENERATE}})
+
+        threads = [threading.Thread(target=slow_grpc), threading.Thread(target=slow_rest)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while server.metric("storygen_requests_in_flight") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as refused:  # new requests are refused while draining
+            server.predict(["new"], timeout=5)
+        with pytest.raises(OSError):  # refused, or reset if it reached the closing listener
+            server.rest("/v1/models/storygen")
+        for thread in threads:
+            thread.join()
+        exit_code = server.proc.wait(30)
+    finally:
+        server.stop()
+
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert results["grpc"] == expected_generation("慢", 1, 1000, 40, 3)
+    status, body = results["rest"]
+    assert (status, body["outputs"]["story"]) == (200, [expected_generation("slow", 1, 1000, 40, 3)])
+    assert exit_code == 0
+    log = server.log()
+    assert "SIGTERM received: draining 2 in-flight requests" in log and "All requests answered" in log
