@@ -37,6 +37,7 @@ import functools
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import posixpath
 import queue
@@ -268,7 +269,8 @@ def _read_file(path, options):
     try:
         yield from READERS[_kind(path)](path, options)
     except (OSError, EOFError, zlib.error, tf.errors.OpError) as e:  # truncated gzip, corrupt TFRecord, I/O
-        raise UserError(f"Cannot read {path} ({str(e).splitlines()[0]}): repair the file or leave it out of --data.") from None
+        raise UserError(f"Cannot read {path} ({str(e).splitlines()[0]}): repair the file or leave it out of "
+                        "--data.") from None
 
 
 def _read_jsonl(path, options):
@@ -319,34 +321,36 @@ def _read_csv(path, options):
 
 
 def _read_text(path, options):
-    """A whole file is one story (`path` locates it), or several split by --text_separator
-    (`path:line` locates each by the line it starts on)."""
+    """A whole file is one story (`path` locates it), or several split by --text_separator: each
+    located by the line it starts on (`path:line`) and named by its place (`path#index`), as
+    several may start on one line."""
     with _open(path) as f:
         if options.text_separator is None:
             yield _text_record(f.read(), options), Location(path)
             return
         # Split the bytes, not the text, so that a piece that does not decode is the only one lost.
         separator = options.text_separator.encode(options.codec.removesuffix("-sig"))
-        line, rest = 1, b""
-        for block in iter(lambda: f.read(1 << 20), b""):
-            *pieces, rest = (rest + block).split(separator)
-            for piece in pieces:
-                yield from _text_piece(piece, line, path, options)
-                line += piece.count(b"\n") + separator.count(b"\n")
-        yield from _text_piece(rest, line, path, options)
+        for index, (piece, line) in enumerate(_pieces(f, separator)):
+            yield _text_record(piece, options, id=f"{path}#{index}"), Location(path, f":{line}")
 
 
-def _text_piece(piece, line, path, options):
-    """The record of one separated piece of a text file, unless the piece is only whitespace."""
-    text = piece.lstrip()
-    if text.rstrip():
-        start = line + piece[:len(piece) - len(text)].count(b"\n")
-        yield _text_record(piece, options), Location(path, f":{start}")
+def _pieces(stream, separator):
+    """The pieces of a binary stream between separators, each with the line it starts on;
+    pieces of only whitespace are left out."""
+    line, rest = 1, b""
+    # A separator after the last block flushes the last piece.
+    for block in itertools.chain(iter(lambda: stream.read(1 << 20), b""), [separator]):
+        *pieces, rest = (rest + block).split(separator)
+        for piece in pieces:
+            text = piece.lstrip()
+            if text.rstrip():
+                yield piece, line + piece[:len(piece) - len(text)].count(b"\n")
+            line += piece.count(b"\n") + separator.count(b"\n")
 
 
-def _text_record(data, options):
+def _text_record(data, options, **fields):
     try:
-        return {"story": data.decode(options.codec)}
+        return {"story": data.decode(options.codec), **fields}
     except UnicodeDecodeError:
         return options.undecodable
 
@@ -379,7 +383,8 @@ READERS = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv, ".tsv
 def _fields(values: dict, options: SourceOptions, text_key: str | None = None) -> dict | str:
     """The example-record fields of a source record keyed by the user's names (--text_key, ...),
     or why it has no story. The types are left for the schema to check."""
-    candidates = (text_key or options.text_key,) if text_key or options.text_key else DEFAULT_TEXT_KEYS
+    text_key = text_key or options.text_key
+    candidates = (text_key,) if text_key else DEFAULT_TEXT_KEYS
     story_key = next((key for key in candidates if key in values), None)
     if story_key is None:
         return f"missing required field 'story' (no {' or '.join(map(repr, candidates))} key: see --text_key)"

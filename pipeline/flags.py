@@ -13,8 +13,9 @@ from components.trainer import STRATEGIES
 def define_pipeline_flags():
     # Where things go.
     flags.DEFINE_string("data", BUILTIN_PREFIX + "fairy_tales",
-                        "Story source: builtin:fairy_tales, or a .jsonl/.json/.txt file (optionally .gz), "
-                        "a directory or a glob, local or any tf.io.gfile path.")
+                        "Story source: builtin:fairy_tales, tfds:NAME[/CONFIG][:SPLIT], or .jsonl/.json/.csv/.tsv/"
+                        ".txt/.tfrecord(s) files (optionally .gz): a file, a directory or a glob, local or any "
+                        "tf.io.gfile path.")
     flags.DEFINE_string("pipeline_root", "runs", "Directory that holds every run's artifacts.")
     flags.DEFINE_string("run_id", None, "Name of this run's folder under --pipeline_root (default: a timestamp). "
                         "Rerunning an id resumes it: finished steps are kept.")
@@ -51,7 +52,7 @@ def define_pipeline_flags():
                         "--text_key).")
     flags.DEFINE_string("tfds_data_dir", None, "Where tfds:NAME datasets are prepared (default: $TFDS_DATA_DIR or "
                         "~/tensorflow_datasets); ingest never downloads one.")
-    flags.DEFINE_integer("num_parallel_reads", 4, "Input files read ahead in parallel threads (1 = one after "
+    flags.DEFINE_integer("num_parallel_reads", 1, "Input files read ahead in parallel threads (1 = one after "
                          "another); the output is the same either way.", lower_bound=1)
 
     # Tokenizer.

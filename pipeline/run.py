@@ -20,6 +20,9 @@ from pipeline.artifacts import PipelineRun
 
 storygen_flags.define_pipeline_flags()
 FLAGS = flags.FLAGS
+# How ingest reads a source: they change its output, so they are part of its cache key.
+SOURCE_FLAGS = ("text_key", "prompt_key", "title_key", "lang_key", "tags_key", "text_separator", "tfds_text_key",
+                "tfds_data_dir")
 
 
 def run_pipeline(f) -> dict:
@@ -40,10 +43,10 @@ def run_pipeline(f) -> dict:
             f.data, out, seed=f.seed, eval_fraction=f.eval_fraction, test_fraction=f.test_fraction,
             num_shards=f.num_shards, window_bytes=f.window_bytes, max_chars=f.max_chars,
             max_bad_fraction=f.max_bad_fraction, builtin_count=f.builtin_count,
-            builtin_langs=f.builtin_langs, encoding=f.encoding),
+            builtin_langs=f.builtin_langs, encoding=f.encoding, **_values(f, *SOURCE_FLAGS, "num_parallel_reads")),
         inputs={"data": f.data},
         parameters=_values(f, "seed", "eval_fraction", "test_fraction", "num_shards", "window_bytes", "max_chars",
-                           "max_bad_fraction", "builtin_count", "builtin_langs", "encoding"),
+                           "max_bad_fraction", "builtin_count", "builtin_langs", "encoding", *SOURCE_FLAGS),
         describe=lambda m: (f"{m['stories']} stories -> {m['examples']} examples, {m['quarantined']} quarantined, "
                             f"{m['stories_per_second']:.0f} stories/s"))
     examples = ingested["outputs"]["path"]

@@ -1,13 +1,16 @@
 import glob
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
 
 from components import ingest
 from components.common import SPLITS, UserError, detect_lang, iterate_split, normalize_text
-from conftest import STORIES, write_jsonl
+from conftest import REPO, STORIES, write_jsonl
 
 OPTIONS = dict(seed=1, eval_fraction=0.2, test_fraction=0.2, num_shards=3, window_bytes=1024, max_chars=100_000,
                max_bad_fraction=0.0, builtin_count=0, builtin_langs=["zh", "en"])
@@ -139,15 +142,21 @@ def test_non_utf8_file_names_the_encoding_flag(tmp_path):
 
 @pytest.mark.parametrize("spec, message", [
     ("{tmp}/missing.jsonl", "No input found at"),
-    ("{tmp}/empty.jsonl", "has no usable stories"),
-    ("{tmp}/only.csv", "No .jsonl, .json or .txt files"),
+    ("{tmp}/empty.jsonl", r"has no usable stories \(it holds no records\)"),
+    ("{tmp}/only.parquet", "No .jsonl, .json, .csv, .tsv, .txt, .tfrecord, .tfrecords files"),
     ("builtin:nope", "Unknown built-in corpus 'nope'"),
 ])
 def test_source_errors(tmp_path, spec, message):
     (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "only.csv").write_text("a,b")
+    (tmp_path / "only.parquet").write_text("a,b")
     with pytest.raises(UserError, match=message):
         run_ingest(tmp_path, spec.format(tmp=tmp_path))
+
+
+def test_an_unknown_encoding_is_one_sentence(tmp_path):
+    source = write_jsonl(tmp_path / "s.jsonl", STORIES)
+    with pytest.raises(UserError, match="Unknown --encoding 'gbkk': use a Python codec name"):
+        run_ingest(tmp_path, source, encoding="gbkk")
 
 
 def test_detect_lang():
@@ -163,3 +172,298 @@ def test_examples_are_tf_examples(tmp_path):
     assert path.endswith("train-00000-of-00001.tfrecord")
     example = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(path))).numpy())
     assert set(example.features.feature) == {"prompt", "story", "title", "lang", "tags", "source", "id"}
+
+
+# ---------------------------------------------------------------- sources
+
+
+def by_id(records):
+    return sorted(records, key=lambda r: r["id"])
+
+
+def read_quarantine(tmp_path):
+    with open(tmp_path / "out" / "quarantine.jsonl", encoding="utf-8") as f:
+        return [(b["reason"], b["location"]) for b in map(json.loads, f)]
+
+
+def test_jsonl_keys_are_configurable(tmp_path):
+    source = write_jsonl(tmp_path / "s.jsonl", [
+        {"body": "A fox lived here. It was clever.", "headline": "Fox", "language": "en", "labels": "fable, short",
+         "opening": "Once upon a time,"},
+        {"body": "从前有座山。山里有座庙。", "labels": ["zh"], "story": "not read: --text_key names the story"},
+        {"story": "No body here. Only a story."},
+    ])
+    keys = dict(text_key="body", prompt_key="opening", title_key="headline", lang_key="language", tags_key="labels")
+    stats, splits = run_ingest(tmp_path, source, eval_fraction=0.0, test_fraction=0.0, max_bad_fraction=0.5, **keys)
+    assert by_id(splits["train"]) == [
+        {"prompt": "Once upon a time,", "story": "A fox lived here. It was clever.", "title": "Fox", "lang": "en",
+         "tags": ["fable", "short"], "source": source, "id": f"{source}:1"},
+        {"prompt": "从前有座山。", "story": "山里有座庙。", "title": "", "lang": "zh", "tags": ["zh"], "source": source,
+         "id": f"{source}:2"},
+    ]
+    assert read_quarantine(tmp_path) == [("missing required field 'story' (no 'body' key: see --text_key)", f"{source}:3")]
+
+
+def test_jsonl_story_key_defaults_to_story_then_text(tmp_path):
+    source = write_jsonl(tmp_path / "s.jsonl", [{"story": "A fox ran. It hid.", "text": "Not this one. No."},
+                                                {"text": "A hen sat. She slept."}, {"body": "Nothing to read. At all."}])
+    stats, splits = run_ingest(tmp_path, source, eval_fraction=0.0, test_fraction=0.0, max_bad_fraction=0.5)
+    assert [(r["prompt"], r["story"]) for r in by_id(splits["train"])] == [("A fox ran.", "It hid."),
+                                                                           ("A hen sat.", "She slept.")]
+    assert read_quarantine(tmp_path) == [("missing required field 'story' (no 'story' or 'text' key: see --text_key)",
+                                          f"{source}:3")]
+
+
+def test_csv_and_tsv(tmp_path):
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    (folder / "a.csv").write_bytes(
+        b'story,title,tags,lang\n'
+        b'"Once upon a time, a fox said ""hi"".\nIt ran away. The end.",The Fox,"fable, fox",en\n'
+        + "从前有座山。山里有座庙。,山,,\n".encode()
+        + b'only,two\n'
+        b'"",Empty,,\n'
+        b'Caf\xe9 stories are not UTF-8. Two of them.,Latin-1,,\n')
+    (folder / "b.tsv").write_text("text\tlang\nA hen found a seed. She planted it.\ten\n", encoding="utf-8")
+    stats, splits = run_ingest(tmp_path, folder, eval_fraction=0.0, test_fraction=0.0, max_bad_fraction=0.5)
+    csv_path, tsv_path = f"{folder}/a.csv", f"{folder}/b.tsv"
+    assert by_id(splits["train"]) == [
+        {"prompt": 'Once upon a time, a fox said "hi".', "story": "It ran away. The end.", "title": "The Fox",
+         "lang": "en", "tags": ["fable", "fox"], "source": csv_path, "id": f"{csv_path}:2"},
+        {"prompt": "从前有座山。", "story": "山里有座庙。", "title": "山", "lang": "zh", "tags": [], "source": csv_path,
+         "id": f"{csv_path}:4"},
+        {"prompt": "A hen found a seed.", "story": "She planted it.", "title": "", "lang": "en", "tags": [],
+         "source": tsv_path, "id": f"{tsv_path}:2"},
+    ]
+    assert read_quarantine(tmp_path) == [
+        ("a row with 2 fields under a header of 4", f"{csv_path}:5"),
+        ("required field 'story' is empty", f"{csv_path}:6"),
+        ("not valid utf-8 text", f"{csv_path}:7"),
+    ]
+
+
+def test_text_files_split_by_a_separator(tmp_path):
+    path = tmp_path / "many.txt"
+    path.write_bytes(b"Once upon a time there was a fox. The fox was clever.\n\n\nCaf\xe9 au lait. Latin-1.\n\n  \n\n"
+                     + "Too short\n\n从前有座山。山里有座庙。\n\n".encode())
+    # The separator as typed on a command line: --text_separator='\n\n'.
+    stats, splits = run_ingest(tmp_path, path, eval_fraction=0.0, test_fraction=0.0, max_bad_fraction=0.5,
+                               text_separator="\\n\\n")
+    assert [(r["id"], r["prompt"], r["story"]) for r in by_id(splits["train"])] == [
+        (f"{path}#0", "Once upon a time there was a fox.", "The fox was clever."),
+        (f"{path}#3", "从前有座山。", "山里有座庙。"),
+    ]
+    assert read_quarantine(tmp_path) == [("not valid utf-8 text", f"{path}:4"),
+                                         ("too short: needs at least two sentences (a prompt and a continuation)",
+                                          f"{path}:8")]
+    # Several stories may start on one line; a bad one is located by its line.
+    gz = tmp_path / "gpt.txt.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(b"A fox ran. It hid.<|endoftext|>A hen sat.\nShe slept.<|endoftext|>Caf\xe9. Latin-1.<|endoftext|>")
+    (tmp_path / "again").mkdir()
+    stats, splits = run_ingest(tmp_path / "again", gz, eval_fraction=0.0, test_fraction=0.0, max_bad_fraction=0.5,
+                               text_separator="<|endoftext|>")
+    assert [(r["id"], r["story"]) for r in by_id(splits["train"])] == [(f"{gz}#0", "It hid."),
+                                                                         (f"{gz}#1", "She slept.")]
+    assert read_quarantine(tmp_path / "again") == [("not valid utf-8 text", f"{gz}:2")]
+
+
+def make_example(**features):
+    """A serialised tf.train.Example: str/bytes values become bytes features, ints int64 features."""
+    def feature(values):
+        values = values if isinstance(values, list) else [values]
+        if all(isinstance(v, int) for v in values):
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() if isinstance(v, str) else v
+                                                                     for v in values]))
+    return tf.train.Example(features=tf.train.Features(
+        feature={k: feature(v) for k, v in features.items()})).SerializeToString()
+
+
+def write_tfrecord(path, records, compression=None):
+    with tf.io.TFRecordWriter(str(path), options=compression) as writer:
+        for record in records:
+            writer.write(record)
+    return str(path)
+
+
+def test_tfrecord_examples(tmp_path):
+    folder = tmp_path / "records"
+    folder.mkdir()
+    plain = write_tfrecord(folder / "a.tfrecord", [
+        make_example(story="Once upon a time there was a fox. The fox was clever.", title="Fox", tags=["fable", "fox"]),
+        make_example(story=5),
+        make_example(story=b"\xff\xfe is not UTF-8. Really not."),
+        b"not a tf.train.Example",
+        make_example(text="从前有座山。山里有座庙。", lang="zh"),
+        make_example(story=["Two values. Here.", "One too many. Yes."]),
+    ])
+    packed = write_tfrecord(folder / "b.tfrecords.gz", [make_example(story="A hen sat. She slept.")], "GZIP")
+    stats, splits = run_ingest(tmp_path, folder, eval_fraction=0.0, test_fraction=0.0, max_bad_fraction=0.6)
+    assert by_id(splits["train"]) == [
+        {"prompt": "Once upon a time there was a fox.", "story": "The fox was clever.", "title": "Fox", "lang": "en",
+         "tags": ["fable", "fox"], "source": plain, "id": f"{plain}#0"},
+        {"prompt": "从前有座山。", "story": "山里有座庙。", "title": "", "lang": "zh", "tags": [], "source": plain,
+         "id": f"{plain}#4"},
+        {"prompt": "A hen sat.", "story": "She slept.", "title": "", "lang": "en", "tags": [], "source": packed,
+         "id": f"{packed}#0"},
+    ]
+    assert read_quarantine(tmp_path) == [
+        ("field 'story' must be a string, not int", f"{plain}#1"),
+        ("not valid utf-8 text", f"{plain}#2"),
+        ("not a tf.train.Example", f"{plain}#3"),
+        ("field 'story' has 2 values, at most 1 allowed", f"{plain}#5"),
+    ]
+
+
+def test_every_malformed_record_is_quarantined_with_its_reason(tmp_path):
+    good = [json.dumps({"story": s["story"]}, ensure_ascii=False).encode() for s in many_stories(20)]
+    bad = [
+        b'{"story": "Caf\xe9 is Latin-1. Not UTF-8."}',
+        json.dumps({"story": "x" * 1001 + ". Two."}).encode(),
+        json.dumps({"story": "A lone \udc80 surrogate. Here."}).encode(),
+        json.dumps({"story": "Tags. Must be strings.", "tags": [1]}).encode(),
+        json.dumps({"title": "No story"}).encode(),
+        json.dumps({"story": "   \n  "}).encode(),
+        b"[1, 2]",
+    ]
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b"\n".join(good[:10] + bad + good[10:]) + b"\n")
+    stats, _ = run_ingest(tmp_path, path, max_chars=1000, max_bad_fraction=0.3)
+    assert read_quarantine(tmp_path) == [
+        ("not valid utf-8 text", f"{path}:11"),
+        ("field 'story' is longer than 1000 characters", f"{path}:12"),
+        ("field 'story' is not valid Unicode (it has a lone surrogate)", f"{path}:13"),
+        ("field 'tags' must be a string, not int", f"{path}:14"),
+        ("missing required field 'story' (no 'story' or 'text' key: see --text_key)", f"{path}:15"),
+        ("too short: needs at least two sentences (a prompt and a continuation)", f"{path}:16"),
+        ("a JSON line must be an object", f"{path}:17"),
+    ]
+    assert stats["stories"] == 27 and stats["quarantined"] == 7
+
+
+def test_a_partly_non_utf8_file_names_the_file_and_the_encoding_flag(tmp_path):
+    english = [{"story": s["story"]} for s in many_stories(20) if detect_lang(s["story"]) == "en"]
+    chinese = [{"story": s["story"]} for s in many_stories(20) if detect_lang(s["story"]) == "zh"]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode("gbk") + b"\n" for r in english + chinese))
+    with pytest.raises(UserError, match=r"mixed.jsonl is not utf-8 text: pass --encoding with its encoding "
+                                        r"\(e.g. --encoding=gbk\); 10 of 20 records are bad"):
+        run_ingest(tmp_path, path, max_bad_fraction=0.01)
+    # Under --max_bad_fraction the bad lines are only quarantined; with the right encoding none is.
+    stats, _ = run_ingest(tmp_path, path, max_bad_fraction=0.5)
+    assert stats["quarantine_reasons"] == {"not valid utf-8 text": 10}
+    stats, _ = run_ingest(tmp_path, path, encoding="gbk")
+    assert stats["quarantined"] == 0 and sum(stats["examples"].values()) == 20
+
+
+def test_gfile_paths_and_globs(tmp_path):
+    # TensorFlow's in-memory filesystem stands for any tf.io.gfile one (gs://, hdfs://, ...).
+    folder = f"ram://{tmp_path.name}"
+    tf.io.gfile.makedirs(folder)
+    with tf.io.gfile.GFile(f"{folder}/a.jsonl", "w") as f:
+        f.write(json.dumps({"story": "A fox ran. It hid."}) + "\n")
+    with tf.io.gfile.GFile(f"{folder}/b.csv.gz", "wb") as f:
+        f.write(gzip.compress(b"text\nA hen sat. She slept.\n"))
+    _, splits = run_ingest(tmp_path, folder, eval_fraction=0.0, test_fraction=0.0)
+    assert [(r["id"], r["story"]) for r in by_id(splits["train"])] == [(f"{folder}/a.jsonl:1", "It hid."),
+                                                                         (f"{folder}/b.csv.gz:2", "She slept.")]
+    (tmp_path / "again").mkdir()
+    _, splits = run_ingest(tmp_path / "again", f"{folder}/*.csv*", eval_fraction=0.0, test_fraction=0.0)
+    assert [r["id"] for r in splits["train"]] == [f"{folder}/b.csv.gz:2"]
+
+
+def mixed_folder(tmp_path):
+    """Files of every type, some with bad records; the JSONL files are longer than a read-ahead queue."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    stories = many_stories(1200)
+    for k in range(3):
+        write_jsonl(folder / f"part-{k}.jsonl", stories[k::3] + [{"story": ""}])
+    with open(folder / "table.csv", "w", encoding="utf-8", newline="") as f:
+        f.write("title,text\n" + "".join(f'"{s["title"]}","{s["story"]} [csv]"\n' for s in stories[:50]))
+    (folder / "one.txt").write_text(STORIES[2]["story"] + " [txt]", encoding="utf-8")
+    write_tfrecord(folder / "records.tfrecord", [make_example(story=s["story"] + " [tfrecord]") for s in stories[:40]])
+    return folder
+
+
+def test_parallel_and_serial_reading_in_two_processes_write_identical_shards(tmp_path):
+    folder = mixed_folder(tmp_path)
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    serial.mkdir()
+    parallel.mkdir()
+    options = dict(OPTIONS, max_bad_fraction=0.01)
+    # The serial run is in another process, as protobuf could order an Example's features by a per-process hash.
+    code = (f"from components import ingest; "
+            f"ingest.ingest({str(folder)!r}, {str(serial)!r}, num_parallel_reads=1, **{options!r})")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True)
+    stats = ingest.ingest(str(folder), str(parallel), num_parallel_reads=4, **options)
+    assert stats["stories"] == 1200 + 3 + 50 + 1 + 40 and stats["quarantined"] == 3
+    outputs = [{p.name: p.read_bytes() for p in out.iterdir() if p.name not in ("logs", "statistics.json")}
+               for out in (serial, parallel)]
+    assert len([name for name in outputs[0] if name.endswith(".tfrecord")]) == 9
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("parallelism", [1, 4])
+def test_an_unreadable_file_stops_with_one_sentence(tmp_path, parallelism):
+    folder = mixed_folder(tmp_path)
+    data = gzip.compress(b'{"story": "A fox ran. It hid."}\n' * 100)
+    (folder / "part-1.jsonl.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match=r"Cannot read .*part-1.jsonl.gz \(.*\): repair the file or leave it out"):
+        run_ingest(tmp_path, folder, max_bad_fraction=0.01, num_parallel_reads=parallelism)
+
+
+ANDERSEN = os.path.join(REPO, "..", "shared", "corpora", "andersen_en.jsonl")
+
+
+def test_andersen_fairy_tales_ingest_with_nothing_quarantined(tmp_path):
+    if not os.path.exists(ANDERSEN):
+        pytest.skip("../shared/corpora/andersen_en.jsonl is not beside this checkout")
+    stats, splits = run_ingest(tmp_path, ANDERSEN, max_chars=1_000_000, eval_fraction=0.05, test_fraction=0.05)
+    assert stats["stories"] == 156 and stats["quarantined"] == 0
+    assert sum(sum(by_lang.values()) for by_lang in stats["stories_by_lang"].values()) == 156
+    assert {lang for by_lang in stats["stories_by_lang"].values() for lang in by_lang} == {"en"}
+    first = [r for r in splits["train"] + splits["eval"] + splits["test"] if r["id"] == f"{ANDERSEN}:1#w0"]
+    assert first[0]["title"] == "The tinder-box" and first[0]["prompt"].startswith("A soldier came marching along")
+    assert stats["length_histograms"]["story_chars"]["100000+"] == 1  # the longest tale, 101,295 characters
+
+
+def test_statistics_json_and_tensorboard_summary(tmp_path):
+    source = write_jsonl(tmp_path / "s.jsonl", [{"story": "Once upon a time. A fox lived here."},
+                                                {"story": "从前有座山，山里有座庙。庙里有个老和尚。"}, {"story": ""}])
+    stats, _ = run_ingest(tmp_path, source, eval_fraction=0.0, test_fraction=0.0, max_bad_fraction=0.5)
+    with open(tmp_path / "out" / "statistics.json", encoding="utf-8") as f:
+        assert json.load(f) == stats
+    text = "Once upon a time." + "A fox lived here." + "从前有座山，山里有座庙。" + "庙里有个老和尚。"
+    lengths = {"0-99": 2, **{label: 0 for label in ["100-199", "200-499", "500-999", "1000-1999", "2000-4999",
+                                                    "5000-9999", "10000-19999", "20000-49999", "50000-99999", "100000+"]}}
+    assert {k: v for k, v in stats.items() if k not in ("seconds", "stories_per_second")} == {
+        "stories": 3, "quarantined": 1, "quarantine_reasons": {"required field 'story' is empty": 1},
+        "examples": {"train": 2, "eval": 0, "test": 0},
+        "stories_by_lang": {"train": {"en": 1, "zh": 1}, "eval": {}, "test": {}},
+        "examples_by_lang": {"train": {"en": 1, "zh": 1}, "eval": {}, "test": {}},
+        "length_histograms": {"story_chars": lengths, "prompt_chars": lengths, "example_chars": lengths},
+        "characters": {"total": len(text), "distinct": len(set(text)), "top_1000_share": 1.0, "top_3000_share": 1.0},
+    }
+    assert stats["stories_per_second"] > 0
+    [events] = glob.glob(str(tmp_path / "out" / "logs" / "events.out.tfevents.*"))
+    values = {v.tag: tf.make_ndarray(v.tensor)
+              for event in tf.compat.v1.train.summary_iterator(events) for v in event.summary.value}
+    assert values["ingest/stories"] == 3 and values["ingest/quarantined"] == 1 and values["ingest/examples_train"] == 2
+    assert "| train | zh | 1 | 1 |" in values["ingest/summary"].item().decode()
+
+
+def test_character_coverage_counts_the_most_frequent_characters(tmp_path):
+    # 1,500 distinct characters: the first 1,000 appear twice (a story says each sentence twice), the rest once.
+    chars = [chr(0x4E00 + i) for i in range(1500)]
+    twice = ["".join(chars[i:i + 50]) + "。" + "".join(chars[i:i + 50]) + "。" for i in range(0, 1000, 50)]
+    once = ["".join(chars[i:i + 25]) + "。" + "".join(chars[i + 25:i + 50]) + "。" for i in range(1000, 1500, 50)]
+    source = write_jsonl(tmp_path / "s.jsonl", [{"story": story} for story in twice + once])
+    stats, _ = run_ingest(tmp_path, source, eval_fraction=0.0, test_fraction=0.0)
+    total = 1000 * 2 + 500 + 30 * 2  # and two 。 in each of the 30 stories
+    assert stats["characters"]["total"] == total and stats["characters"]["distinct"] == 1501
+    # The most frequent: 。 (60 times), then 999 of the characters seen twice.
+    assert stats["characters"]["top_1000_share"] == pytest.approx((60 + 999 * 2) / total)
+    assert stats["characters"]["top_3000_share"] == 1.0
