@@ -44,8 +44,10 @@ def train_tokenizer(examples_dir: str, output_dir: str, *, vocab_size: int, seed
             # Characters outside the vocabulary become UTF-8 byte pieces instead of <unk>.
             byte_fallback=True,
             character_coverage=0.9995,
-            # Identity keeps full-width Chinese punctuation (NFKC would turn ，into ,).
+            # Identity keeps full-width Chinese punctuation (NFKC would turn ，into ,). Whitespace is
+            # left alone too (ingest already folded it), so generated text retokenises to its ids.
             normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             max_sentence_length=1 << 16,
             input_sentence_size=max_sentences,
