@@ -20,6 +20,8 @@ SPLITS = ("train", "eval", "test")
 # String features of a stored example (schemas/story_example.pbtxt describes the same record).
 TEXT_FEATURES = ("prompt", "story", "title", "lang", "source", "id")
 LIST_FEATURES = ("tags",)
+# Set by ingest, not read from sources: 0 for a window that its story continues after.
+ENDS_STORY = "ends_story"
 
 
 class UserError(Exception):
@@ -59,12 +61,14 @@ def to_example(record: dict) -> tf.train.Example:
     for key in LIST_FEATURES:
         values = [v.encode("utf-8") for v in record.get(key, [])]
         feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+    feature[ENDS_STORY] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(record.get(ENDS_STORY, 1))]))
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
 FEATURE_SPEC = {
     **{key: tf.io.FixedLenFeature([], tf.string, default_value="") for key in TEXT_FEATURES},
     **{key: tf.io.VarLenFeature(tf.string) for key in LIST_FEATURES},
+    ENDS_STORY: tf.io.FixedLenFeature([], tf.int64, default_value=1),
 }
 
 
@@ -91,4 +95,5 @@ def iterate_split(examples_dir: str, split: str):
     for features in read_split(examples_dir, split).as_numpy_iterator():
         record = {key: features[key].decode("utf-8") for key in TEXT_FEATURES}
         record["tags"] = [v.decode("utf-8") for v in features["tags"]]
+        record[ENDS_STORY] = int(features[ENDS_STORY])
         yield record

@@ -123,7 +123,8 @@ def _likelihood(model, tokenizer, examples_dir, *, batch_size, max_prompt_tokens
             prompt, story, lang = (records[k][row].numpy().decode("utf-8") for k in ("prompt", "story", "lang"))
             tags = [t.decode("utf-8") for t in records["tags"][row].numpy() if t]
             text = texts[row].numpy().decode("utf-8")
-            whole = len(text) == len(story)  # the story fit the window; its EOS was scored too
+            # The window fit the decoder whole; and if it ends its story, its EOS was scored too.
+            whole = len(text) == len(story) and int(records["ends_story"][row]) == 1
             ngram_nll = -ngram.log_prob(text, context=prompt, with_end=whole)
             stats = np.array([nll[row], unigram_nll[row], ngram_nll, mask[row].sum(), len(text), 0, 0, 0])
             accepted = corpus.accept(prompt, story, lang) if whole and lang in corpus.LANGS else None

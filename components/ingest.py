@@ -659,7 +659,8 @@ def _examples_of(raw: dict, location: Location, validator: RecordValidator, wind
     record_id = raw.get("id") or str(location)
     shared = {"title": normalize_text(raw.get("title") or ""), "lang": raw.get("lang") or detect_lang(story),
               "tags": raw.get("tags") or [], "source": raw.get("source") or location.source}
-    return story, [dict(shared, prompt=prompt, story=window, id=record_id if len(pairs) == 1 else f"{record_id}#w{k}")
+    return story, [dict(shared, prompt=prompt, story=window, id=record_id if len(pairs) == 1 else f"{record_id}#w{k}",
+                        ends_story=int(k == len(pairs) - 1))
                    for k, (prompt, window) in enumerate(pairs)]
 
 

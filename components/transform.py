@@ -7,7 +7,7 @@ short stories are not padded to the longest one in the corpus.
 
 import tensorflow as tf
 
-from components.common import BOS_ID, EOS_ID, read_split
+from components.common import BOS_ID, ENDS_STORY, EOS_ID, read_split
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_tokens: int) -> tf.RaggedTensor:
@@ -18,11 +18,13 @@ def encode_prompts(tokenizer, prompts, max_prompt_tokens: int) -> tf.RaggedTenso
     return tf.concat([bos, ids], axis=1)
 
 
-def encode_story(tokenizer, story, max_story_tokens: int):
-    """(decoder inputs, targets) of one story: targets are its ids then EOS, cut to
-    `max_story_tokens` (a story cut short has no EOS, so the model never learns to stop
-    mid-story); decoder inputs are the targets shifted right behind BOS."""
-    targets = tf.concat([tokenizer.tokenize(story), [EOS_ID]], axis=0)[:max_story_tokens]
+def encode_story(tokenizer, story, max_story_tokens: int, ends_story=True):
+    """(decoder inputs, targets) of one story window: targets are its ids, then EOS if the
+    window ends the story, cut to `max_story_tokens` (a story cut short has no EOS, so the
+    model never learns to stop mid-story); decoder inputs are the targets shifted right
+    behind BOS."""
+    eos = tf.repeat([EOS_ID], tf.cast(ends_story, tf.int32))
+    targets = tf.concat([tokenizer.tokenize(story), eos], axis=0)[:max_story_tokens]
     return tf.concat([[BOS_ID], targets[:-1]], axis=0), targets
 
 
@@ -38,7 +40,7 @@ def example_features(examples_dir: str, split: str, tokenizer, *, max_prompt_tok
         dataset = dataset.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
 
     def encode(example):
-        decoder_ids, targets = encode_story(tokenizer, example["story"], max_story_tokens)
+        decoder_ids, targets = encode_story(tokenizer, example["story"], max_story_tokens, example[ENDS_STORY] > 0)
         encoder_ids = encode_prompts(tokenizer, example["prompt"][None], max_prompt_tokens)[0]
         return {"encoder_ids": encoder_ids,
                 "decoder_ids": decoder_ids, "targets": targets, "lang": example["lang"]}

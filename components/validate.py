@@ -39,6 +39,8 @@ class RecordValidator:
             if key not in self.features:
                 return f"unknown field '{key}'"
         for name, feature in self.features.items():
+            if feature.type != schema_pb2.BYTES:
+                continue  # set by ingest itself, never read from a source
             value = record.get(name)
             values = value if isinstance(value, list) else ([] if value in (None, "") else [value])
             if feature.presence.min_fraction >= 1.0 and not values:

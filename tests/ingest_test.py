@@ -171,7 +171,7 @@ def test_examples_are_tf_examples(tmp_path):
     [path] = glob.glob(str(tmp_path / "out" / "train-*.tfrecord"))
     assert path.endswith("train-00000-of-00001.tfrecord")
     example = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(path))).numpy())
-    assert set(example.features.feature) == {"prompt", "story", "title", "lang", "tags", "source", "id"}
+    assert set(example.features.feature) == {"prompt", "story", "title", "lang", "tags", "source", "id", "ends_story"}
 
 
 # ---------------------------------------------------------------- sources
@@ -197,9 +197,9 @@ def test_jsonl_keys_are_configurable(tmp_path):
     stats, splits = run_ingest(tmp_path, source, eval_fraction=0.0, test_fraction=0.0, max_bad_fraction=0.5, **keys)
     assert by_id(splits["train"]) == [
         {"prompt": "Once upon a time,", "story": "A fox lived here. It was clever.", "title": "Fox", "lang": "en",
-         "tags": ["fable", "short"], "source": source, "id": f"{source}:1"},
+         "tags": ["fable", "short"], "source": source, "id": f"{source}:1", "ends_story": 1},
         {"prompt": "从前有座山。", "story": "山里有座庙。", "title": "", "lang": "zh", "tags": ["zh"], "source": source,
-         "id": f"{source}:2"},
+         "id": f"{source}:2", "ends_story": 1},
     ]
     assert read_quarantine(tmp_path) == [("missing required field 'story' (no 'body' key: see --text_key)", f"{source}:3")]
 
@@ -229,11 +229,11 @@ def test_csv_and_tsv(tmp_path):
     csv_path, tsv_path = f"{folder}/a.csv", f"{folder}/b.tsv"
     assert by_id(splits["train"]) == [
         {"prompt": 'Once upon a time, a fox said "hi".', "story": "It ran away. The end.", "title": "The Fox",
-         "lang": "en", "tags": ["fable", "fox"], "source": csv_path, "id": f"{csv_path}:2"},
+         "lang": "en", "tags": ["fable", "fox"], "source": csv_path, "id": f"{csv_path}:2", "ends_story": 1},
         {"prompt": "从前有座山。", "story": "山里有座庙。", "title": "山", "lang": "zh", "tags": [], "source": csv_path,
-         "id": f"{csv_path}:4"},
+         "id": f"{csv_path}:4", "ends_story": 1},
         {"prompt": "A hen found a seed.", "story": "She planted it.", "title": "", "lang": "en", "tags": [],
-         "source": tsv_path, "id": f"{tsv_path}:2"},
+         "source": tsv_path, "id": f"{tsv_path}:2", "ends_story": 1},
     ]
     assert read_quarantine(tmp_path) == [
         ("a row with 2 fields under a header of 4", f"{csv_path}:5"),
@@ -302,11 +302,11 @@ def test_tfrecord_examples(tmp_path):
     stats, splits = run_ingest(tmp_path, folder, eval_fraction=0.0, test_fraction=0.0, max_bad_fraction=0.6)
     assert by_id(splits["train"]) == [
         {"prompt": "Once upon a time there was a fox.", "story": "The fox was clever.", "title": "Fox", "lang": "en",
-         "tags": ["fable", "fox"], "source": plain, "id": f"{plain}#0"},
+         "tags": ["fable", "fox"], "source": plain, "id": f"{plain}#0", "ends_story": 1},
         {"prompt": "从前有座山。", "story": "山里有座庙。", "title": "", "lang": "zh", "tags": [], "source": plain,
-         "id": f"{plain}#4"},
+         "id": f"{plain}#4", "ends_story": 1},
         {"prompt": "A hen sat.", "story": "She slept.", "title": "", "lang": "en", "tags": [], "source": packed,
-         "id": f"{packed}#0"},
+         "id": f"{packed}#0", "ends_story": 1},
     ]
     assert read_quarantine(tmp_path) == [
         ("field 'story' must be a string, not int", f"{plain}#1"),
@@ -467,3 +467,12 @@ def test_character_coverage_counts_the_most_frequent_characters(tmp_path):
     # The most frequent: 。 (60 times), then 999 of the characters seen twice.
     assert stats["characters"]["top_1000_share"] == pytest.approx((60 + 999 * 2) / total)
     assert stats["characters"]["top_3000_share"] == 1.0
+
+
+def test_windows_know_whether_they_end_their_story(tmp_path):
+    story = "First one. " + " ".join(f"Sentence number {i} is here." for i in range(60))
+    source = write_jsonl(tmp_path / "long.jsonl", [{"story": story}])
+    _, splits = run_ingest(tmp_path, source, eval_fraction=0.0, test_fraction=0.0, window_bytes=300)
+    windows = sorted(splits["train"], key=lambda r: int(r["id"].rsplit("#w", 1)[1]))
+    assert len(windows) > 3
+    assert [w["ends_story"] for w in windows] == [0] * (len(windows) - 1) + [1]

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, TINY_FLAGS, run_cli
+
+ANDERSEN = os.path.join(REPO, "..", "shared", "corpora", "andersen_en.jsonl")
 
 STEPS = ("ingest", "tokenizer", "trainer", "evaluator", "exporter", "pusher")
 
@@ -176,3 +178,19 @@ def test_generate_without_a_model_is_one_sentence(tmp_path):
     result = run_cli("pipeline.generate", f"--model_dir={tmp_path}", timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: No SavedModel or integer version folder in")
+
+
+def test_andersen_tales_ingest_cleanly_and_train(tmp_path):
+    """156 real fairy tales through the tiny configuration (one epoch, to keep CI short)."""
+    if not os.path.exists(ANDERSEN):
+        pytest.skip("../shared/corpora/andersen_en.jsonl is not beside this checkout")
+    result = run_cli("pipeline.run", f"--flagfile={TINY_FLAGS}", f"--data={ANDERSEN}", "--epochs=1",
+                     f"--pipeline_root={tmp_path / 'runs'}", "--run_id=andersen", f"--serving_model_dir={tmp_path / 'saved'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "runs" / "andersen" / "ingest" / "manifest.json") as f:
+        ingested = json.load(f)["metrics"]
+    assert ingested["stories"] == 156 and ingested["quarantined"] == 0
+    assert sum(ingested["examples"].values()) > 1000  # long tales become many windows
+    with open(tmp_path / "runs" / "andersen" / "evaluator" / "metrics.json") as f:
+        test = json.load(f)["test"]
+    assert test["perplexity"] < test["unigram_perplexity"]

@@ -56,3 +56,12 @@ def test_eval_batches_are_stable(small_examples, spm_proto):
                                               max_story_tokens=40, shuffle=False)
     first = [t.numpy().tolist() for _, t in make()]
     assert first == [t.numpy().tolist() for _, t in make()]
+
+
+def test_only_the_last_window_of_a_story_ends_with_eos(spm_proto):
+    tok = make_tokenizer(spm_proto)
+    ids = tok.tokenize("从前有座山。").numpy().tolist()
+    _, ending = transform.encode_story(tok, tf.constant("从前有座山。"), 100, ends_story=tf.constant(True))
+    _, continued = transform.encode_story(tok, tf.constant("从前有座山。"), 100, ends_story=tf.constant(False))
+    assert ending.numpy().tolist() == ids + [EOS_ID]
+    assert continued.numpy().tolist() == ids

@@ -10,7 +10,7 @@ def validator():
 
 def test_schema_lists_the_example_record():
     schema = load_schema()
-    assert [f.name for f in schema.feature] == ["story", "prompt", "title", "lang", "tags", "source", "id"]
+    assert [f.name for f in schema.feature] == ["story", "prompt", "title", "lang", "tags", "source", "id", "ends_story"]
     story = schema.feature[0]
     assert story.presence.min_fraction == 1.0
 
