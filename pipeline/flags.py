@@ -108,14 +108,3 @@ def define_generate_flags():
                        lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same story.")
 
-
-def quiet_logging_unless_asked():
-    """TensorFlow logs at INFO through absl; a run shows warnings and its own progress lines
-    unless --verbosity asks for more. Call after flags are parsed."""
-    import logging as python_logging
-
-    from absl import logging
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-        python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)

@@ -7,12 +7,13 @@ tensorflow and tensorflow_text (for its SentencePiece ops), not storygen.
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags
+from absl import flags
 
+from components.common import UserError
+from pipeline import cli
 from pipeline import flags as storygen_flags
 
 storygen_flags.define_generate_flags()
@@ -25,7 +26,7 @@ def resolve_saved_model(model_dir: str) -> str:
         return model_dir
     versions = sorted(int(v) for v in os.listdir(model_dir) if v.isdigit()) if os.path.isdir(model_dir) else []
     if not versions:
-        raise FileNotFoundError(f"No SavedModel or integer version folder in '{model_dir}': run the pipeline first "
+        raise UserError(f"No SavedModel or integer version folder in '{model_dir}': run the pipeline first "
                                 "or point --model_dir at saved_models/<model_name>.")
     return os.path.join(model_dir, str(versions[-1]))
 
@@ -44,19 +45,12 @@ def generate(saved_model_path: str, prompts, *, max_new_tokens, temperature, top
     return [story.decode("utf-8", errors="replace") for story in out["story"].numpy()]
 
 
-def main(argv=None):
-    app.run(_main, argv=argv)
+def main():
+    cli.run(_main)
 
 
-def _main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (use --prompt=TEXT).")
-    storygen_flags.quiet_logging_unless_asked()
-    try:
-        path = resolve_saved_model(FLAGS.model_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+def _main():
+    path = resolve_saved_model(FLAGS.model_dir)
     stories = generate(path, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                        top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
     for prompt, story in zip(FLAGS.prompt, stories):

@@ -12,9 +12,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the log
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from components.common import UserError
+from pipeline import cli
 from pipeline import flags as storygen_flags
 from pipeline.artifacts import PipelineRun
 
@@ -147,19 +147,8 @@ def _values(f, *names) -> dict:
     return {name: f[name].value for name in names}
 
 
-def main(argv=None):
-    app.run(_main, argv=argv)
-
-
-def _main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
-    storygen_flags.quiet_logging_unless_asked()
-    try:
-        run_pipeline(FLAGS)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+def main():
+    cli.run(lambda: run_pipeline(FLAGS))
 
 
 if __name__ == "__main__":

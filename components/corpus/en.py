@@ -140,7 +140,7 @@ def story(d):
     hard, solution = d.choose("obstacle", options(*[(ob[0], ob[1:]) for ob in OBSTACLES]))
     d.say(". " + hard.format(s=s, o=poss) + " Just then, ")
     x = d.choose("helper", options(*HELPERS))
-    d.say(f" appeared. “")
+    d.say(" appeared. “")
     deed = d.choose("request", options(*REQUESTS))
     d.say(f"” said {x}. " + deed.format(n=n, x=x, s=s) + f" {x[0].upper() + x[1:]} was delighted and gave {n} ")
     use = d.choose("object", options(*OBJECTS))
