@@ -15,8 +15,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      inference_pb2, model_management_pb2, regression_pb2)
 
-from serving_fixtures import (AVAILABLE, REPO, ServerProcess, expected_generation, expected_story, predict_request,
-                              save_version, stories)
+from serving_fixtures import (AVAILABLE, REPO, expected_generation, expected_story, predict_request,
+                              serve_stub_versions, stories)
 
 ZH, EN = "从前有座山", "Once upon a time"
 CODE = grpc.StatusCode
@@ -26,19 +26,11 @@ GENERATE = dict(max_new_tokens=4, temperature=0.5, top_k=40, top_p=0.9, seed=7)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Versions 1 and 2 of the stub model, both served; labels stable -> 1, canary -> 2, gone -> 9."""
-    root = tmp_path_factory.mktemp("serving_api")
-    base = root / "storygen"
-    base.mkdir()
-    save_version(str(base), 1)
-    save_version(str(base), 2)
-    process = ServerProcess(str(base), root / "server.log", "--model_version_policy=all",
-                            "--version_labels=stable:1,canary:2,gone:9", "--max_prompt_bytes=1024",
-                            "--max_request_batch_size=8", "--max_new_tokens_limit=2000",
-                            "--max_request_bytes=65536", "--file_system_poll_wait_seconds=0")
-    try:
-        yield process.wait_ready(2)
-    finally:
-        process.stop()
+    with serve_stub_versions(tmp_path_factory.mktemp("serving_api"), [1, 2], "--model_version_policy=all",
+                             "--version_labels=stable:1,canary:2,gone:9", "--max_prompt_bytes=1024",
+                             "--max_request_batch_size=8", "--max_new_tokens_limit=2000",
+                             "--max_request_bytes=65536", "--file_system_poll_wait_seconds=0") as process:
+        yield process
 
 
 def assert_still_serving(server):

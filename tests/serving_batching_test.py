@@ -13,7 +13,7 @@ import pytest
 
 from serving.batching import Batcher
 from serving.errors import ServingError, invalid_argument
-from serving_fixtures import ServerProcess, expected_generation, predict_request, save_version, stories
+from serving_fixtures import expected_generation, predict_request, serve_stub_versions, stories
 
 CODE = grpc.StatusCode
 BATCH = frozenset({"x"})
@@ -156,17 +156,10 @@ def test_stop_runs_the_waiting_batches_first():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Batching on with small limits: 4 rows per batch, 2 waiting batches, one batch at a time."""
-    root = tmp_path_factory.mktemp("serving_batching")
-    base = root / "storygen"
-    base.mkdir()
-    save_version(str(base), 1)
-    process = ServerProcess(str(base), root / "server.log", "--enable_batching", "--max_batch_size=4",
-                            "--batch_timeout_micros=100000", "--max_enqueued_batches=2", "--num_batch_threads=1",
-                            "--max_new_tokens_limit=2000")
-    try:
-        yield process.wait_ready(1)
-    finally:
-        process.stop()
+    with serve_stub_versions(tmp_path_factory.mktemp("serving_batching"), [1], "--enable_batching",
+                             "--max_batch_size=4", "--batch_timeout_micros=100000", "--max_enqueued_batches=2",
+                             "--num_batch_threads=1", "--max_new_tokens_limit=2000") as process:
+        yield process
 
 
 def generate(server, prompt, seed, max_new_tokens, rest=False, timeout=30):

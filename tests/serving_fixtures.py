@@ -8,15 +8,19 @@
 - `save_version` / `stage_version` + `publish_version`: write a version atomically as the
   pusher does (`<base>/.tmp-N`, then rename to `<base>/N`).
 - `ServerProcess`: `python -m serving.server` on free loopback ports, with gRPC stubs and a
-  small REST helper; always `stop()` it.
+  small REST helper; always `stop()` it. `serve_stub_versions` starts one over fresh stub
+  versions and stops it afterwards.
+- `clients_running`: client threads that send requests until the block ends.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -231,3 +235,39 @@ def predict_request(prompts, signature: str = "", *, model: str = MODEL_NAME, ve
 
 def stories(response) -> list[str]:
     return [s.decode("utf-8") for s in tf.make_ndarray(response.outputs["story"]).tolist()]
+
+
+@contextlib.contextmanager
+def serve_stub_versions(root, versions, *flags: str):
+    """A server over `root/storygen` holding stub `versions`, ready with the newest one."""
+    base = root / MODEL_NAME
+    base.mkdir()
+    for version in versions:
+        save_version(str(base), version)
+    process = ServerProcess(str(base), root / "server.log", *flags)
+    try:
+        yield process.wait_ready(max(versions))
+    finally:
+        process.stop()
+
+
+def rest_story(server: ServerProcess, prompt: str) -> str:
+    """The story of one REST row request, or 'HTTP <status>: <body>' when it failed."""
+    status, body = server.rest(f"/v1/models/{MODEL_NAME}:predict", {"instances": [prompt]})
+    return body["predictions"][0]["story"] if status == 200 else f"HTTP {status}: {body}"
+
+
+@contextlib.contextmanager
+def clients_running(count: int, client):
+    """Runs `client(i, stop)` in `count` threads for the duration of the block; each loops
+    until the `stop` event is set, which happens when the block ends."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=client, args=(i, stop)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()

@@ -8,7 +8,8 @@ import time
 import grpc
 import pytest
 
-from serving_fixtures import ServerProcess, expected_generation, expected_story, save_version, stories
+from serving_fixtures import (ServerProcess, clients_running, expected_generation, expected_story, rest_story,
+                              save_version, stories)
 
 SOAK_S = 20
 WARM_UP_S = 4
@@ -30,11 +31,10 @@ def test_soak_with_16_clients_has_no_errors_and_bounded_memory(tmp_path, base):
     server = ServerProcess(base, tmp_path / "server.log", "--enable_batching", "--summary_interval_seconds=5")
     try:
         server.wait_ready(1)
-        stop = threading.Event()
         counts = [0] * 16
         failures = []
 
-        def client(i):
+        def client(i, stop):
             n = 0
             while not stop.is_set():
                 n += 1
@@ -45,8 +45,7 @@ def test_soak_with_16_clients_has_no_errors_and_bounded_memory(tmp_path, base):
                                                        **GENERATE))[0]
                         expected = expected_generation(prompt, 1, 5, 40, 3)
                     elif i % 4 == 3:
-                        status, body = server.rest("/v1/models/storygen:predict", {"instances": [prompt]})
-                        story = body["predictions"][0]["story"] if status == 200 else f"HTTP {status}: {body}"
+                        story = rest_story(server, prompt)
                         expected = expected_story(prompt, 1)
                     else:
                         story, expected = stories(server.predict([prompt], timeout=10))[0], expected_story(prompt, 1)
@@ -57,16 +56,11 @@ def test_soak_with_16_clients_has_no_errors_and_bounded_memory(tmp_path, base):
                 else:
                     failures.append(story)
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
-        for thread in threads:
-            thread.start()
-        time.sleep(WARM_UP_S)
-        rss_after_warm_up = server.rss_bytes()
-        time.sleep(SOAK_S - WARM_UP_S)
-        rss_at_end = server.rss_bytes()
-        stop.set()
-        for thread in threads:
-            thread.join()
+        with clients_running(16, client):
+            time.sleep(WARM_UP_S)
+            rss_after_warm_up = server.rss_bytes()
+            time.sleep(SOAK_S - WARM_UP_S)
+            rss_at_end = server.rss_bytes()
     finally:
         server.stop()
 

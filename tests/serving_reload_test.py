@@ -4,7 +4,6 @@ request fails and the new version answers within two poll intervals."""
 
 import os
 import shutil
-import threading
 import time
 
 import grpc
@@ -13,8 +12,8 @@ from tensorflow_serving.apis import get_model_status_pb2
 
 from serving.errors import ServingError
 from serving.model_manager import ModelManager, VersionPolicy
-from serving_fixtures import (AVAILABLE, ServerProcess, expected_story, publish_version, stage_broken_version,
-                              stage_version, stories)
+from serving_fixtures import (AVAILABLE, ServerProcess, clients_running, expected_story, publish_version,
+                              rest_story, stage_broken_version, stage_version, stories)
 
 END = get_model_status_pb2.ModelVersionStatus.END
 POLL_S = 1.0
@@ -125,17 +124,15 @@ def test_hot_reload_under_load_drops_no_request(tmp_path, saved):
     server = ServerProcess(path, tmp_path / "server.log", f"--file_system_poll_wait_seconds={POLL_S}")
     try:
         server.wait_ready(1)
-        stop = threading.Event()
         answers = [[] for _ in range(8)]  # per client: (time, version)
         failures = []
 
-        def client(i):
+        def client(i, stop):
             prompt = f"线程 {i}" if i % 2 else f"thread {i}"
             while not stop.is_set():
                 try:
                     if i % 4 == 3:
-                        status, body = server.rest("/v1/models/storygen:predict", {"instances": [prompt]})
-                        story = body["predictions"][0]["story"] if status == 200 else f"HTTP {status}: {body}"
+                        story = rest_story(server, prompt)
                     else:
                         story = stories(server.predict([prompt], timeout=10))[0]
                 except grpc.RpcError as e:
@@ -146,22 +143,17 @@ def test_hot_reload_under_load_drops_no_request(tmp_path, saved):
                 else:
                     answers[i].append((time.monotonic(), version))
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        staged = os.path.join(path, ".tmp-2")
-        shutil.copytree(saved[2], staged)  # the staging directory must be ignored while it is written
-        time.sleep(1.5)
-        pushed = time.monotonic()
-        publish_version(staged, 2)
-        deadline = pushed + 3 * POLL_S
-        while time.monotonic() < deadline and not all(a and a[-1][1] == 2 for a in answers):
-            time.sleep(0.05)
-        publish_version(stage_broken_version(path, 3), 3)  # must be skipped while 2 keeps serving
-        time.sleep(2.5 * POLL_S)
-        stop.set()
-        for thread in threads:
-            thread.join()
+        with clients_running(8, client):
+            staged = os.path.join(path, ".tmp-2")
+            shutil.copytree(saved[2], staged)  # the staging directory must be ignored while it is written
+            time.sleep(1.5)
+            pushed = time.monotonic()
+            publish_version(staged, 2)
+            deadline = pushed + 3 * POLL_S
+            while time.monotonic() < deadline and not all(a and a[-1][1] == 2 for a in answers):
+                time.sleep(0.05)
+            publish_version(stage_broken_version(path, 3), 3)  # must be skipped while 2 keeps serving
+            time.sleep(2.5 * POLL_S)
     finally:
         server.stop()
 
