@@ -125,11 +125,13 @@ def _serve(argv):
                  "on" if batcher else "off")
     stopping.wait()
 
-    logging.info("%s received: draining %d in-flight requests (at most %.0f s).", received[0], stats.in_flight(),
-                 FLAGS.drain_timeout_seconds)
+    in_flight = stats.in_flight()
     grpc_stopped = grpc_server.stop(grace=FLAGS.drain_timeout_seconds)  # refuses new RPCs at once
     if rest_server:
         rest_server.shutdown()
+    # Logged once new requests are refused, so whoever reads it knows the server is draining.
+    logging.info("%s received: draining %d in-flight requests (at most %.0f s).", received[0], in_flight,
+                 FLAGS.drain_timeout_seconds)
     drained = stats.wait_idle(FLAGS.drain_timeout_seconds)
     grpc_stopped.wait()
     if batcher:

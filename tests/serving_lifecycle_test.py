@@ -72,19 +72,23 @@ def test_soak_with_16_clients_has_no_errors_and_bounded_memory(tmp_path, base):
     assert len(summaries) >= 3 and all("(no errors)" in line for line in summaries), summaries
 
 
+# Long enough that a busy 2-core machine starts draining while both requests are still running.
+SLOW_MS = 3000
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, base):
-    server = ServerProcess(base, tmp_path / "server.log", "--max_new_tokens_limit=2000")
+    server = ServerProcess(base, tmp_path / "server.log", "--max_new_tokens_limit=4000")
     try:
         server.wait_ready(1)
         results = {}
 
         def slow_grpc():
-            results["grpc"] = stories(server.predict(["慢"], "generate", timeout=30, max_new_tokens=1000,
+            results["grpc"] = stories(server.predict(["慢"], "generate", timeout=30, max_new_tokens=SLOW_MS,
                                                      **GENERATE))[0]
 
         def slow_rest():
             results["rest"] = server.rest("/v1/models/storygen:predict", {
-                "signature_name": "generate", "inputs": {"prompt": ["slow"], "max_new_tokens": 1000, **GENERATE}})
+                "signature_name": "generate", "inputs": {"prompt": ["slow"], "max_new_tokens": SLOW_MS, **GENERATE}})
 
         threads = [threading.Thread(target=slow_grpc), threading.Thread(target=slow_rest)]
         for thread in threads:
@@ -93,7 +97,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, base):
         while server.metric("storygen_requests_in_flight") < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # The server logs this once it refuses new requests; on a busy machine that takes a moment.
+        deadline = time.monotonic() + 10
+        while "SIGTERM received: draining" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as refused:  # new requests are refused while draining
             server.predict(["new"], timeout=5)
         with pytest.raises(OSError):  # refused, or reset if it reached the closing listener
@@ -105,9 +112,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, base):
         server.stop()
 
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert results["grpc"] == expected_generation("慢", 1, 1000, 40, 3)
+    assert results["grpc"] == expected_generation("慢", 1, SLOW_MS, 40, 3)
     status, body = results["rest"]
-    assert (status, body["outputs"]["story"]) == (200, [expected_generation("slow", 1, 1000, 40, 3)])
+    assert (status, body["outputs"]["story"]) == (200, [expected_generation("slow", 1, SLOW_MS, 40, 3)])
     assert exit_code == 0
     log = server.log()
     assert "SIGTERM received: draining 2 in-flight requests" in log and "All requests answered" in log
