@@ -1,10 +1,20 @@
-"""Trains the story model with Keras `fit` under a tf.distribute strategy.
+"""Trains the story model with a custom loop under any tf.distribute strategy.
 
-AdamW with a linear warm-up then cosine decay, gradient clipping, a checkpoint per epoch,
-BackupAndRestore so that a rerun of the same command resumes an interrupted run at its
-last finished epoch, and TensorBoard logs: losses and perplexities, learning rate, tokens
-per second and gradient norm, the run's hyperparameters (HParams dashboard), sample stories
-from fixed Chinese and English prompts every epoch, and a profiler trace on request.
+Why not Keras `fit`: under MultiWorkerMirroredStrategy it fails in Keras 3 (keras-team/keras#20585),
+and its BackupAndRestore resumes only at epoch boundaries. This loop is the same for every
+strategy, from one CPU to several hosts:
+
+- the loss is the mean over the *global* batch's non-padding target tokens: each replica
+  divides its token-loss sum by the all-reduced token count, so the summed gradients equal
+  one process training on the whole batch;
+- gradients are clipped by their global norm after summing across replicas;
+- an epoch is `steps_per_epoch` batches of an endless, deterministically shuffled stream, so
+  the optimizer's step count alone says where training is; a checkpoint (model, optimizer and
+  its step) every `checkpoint_every_steps` steps lets a killed run resume mid-epoch: the stream
+  is skipped to that step and no batch is trained twice or skipped;
+- TensorBoard gets per-step loss, learning rate and gradient norm, per-epoch losses,
+  perplexities, tokens per second, sample stories from fixed prompts, the run's
+  hyperparameters, and a profiler trace on request. Only the chief writes logs.
 """
 
 import json
@@ -14,7 +24,7 @@ import time
 
 import keras
 import tensorflow as tf
-
+from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
 from components.common import PAD_ID, UserError
@@ -22,14 +32,17 @@ from components.exporter import StoryGenerator
 from components.model import StoryTransformer
 
 MODEL_FILE = "model.keras"
-STRATEGIES = ("default", "one_device", "mirrored")
+HISTORY_FILE = "history.json"
+CHECKPOINT_DIR = "checkpoints"
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+SCHEDULES = ("cosine", "inverse_sqrt")
 SAMPLE_PROMPTS = ("从前有座山，山里有座庙，庙里住着一个小和尚，名叫阿福。",
                   "Once upon a time, in a faraway kingdom, there lived a poor tailor named Hans.")
 SAMPLE_TOKENS = 96
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    """The tf.distribute strategy named by --distribution_strategy."""
+def make_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
+    """The tf.distribute strategy named by --distribution_strategy (multi-worker reads TF_CONFIG)."""
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "one_device":
@@ -37,66 +50,372 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.OneDeviceStrategy(device)
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
+    if name == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, tf.errors.OpError) as e:
+            raise UserError(f"No TPU found (--tpu='{tpu}'): {e}") from e
+        return tf.distribute.TPUStrategy(resolver)
     raise UserError(f"Unknown --distribution_strategy '{name}': use one of {', '.join(STRATEGIES)}.")
 
 
-def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int):
-    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 10% of peak."""
+def is_chief(strategy_name: str) -> bool:
+    """Whether this process writes logs and drives the rest of the pipeline: always, except
+    under multi_worker_mirrored, where only TF_CONFIG's chief (or worker 0 when the cluster
+    has no chief) does."""
+    if strategy_name != "multi_worker_mirrored":
+        return True
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task", {})
+    if "chief" in config.get("cluster", {}):
+        return task.get("type") == "chief"
+    return task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0
+
+
+@keras.saving.register_keras_serializable(package="storygen")
+class InverseSquareRootDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak`, then decay as 1/sqrt(step) (the original Transformer schedule).
+
+    >>> schedule = InverseSquareRootDecay(1e-3, warmup_steps=100)
+    >>> [round(float(schedule(s)), 6) for s in (50, 100, 400)]
+    [0.0005, 0.001, 0.0005]
+    """
+
+    def __init__(self, peak: float, warmup_steps: int):
+        self.peak = peak
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = tf.cast(max(self.warmup_steps, 1), tf.float32)
+        return self.peak * tf.minimum(step / warmup, tf.math.rsqrt(tf.maximum(step, warmup) / warmup))
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps}
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, kind: str = "cosine"):
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 10% of peak at
+    `total_steps`, or inverse-square-root decay."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 1))
+    if kind == "inverse_sqrt":
+        return InverseSquareRootDecay(peak, warmup_steps)
+    if kind != "cosine":
+        raise UserError(f"Unknown --lr_schedule '{kind}': use one of {', '.join(SCHEDULES)}.")
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0, warmup_target=peak, warmup_steps=warmup_steps,
         decay_steps=max(total_steps - warmup_steps, 1), alpha=0.1)
 
 
-def masked_loss():
-    """Token cross-entropy that ignores padding, averaged over real target tokens."""
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID)
+def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
+                   schedule: str = "cosine") -> keras.optimizers.AdamW:
+    """AdamW on the schedule; biases, norms and embeddings are not decayed (the usual practice).
+    Gradient clipping is the training loop's job: Keras would clip each replica's part."""
+    optimizer = keras.optimizers.AdamW(learning_rate_schedule(learning_rate, warmup_steps, total_steps, schedule),
+                                       weight_decay=weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "embeddings"])
+    return optimizer
 
 
-class EpochStats(keras.callbacks.Callback):
-    """Adds to each epoch's logs: perplexities, tokens per second (non-padding target tokens),
-    the learning rate, and the global gradient norm on a fixed training batch."""
+def build_model(model_config: dict) -> StoryTransformer:
+    """A StoryTransformer with its variables created (checkpoints restore into them)."""
+    model = StoryTransformer(**model_config)
+    model((tf.zeros([1, 1], tf.int32), tf.zeros([1, 1], tf.int32)))
+    return model
 
-    def __init__(self, tokens_per_epoch: int, probe_batch):
-        super().__init__()
-        self.tokens_per_epoch = tokens_per_epoch
-        self.probe_batch = probe_batch
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.time()
+def token_loss_sum(targets, logits, label_smoothing: float = 0.0):
+    """Summed cross-entropy over the non-padding targets, and their count (float32).
 
-    def on_epoch_end(self, epoch, logs=None):
-        logs["tokens_per_second"] = self.tokens_per_epoch / max(time.time() - self._start, 1e-9)
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        for key in ("loss", "val_loss"):
-            if key in logs:
-                logs[key.replace("loss", "perplexity")] = math.exp(min(float(logs[key]), 50.0))
-        inputs, targets = self.probe_batch
+    With label smoothing the target distribution puts `label_smoothing` evenly on the whole
+    vocabulary and the rest on the true token.
+    """
+    logits = tf.cast(logits, tf.float32)
+    mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
+    log_probs = tf.nn.log_softmax(logits)
+    nll = -tf.gather(log_probs, targets, batch_dims=2)
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
+    return tf.reduce_sum(nll * mask), tf.reduce_sum(mask)
+
+
+def bf16_supported() -> bool:
+    """Whether mixed bfloat16 pays off: a GPU/TPU, or a CPU with native bf16 instructions."""
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Trainer:
+    """One training run: the strategy, model, optimizer, compiled steps and checkpoints.
+
+    Example (see `train` for the pipeline's use):
+    >>> trainer = Trainer(model_config, learning_rate=1e-3,
+    ...                   warmup_steps=10, total_steps=100)                          # doctest: +SKIP
+    >>> history = trainer.fit(train_batches, eval_batches, steps_per_epoch=50, epochs=2)  # doctest: +SKIP
+    """
+
+    def __init__(self, model_config: dict, *, strategy: tf.distribute.Strategy | None = None, chief: bool = True,
+                 learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.01,
+                 lr_schedule: str = "cosine", label_smoothing: float = 0.0, clip_norm: float = 1.0,
+                 mixed_precision: bool = False, jit_compile: bool = False, model: StoryTransformer | None = None):
+        """strategy: made by `make_strategy` (multi-worker: at program start, before other
+        TensorFlow work); chief: whether this process writes logs (see `is_chief`);
+        model: an already built model to go on training (KerasTuner's Hyperband hands a trial
+        its parent's weights); by default a new one is built from `model_config`."""
+        self.model_config = model_config
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.chief = chief
+        self.label_smoothing = label_smoothing
+        self.clip_norm = clip_norm
+        self.mixed_precision = mixed_precision and bf16_supported()
+        if mixed_precision and not self.mixed_precision:
+            logging.warning("--mixed_precision: no bf16 support on this machine; training in float32.")
+        policy = keras.config.dtype_policy()
+        try:
+            keras.config.set_dtype_policy("mixed_bfloat16" if self.mixed_precision else "float32")
+            with self.strategy.scope():
+                self.model = model or build_model(model_config)
+                self.optimizer = make_optimizer(learning_rate, warmup_steps, total_steps, weight_decay, lr_schedule)
+                self.optimizer.build(self.model.trainable_variables)
+        finally:
+            keras.config.set_dtype_policy(policy)
+        # What gets saved and writes the sample stories: a float32 copy (bf16 is for training speed).
+        self.float32_model = build_model(model_config)
+        # The epoch's running sums (loss, tokens, gradient norms, steps), so that a run resumed
+        # mid-epoch reports the same epoch metrics as an uninterrupted one.
+        self.epoch_sums = tf.Variable(tf.zeros([4], tf.float64), trainable=False)
+        self.checkpoint = tf.train.Checkpoint(model=list(self.model.variables), optimizer=list(self.optimizer.variables),
+                                              epoch_sums=self.epoch_sums)
+        # XLA compiles each replica's step; the input iterator stays outside it.
+        self._replica_step = tf.function(self._replica_train_step, jit_compile=True) if jit_compile \
+            else self._replica_train_step
+        self._train_step = tf.function(self._distributed_train_step)
+        self._eval_step = tf.function(self._distributed_eval_step)
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    # ------------------------------------------------------------------ compiled steps
+
+    def _distributed_train_step(self, iterator):
+        """One optimizer step on the next global batch: (loss sum, token count, gradient norm)."""
+        loss_sum, tokens, norm = self.strategy.run(self._replica_step, (next(iterator),))
+        reduce = self.strategy.reduce
+        return (reduce(tf.distribute.ReduceOp.SUM, loss_sum, None), reduce(tf.distribute.ReduceOp.SUM, tokens, None),
+                reduce(tf.distribute.ReduceOp.MEAN, norm, None))
+
+    def _replica_train_step(self, batch):
+        (encoder_ids, decoder_ids), targets = batch
+        context = tf.distribute.get_replica_context()
+        variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            loss = masked_loss()(targets, self.model(inputs, training=False))
-        logs["gradient_norm"] = float(tf.linalg.global_norm(tape.gradient(loss, self.model.trainable_variables)))
+            logits = self.model((encoder_ids, decoder_ids), training=True)
+            loss_sum, tokens = token_loss_sum(targets, logits, self.label_smoothing)
+            global_tokens = context.all_reduce(tf.distribute.ReduceOp.SUM, tokens)
+            loss = loss_sum / tf.maximum(global_tokens, 1.0)
+        gradients = tape.gradient(loss, variables)
+        # The optimizer sums the replicas' gradients; their global norm needs that sum first.
+        summed = gradients if context.num_replicas_in_sync == 1 else context.all_reduce(
+            tf.distribute.ReduceOp.SUM, gradients)
+        norm = tf.linalg.global_norm(summed)
+        if self.clip_norm:
+            gradients, _ = tf.clip_by_global_norm(gradients, self.clip_norm, use_norm=norm)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return loss_sum, tokens, norm
+
+    def _distributed_eval_step(self, batch):
+        def replica_step(batch):
+            (encoder_ids, decoder_ids), targets = batch
+            return token_loss_sum(targets, self.model((encoder_ids, decoder_ids), training=False))
+
+        loss_sum, tokens = self.strategy.run(replica_step, (batch,))
+        return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, None),
+                self.strategy.reduce(tf.distribute.ReduceOp.SUM, tokens, None))
+
+    # ------------------------------------------------------------------ the loop
+
+    def evaluate(self, eval_data: tf.data.Dataset) -> float:
+        """Mean cross-entropy per non-padding target token over the whole dataset."""
+        loss_sum = tokens = 0.0
+        for batch in self.strategy.experimental_distribute_dataset(_shard_by_data(eval_data)):
+            batch_loss, batch_tokens = self._eval_step(batch)
+            loss_sum, tokens = loss_sum + float(batch_loss), tokens + float(batch_tokens)
+        return loss_sum / max(tokens, 1.0)
+
+    def fit(self, train_data: tf.data.Dataset, eval_data: tf.data.Dataset, *, steps_per_epoch: int,
+            epochs: int, total_steps: int | None = None, output_dir: str | None = None,
+            checkpoint_every_steps: int = 100, early_stopping_patience: int = 0, time_budget: float | None = None,
+            tokenizer=None, callbacks=(), profile_steps=None) -> dict:
+        """Trains to `total_steps` (default: epochs x steps_per_epoch), evaluating at each epoch's end.
+
+        train_data: one pass of ((encoder_ids, decoder_ids), targets) batches, shuffled
+        deterministically (the same seed gives the same stream, so a resumed run can skip to
+        its step). Returns the history: per-epoch lists of loss, val_loss, perplexity,
+        val_perplexity, tokens_per_second, learning_rate and gradient_norm, and how it ended.
+        Keras `callbacks` get on_train_begin/on_epoch_begin/on_epoch_end/on_train_end (KerasTuner
+        trials use them); one setting `model.stop_training` ends training after that epoch.
+
+        With `output_dir`, checkpoints go to its checkpoints/ folder and a rerun resumes from
+        the newest one; history.json is rewritten each epoch; the chief logs to its logs/ folder.
+        """
+        total_steps = total_steps or epochs * steps_per_epoch
+        history, manager, logdir = {}, None, None
+        if output_dir:
+            logdir = os.path.join(output_dir, "logs")
+            history_path = os.path.join(output_dir, HISTORY_FILE)
+            if os.path.exists(history_path):
+                with open(history_path, encoding="utf-8") as f:
+                    history = {key: values for key, values in json.load(f).items() if isinstance(values, list)}
+            manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(output_dir, CHECKPOINT_DIR),
+                                                 max_to_keep=2)
+            if manager.latest_checkpoint:
+                self.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+                epoch, batch = divmod(self.step, steps_per_epoch)
+                print(f"[trainer] resumed from {manager.latest_checkpoint} at step {self.step} "
+                      f"(epoch {epoch + 1}, batch {batch} of {steps_per_epoch})", flush=True)
+        # History of epochs that the restored state has finished (a crash may have cut the last).
+        done_epochs = self.step // steps_per_epoch
+        history = {key: values[:done_epochs] for key, values in history.items()}
+        writers = _Writers(logdir if self.chief else None, tokenizer, self.float32_model)
+        callbacks = keras.callbacks.CallbackList(list(callbacks), model=self.model)
+        self.model.stop_training = False
+        callbacks.on_train_begin()
+        stream = train_data.repeat().skip(self.step)
+        iterator = iter(self.strategy.experimental_distribute_dataset(_shard_by_data(stream)))
+        start_time, stopped = time.time(), "completed"
+        while self.step < total_steps:
+            epoch = self.step // steps_per_epoch
+            epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+            callbacks.on_epoch_begin(epoch)
+            if self.step == epoch * steps_per_epoch:
+                self.epoch_sums.assign(tf.zeros([4], tf.float64))
+            loss_sum, tokens, norm_sum, steps = self.epoch_sums.numpy().tolist()
+            epoch_start, epoch_tokens = time.time(), 0.0
+            while self.step < epoch_end:
+                step = self.step
+                if profile_steps and step == profile_steps[0] and writers.train_dir:
+                    tf.profiler.experimental.start(writers.train_dir)
+                batch_loss, batch_tokens, norm = self._train_step(iterator)
+                if profile_steps and step == profile_steps[1] and writers.train_dir:
+                    tf.profiler.experimental.stop()
+                batch_loss, batch_tokens, norm = float(batch_loss), float(batch_tokens), float(norm)
+                loss_sum, tokens, norm_sum, steps = loss_sum + batch_loss, tokens + batch_tokens, norm_sum + norm, steps + 1
+                epoch_tokens += batch_tokens
+                self.epoch_sums.assign([loss_sum, tokens, norm_sum, steps])
+                writers.step_scalars(step + 1, loss=batch_loss / max(batch_tokens, 1.0),
+                                     learning_rate=self._learning_rate(), gradient_norm=norm)
+                if manager and (step + 1) % checkpoint_every_steps == 0:
+                    manager.save(checkpoint_number=step + 1)
+                    print(f"[trainer] checkpoint at step {step + 1}", flush=True)
+                if time_budget and time.time() - start_time > time_budget:
+                    stopped = "time_budget"
+                    break
+            seconds = time.time() - epoch_start
+            logs = {"loss": loss_sum / max(tokens, 1.0), "val_loss": self.evaluate(eval_data),
+                    "tokens_per_second": epoch_tokens / max(seconds, 1e-9), "learning_rate": self._learning_rate(),
+                    "gradient_norm": norm_sum / max(steps, 1)}
+            logs["perplexity"] = math.exp(min(logs["loss"], 50.0))
+            logs["val_perplexity"] = math.exp(min(logs["val_loss"], 50.0))
+            for key, value in logs.items():
+                history.setdefault(key, []).append(value)
+            self._copy_to_float32_model()
+            writers.epoch_summaries(epoch, logs)
+            print(f"[trainer] epoch {epoch + 1}: step {self.step}, loss {logs['loss']:.4f}, val_loss "
+                  f"{logs['val_loss']:.4f}, {logs['tokens_per_second']:.0f} tokens/s", flush=True)
+            callbacks.on_epoch_end(epoch, dict(logs))
+            if manager:
+                _write_json(history_path, history)
+                manager.save(checkpoint_number=self.step)
+            if (stopped == "completed" and self.step < total_steps
+                    and _no_improvement(history["val_loss"], early_stopping_patience)):
+                stopped = "early_stopping"
+            if self.model.stop_training and stopped == "completed":
+                stopped = "callback"
+            if stopped != "completed":
+                break
+        callbacks.on_train_end()
+        if stopped != "completed":
+            print(f"[trainer] stopped at step {self.step}: {stopped.replace('_', ' ')}", flush=True)
+        self._copy_to_float32_model()
+        return dict(history, stopped=stopped, steps=self.step)
+
+    def _learning_rate(self) -> float:
+        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
+    def _copy_to_float32_model(self):
+        for target, source in zip(self.float32_model.variables, self.model.variables):
+            target.assign(tf.cast(source, target.dtype))
 
 
-class SampleStories(keras.callbacks.Callback):
-    """Writes greedy continuations of fixed prompts to TensorBoard as text, every epoch."""
+class _Writers:
+    """TensorBoard writers of the chief: train/ and validation/ scalars, samples/ text."""
 
-    def __init__(self, tokenizer, logdir: str):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.writer = tf.summary.create_file_writer(logdir)
-
-    def on_train_begin(self, logs=None):
+    def __init__(self, logdir, tokenizer, model):
+        self.train_dir = os.path.join(logdir, "train") if logdir else None
+        if not logdir:
+            return
+        self.train = tf.summary.create_file_writer(self.train_dir)
+        self.validation = tf.summary.create_file_writer(os.path.join(logdir, "validation"))
+        self.samples = tf.summary.create_file_writer(os.path.join(logdir, "samples")) if tokenizer else None
         # One generator for the whole run: its decoding graph is traced once.
-        self.generator = StoryGenerator(self.model, self.tokenizer, temperature=0.0, top_k=0, top_p=1.0,
-                                        max_new_tokens_limit=SAMPLE_TOKENS)
+        self.generator = tokenizer and StoryGenerator(model, tokenizer, temperature=0.0, top_k=0, top_p=1.0,
+                                                      max_new_tokens_limit=SAMPLE_TOKENS)
 
-    def on_epoch_end(self, epoch, logs=None):
-        out = self.generator.generate(tf.constant(SAMPLE_PROMPTS), tf.constant(SAMPLE_TOKENS), tf.constant(0.0),
-                                 tf.constant(0), tf.constant(1.0), tf.constant(0, tf.int64))
-        with self.writer.as_default(step=epoch), tf.summary.record_if(True):
-            for lang, prompt, story in zip(("zh", "en"), SAMPLE_PROMPTS, out["story"].numpy()):
-                tf.summary.text(f"samples/{lang}", f"**{prompt}** {story.decode('utf-8', errors='replace')}")
-        self.writer.flush()
+    def step_scalars(self, step, **values):
+        if self.train_dir:
+            with self.train.as_default(step=step):
+                for name, value in values.items():
+                    tf.summary.scalar(f"batch_{name}", value)
+
+    def epoch_summaries(self, epoch, logs):
+        if not self.train_dir:
+            return
+        with self.train.as_default(step=epoch):
+            for name in ("loss", "perplexity", "learning_rate", "tokens_per_second", "gradient_norm"):
+                tf.summary.scalar(f"epoch_{name}", logs[name])
+        with self.validation.as_default(step=epoch):
+            tf.summary.scalar("epoch_loss", logs["val_loss"])
+            tf.summary.scalar("epoch_perplexity", logs["val_perplexity"])
+        if self.samples:
+            out = self.generator.generate(tf.constant(SAMPLE_PROMPTS), tf.constant(SAMPLE_TOKENS), tf.constant(0.0),
+                                          tf.constant(0), tf.constant(1.0), tf.constant(0, tf.int64))
+            with self.samples.as_default(step=epoch):
+                for lang, prompt, story in zip(("zh", "en"), SAMPLE_PROMPTS, out["story"].numpy()):
+                    tf.summary.text(f"samples/{lang}", f"**{prompt}** {story.decode('utf-8', errors='replace')}")
+        for writer in (self.train, self.validation, self.samples):
+            if writer:
+                writer.flush()
+
+
+def _no_improvement(val_losses, patience: int) -> bool:
+    """Early stopping: the last `patience` epochs did not beat the best before them."""
+    return bool(patience) and len(val_losses) > patience and min(val_losses[-patience:]) >= min(val_losses[:-patience])
+
+
+def _shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Workers split every global batch between them (not the input files), so a cluster trains
+    on exactly the batches one process would."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def _write_json(path: str, value):
+    """Written whole or not at all: a crash never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, default=float)
+    os.replace(path + ".tmp", path)
 
 
 def log_hparams(logdir: str, hyperparameters: dict):
@@ -109,47 +428,40 @@ def log_hparams(logdir: str, hyperparameters: dict):
 
 
 def train(train_data: tf.data.Dataset, eval_data: tf.data.Dataset, output_dir: str, *, model_config: dict,
-          epochs: int, steps_per_epoch: int, tokens_per_epoch: int, validation_steps: int, learning_rate: float,
-          warmup_steps: int, weight_decay: float, strategy_name: str, tokenizer, profile_steps=None,
-          verbose: int = 2) -> dict:
-    """Fits the model, saves `model.keras` and returns the final training and validation metrics.
+          steps_per_epoch: int, epochs: int, steps: int = 0, learning_rate: float, warmup_steps: int,
+          weight_decay: float, lr_schedule: str = "cosine", label_smoothing: float = 0.0, clip_norm: float = 1.0,
+          strategy_name: str = "default", strategy: tf.distribute.Strategy | None = None,
+          mixed_precision: bool = False, jit_compile: bool = False,
+          checkpoint_every_steps: int = 100, early_stopping_patience: int = 0, time_budget: float | None = None,
+          tokenizer=None, profile_steps=None) -> dict:
+    """The pipeline's trainer step: trains (resuming from `output_dir`'s checkpoints when a
+    crashed attempt left some), saves `model.keras` and `history.json`, returns the final metrics.
 
-    The caller seeds TensorFlow (keras.utils.set_random_seed) before it builds the datasets:
-    seeding clears eager resources, the tokenizer's among them.
+    strategy: the strategy named by `strategy_name`, when the caller made it at program start
+    (multi-worker needs that). The caller seeds TensorFlow (keras.utils.set_random_seed)
+    before it builds the datasets: seeding clears eager resources, the tokenizer's among them.
     """
-    strategy = make_strategy(strategy_name)
-    with strategy.scope():
-        model = StoryTransformer(**model_config)
-        model((tf.zeros([1, 1], tf.int32), tf.zeros([1, 1], tf.int32)))  # BackupAndRestore needs a built model
-        optimizer = keras.optimizers.AdamW(
-            learning_rate_schedule(learning_rate, warmup_steps, epochs * steps_per_epoch),
-            weight_decay=weight_decay, clipnorm=1.0)
-        # Biases, norms and embeddings are not decayed (the usual AdamW practice).
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "embeddings"])
-        model.compile(optimizer=optimizer, loss=masked_loss())
-    logdir = os.path.join(output_dir, "logs")
-    log_hparams(logdir, {**model_config, "epochs": epochs, "learning_rate": learning_rate, "warmup_steps": warmup_steps,
-                         "weight_decay": weight_decay, "distribution_strategy": strategy_name})
-    callbacks = [
-        EpochStats(tokens_per_epoch, next(iter(train_data))),
-        SampleStories(tokenizer, os.path.join(logdir, "samples")),
-        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
-        keras.callbacks.ModelCheckpoint(os.path.join(output_dir, "checkpoints", "epoch-{epoch:03d}.weights.h5"),
-                                        save_weights_only=True),
-        # Per epoch: with an integer update_freq, Keras 3.15 records only when the batch count
-        # divides it, and drops the epoch summaries (ours included) otherwise.
-        keras.callbacks.TensorBoard(logdir, update_freq="epoch", profile_batch=profile_steps or 0),
-    ]
-    # An epoch is `steps_per_epoch` batches of an endless shuffled stream: the progress bar
-    # knows its length, and every epoch trains on the same number of batches.
-    history = model.fit(train_data.repeat(), validation_data=eval_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                        validation_steps=validation_steps, callbacks=callbacks, verbose=verbose)
-    model.save(os.path.join(output_dir, MODEL_FILE))
-    last = {key: float(values[-1]) for key, values in history.history.items()}
-    last["val_perplexity"] = math.exp(min(last["val_loss"], 50.0))
-    with open(os.path.join(output_dir, "history.json"), "w") as f:
-        json.dump(history.history, f, indent=2, default=float)
-    return last
+    strategy = strategy or make_strategy(strategy_name)
+    total_steps = steps or epochs * steps_per_epoch
+    trainer = Trainer(model_config, strategy=strategy, chief=is_chief(strategy_name), learning_rate=learning_rate,
+                      warmup_steps=warmup_steps, total_steps=total_steps, weight_decay=weight_decay,
+                      lr_schedule=lr_schedule, label_smoothing=label_smoothing, clip_norm=clip_norm,
+                      mixed_precision=mixed_precision, jit_compile=jit_compile)
+    if trainer.chief:
+        log_hparams(os.path.join(output_dir, "logs"), {
+            **model_config, "epochs": epochs, "steps": total_steps, "learning_rate": learning_rate,
+            "warmup_steps": warmup_steps, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
+            "label_smoothing": label_smoothing, "clip_norm": clip_norm, "mixed_precision": trainer.mixed_precision,
+            "distribution_strategy": strategy_name})
+    history = trainer.fit(train_data, eval_data, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                          total_steps=total_steps, output_dir=output_dir, checkpoint_every_steps=checkpoint_every_steps,
+                          early_stopping_patience=early_stopping_patience, time_budget=time_budget,
+                          tokenizer=tokenizer, profile_steps=profile_steps)
+    trainer.float32_model.save(os.path.join(output_dir, MODEL_FILE))
+    _write_json(os.path.join(output_dir, HISTORY_FILE), history)
+    metrics = {key: values[-1] for key, values in history.items() if isinstance(values, list) and values}
+    return dict(metrics, epochs=len(history.get("loss", [])), steps=history["steps"], stopped=history["stopped"],
+                replicas=trainer.strategy.num_replicas_in_sync, mixed_precision=trainer.mixed_precision)
 
 
 def load_model(trainer_dir: str) -> StoryTransformer:

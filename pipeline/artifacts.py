@@ -7,7 +7,8 @@ into place only when it succeeded, so a folder with a manifest is always complet
 
 A step is skipped when its folder in this run is already complete (resuming a crashed run),
 or copied from another run whose manifest has the same cache key: the same step, code,
-parameters and input fingerprints (as TFX's caching does).
+parameters and input fingerprints (as TFX's caching does). A step that crashed, in this run or
+another, is resumed from what it left when it runs again with the same cache key.
 """
 
 import glob
@@ -88,14 +89,19 @@ class PipelineRun:
                 return manifest
         partial = os.path.join(self.dir, f".{name}.partial")
         shutil.rmtree(final, ignore_errors=True)
-        # A crashed attempt with the same cache key left state to resume from (the trainer's
-        # backup); one with other inputs or parameters left only stale files.
+        # A crashed attempt with the same cache key, in this run or another, left state to resume
+        # from (the trainer's checkpoints); one with other inputs or parameters left only stale files.
         key_file = os.path.join(partial, ".cache_key")
         if _read_text(key_file) != cache_key:
             shutil.rmtree(partial, ignore_errors=True)
-            os.makedirs(partial)
-            with open(key_file, "w") as f:
-                f.write(cache_key)
+            crashed = self._crashed_attempt(name, cache_key) if self.use_cache else None
+            if crashed:
+                os.rename(crashed, partial)
+                print(f"[{name}] taking over the unfinished attempt in {crashed}", flush=True)
+            else:
+                os.makedirs(partial)
+                with open(key_file, "w") as f:
+                    f.write(cache_key)
         print(f"[{name}] running ...", flush=True)
         metrics = fn(partial)
         manifest = {
@@ -111,6 +117,14 @@ class PipelineRun:
         os.rename(partial, final)
         print(f"[{name}] {describe(metrics)} ({manifest['wall_time_seconds']:.1f}s)", flush=True)
         return manifest
+
+    def _crashed_attempt(self, name, cache_key):
+        """The newest unfinished folder of this step, in another run, with the same cache key."""
+        folders = glob.glob(os.path.join(self.pipeline_root, "*", f".{name}.partial"))
+        for folder in sorted(folders, key=os.path.getmtime, reverse=True):
+            if _read_text(os.path.join(folder, ".cache_key")) == cache_key:
+                return folder
+        return None
 
     def _reusable(self, name, final, cache_key):
         """A complete earlier result of this step with the same cache key, copied into this run."""

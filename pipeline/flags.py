@@ -7,7 +7,8 @@ laptop CPU in minutes. `pipeline/configs/*.flags` hold other configurations (--f
 from absl import flags
 
 from components.ingest import BUILTIN_PREFIX
-from components.trainer import STRATEGIES
+from components.trainer import SCHEDULES, STRATEGIES
+from components.tuner import TUNERS
 
 
 def define_pipeline_flags():
@@ -74,11 +75,42 @@ def define_pipeline_flags():
     flags.DEFINE_float("learning_rate", 2e-3, "Peak AdamW learning rate.", lower_bound=0.0)
     flags.DEFINE_integer("warmup_steps", 100, "Linear warm-up steps before cosine decay.", lower_bound=0)
     flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.", lower_bound=0.0)
-    flags.DEFINE_enum("distribution_strategy", "default", STRATEGIES, "tf.distribute strategy to train under.")
+    flags.DEFINE_integer("steps", 0, "Train this many optimizer steps in all (0 = --epochs passes over the "
+                         "training split).", lower_bound=0)
+    flags.DEFINE_float("time_budget", 0, "Stop training after this many seconds, at the end of a step, and "
+                       "evaluate (0 = no limit).", lower_bound=0)
+    flags.DEFINE_enum("lr_schedule", "cosine", SCHEDULES, "After warm-up: cosine decay to 10% of the peak at the "
+                      "last step, or inverse-square-root decay.")
+    flags.DEFINE_float("clip_norm", 1.0, "Clip gradients to this global norm (0 = off).", lower_bound=0.0)
+    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss.", lower_bound=0.0,
+                       upper_bound=0.5)
+    flags.DEFINE_integer("early_stopping_patience", 0, "Stop when validation loss has not improved for this many "
+                         "epochs (0 = off).", lower_bound=0)
+    flags.DEFINE_boolean("mixed_precision", False, "Train with mixed_bfloat16 where the hardware has bf16 (a CPU "
+                         "with AVX512-BF16 or AMX, a GPU, a TPU); the saved model computes in float32.")
+    flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step (recompiles for every batch shape).")
+    flags.DEFINE_integer("checkpoint_every_steps", 100, "Checkpoint every this many steps (and at each epoch's end); "
+                         "a rerun of a killed run resumes from the newest.", lower_bound=1)
+    flags.DEFINE_enum("distribution_strategy", "default", STRATEGIES, "tf.distribute strategy to train under; "
+                      "multi_worker_mirrored reads the cluster from TF_CONFIG (see README).")
+    flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for --distribution_strategy=tpu ('' = local).")
     flags.DEFINE_list("profile_steps", None, "Two step numbers FIRST,LAST: record a TensorBoard profiler trace "
                       "of those training steps.")
     flags.register_validator("profile_steps", lambda v: v is None or (len(v) == 2 and all(x.isdigit() for x in v)),
                              message="--profile_steps takes two step numbers, e.g. --profile_steps=10,20")
+
+    # Tuner.
+    flags.DEFINE_boolean("tune", False, "Search model and training hyperparameters with KerasTuner before training; "
+                         "the trainer then uses the best ones (best_hparams.json) instead of their flags.")
+    flags.DEFINE_enum("tuner", "hyperband", TUNERS, "KerasTuner search algorithm.")
+    flags.DEFINE_integer("max_trials", 8, "Most trials to run (bayesian, random).", lower_bound=1)
+    flags.DEFINE_integer("max_epochs_per_trial", 2, "Most epochs one trial trains.", lower_bound=1)
+    flags.DEFINE_integer("tune_steps_per_epoch", 0, "Batches in a trial's epoch (0 = the whole training split).",
+                         lower_bound=0)
+    flags.DEFINE_float("tune_time_budget", 0, "Start no new trial after this many seconds (0 = no limit).",
+                       lower_bound=0)
+    flags.DEFINE_integer("tune_workers", 0, "0: trials run in this process; N: a KerasTuner chief (the oracle) and "
+                         "N worker processes on this machine, over loopback.", lower_bound=0)
 
     # Evaluator and pusher.
     flags.DEFINE_integer("eval_generate_count", 64, "Test prompts to continue for the generation metrics.", lower_bound=1)

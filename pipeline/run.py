@@ -1,6 +1,6 @@
 """`python -m pipeline.run`: one command from a story corpus to a pushed SavedModel.
 
-    ingest -> tokenizer -> trainer -> evaluator -> exporter -> pusher
+    ingest -> tokenizer -> [tuner] -> trainer -> evaluator -> exporter -> pusher
 
 Each step is a plain function in components/; this file only wires them together, one
 step per block, so the whole DAG reads in one screen. Flags are in pipeline/flags.py.
@@ -30,8 +30,15 @@ def run_pipeline(f) -> dict:
     # Imported here so that `--help` and flag errors answer without loading TensorFlow.
     import keras
 
-    from components import evaluator, exporter, ingest, pusher, tokenizer, trainer, transform
+    from components import evaluator, exporter, ingest, pusher, tokenizer, trainer, transform, tuner
+    from components.common import UserError
 
+    # Multi-worker training configures collective ops, which must happen before any other TensorFlow work.
+    strategy = trainer.make_strategy(f.distribution_strategy, f.tpu)
+    chief = trainer.is_chief(f.distribution_strategy)
+    if f.tune and f.distribution_strategy == "multi_worker_mirrored":
+        raise UserError("--tune runs on one host: tune first, then train multi-worker with the best values "
+                        "(best_hparams.json) as flags.")
     # Seeds initialisation and dropout; done first, as seeding frees eager TensorFlow resources.
     keras.utils.set_random_seed(f.seed)
     run = PipelineRun(f.pipeline_root, f.run_id or time.strftime("%Y%m%d-%H%M%S"), use_cache=f.cache)
@@ -60,33 +67,57 @@ def run_pipeline(f) -> dict:
     tok = tokenizer.make_tokenizer(tokenizer.load_proto(tokenized["outputs"]["path"]))
     vocab_size = tokenized["metrics"]["vocab_size"]
 
-    # Trainer: fit the Transformer on tf.data batches (the transform, built on demand).
-    model_config = dict(vocab_size=vocab_size, max_prompt_tokens=f.max_prompt_tokens,
-                        max_story_tokens=f.max_story_tokens, d_model=f.d_model, num_layers=f.num_layers,
-                        num_heads=f.num_heads, ff_dim=f.ff_dim, dropout=f.dropout)
+    # Tuner (--tune): KerasTuner search; its best values replace the flags' for the trainer.
+    hparams = _values(f, "d_model", "num_layers", "num_heads", "ff_dim", "dropout", "learning_rate", "warmup_steps",
+                      "label_smoothing")
     shapes = dict(max_prompt_tokens=f.max_prompt_tokens, max_story_tokens=f.max_story_tokens)
+    if f.tune:
+        tune_parameters = dict(_values(f, "tuner", "max_trials", "max_epochs_per_trial", "tune_steps_per_epoch",
+                                       "tune_time_budget", "tune_workers", "batch_size", "weight_decay", "seed"),
+                               base_config=dict(hparams, vocab_size=vocab_size, **shapes))
+        tuned = run.step(
+            "tuner", lambda out: tuner.tune(
+                examples, tokenized["outputs"]["path"], out, base_config=tune_parameters["base_config"],
+                tuner=f.tuner, max_trials=f.max_trials, max_epochs_per_trial=f.max_epochs_per_trial,
+                steps_per_epoch=f.tune_steps_per_epoch, time_budget=f.tune_time_budget, workers=f.tune_workers,
+                batch_size=f.batch_size, weight_decay=f.weight_decay, seed=f.seed),
+            inputs={"examples": examples, "tokenizer": tokenized["outputs"]["path"]}, parameters=tune_parameters,
+            describe=lambda m: (f"{m['completed_trials']} trials, best val_loss {m['best_val_loss']:.3f}: "
+                                f"{m['best_hparams']}"))
+        hparams = tuned["metrics"]["best_hparams"]
+
+    # Trainer: fit the Transformer on tf.data batches (the transform, built on demand).
+    model_config = dict(vocab_size=vocab_size, **shapes, **{key: hparams[key] for key in (
+        "d_model", "num_layers", "num_heads", "ff_dim", "dropout")})
+    training = dict(hparams=hparams, **_values(f, "batch_size", "epochs", "steps", "weight_decay", "lr_schedule",
+                                               "clip_norm", "mixed_precision", "jit_compile", "early_stopping_patience",
+                                               "time_budget", "distribution_strategy", "seed", "profile_steps"))
 
     def train(out):
         train_data = transform.training_batches(examples, "train", tok, batch_size=f.batch_size, shuffle=True,
                                                 seed=f.seed, **shapes)
         eval_data = transform.training_batches(examples, "eval", tok, batch_size=f.batch_size, shuffle=False,
                                                **shapes)
-        steps, tokens = transform.count_batches(train_data)
-        validation_steps, _ = transform.count_batches(eval_data)
-        return trainer.train(train_data, eval_data, out, model_config=model_config, epochs=f.epochs,
-                             steps_per_epoch=steps, tokens_per_epoch=tokens, validation_steps=validation_steps,
-                             learning_rate=f.learning_rate,
-                             warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
-                             strategy_name=f.distribution_strategy, tokenizer=tok,
-                             profile_steps=tuple(map(int, f.profile_steps)) if f.profile_steps else None,
-                             verbose=1 if sys.stdout.isatty() else 2)
+        steps_per_epoch, _ = transform.count_batches(train_data)
+        return trainer.train(
+            train_data, eval_data, out, model_config=model_config, steps_per_epoch=steps_per_epoch, epochs=f.epochs,
+            steps=f.steps, learning_rate=hparams["learning_rate"], warmup_steps=hparams["warmup_steps"],
+            label_smoothing=hparams["label_smoothing"], weight_decay=f.weight_decay, lr_schedule=f.lr_schedule,
+            clip_norm=f.clip_norm, strategy_name=f.distribution_strategy, strategy=strategy,
+            mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
+            checkpoint_every_steps=f.checkpoint_every_steps, early_stopping_patience=f.early_stopping_patience,
+            time_budget=f.time_budget or None, tokenizer=tok,
+            profile_steps=tuple(map(int, f.profile_steps)) if f.profile_steps else None)
 
     trained = run.step(
         "trainer", train, inputs={"examples": examples, "tokenizer": tokenized["outputs"]["path"]},
-        parameters=dict(model_config, **_values(f, "batch_size", "epochs", "learning_rate", "warmup_steps",
-                                                "weight_decay", "distribution_strategy", "seed", "profile_steps")),
-        describe=lambda m: (f"loss {m['loss']:.3f}, val_loss {m['val_loss']:.3f} "
-                            f"(val perplexity {m['val_perplexity']:.1f}), {m['tokens_per_second']:.0f} tokens/s"))
+        parameters=dict(model_config, **training),
+        describe=lambda m: (f"{m['steps']} steps, loss {m['loss']:.3f}, val_loss {m['val_loss']:.3f} "
+                            f"(val perplexity {m['val_perplexity']:.1f}), {m['tokens_per_second']:.0f} tokens/s"
+                            + ("" if m["stopped"] == "completed" else f", stopped: {m['stopped']}")))
+    if not chief:
+        print("[pipeline] trained as a worker; the chief evaluates, exports and pushes.", flush=True)
+        return trained
     model = trainer.load_model(trained["outputs"]["path"])
 
     # Evaluator: test-split metrics, and the blessing against the newest pushed version.

@@ -1,41 +1,74 @@
 import glob
 import json
+import math
 import os
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from components import trainer, transform
+from components.common import UserError
 from components.tokenizer import make_tokenizer
+
+SHAPES = dict(max_prompt_tokens=16, max_story_tokens=64)
 
 
 @pytest.fixture(scope="module")
-def trained(small_examples, spm_proto, tmp_path_factory):
+def data(small_examples, spm_proto):
+    """(train batches, eval batches, batches per epoch, model config, tokenizer, initial weights).
+
+    Seeding frees the tokenizer's resource, so it happens once, here; `fresh_data` makes new
+    datasets (a dataset's seeded shuffle reshuffles for each new iterator)."""
     import sentencepiece as spm
 
     keras.utils.set_random_seed(3)
     tok = make_tokenizer(spm_proto)
-    shapes = dict(max_prompt_tokens=16, max_story_tokens=64)
-    train_data = transform.training_batches(small_examples, "train", tok, batch_size=8, shuffle=True, seed=1, **shapes)
-    eval_data = transform.training_batches(small_examples, "eval", tok, batch_size=8, shuffle=False, **shapes)
-    steps, tokens = transform.count_batches(train_data)
     config = dict(vocab_size=spm.SentencePieceProcessor(model_proto=spm_proto).get_piece_size(), d_model=32,
-                  num_layers=1, num_heads=2, ff_dim=64, **shapes)
+                  num_layers=1, num_heads=2, ff_dim=64, **SHAPES)
+    train_data, eval_data = fresh_data(small_examples, tok)
+    initial_weights = trainer.build_model(config).get_weights()
+    return train_data, eval_data, transform.count_batches(train_data)[0], config, tok, initial_weights, small_examples
+
+
+def fresh_data(examples, tok):
+    return (transform.training_batches(examples, "train", tok, batch_size=8, shuffle=True, seed=1, **SHAPES),
+            transform.training_batches(examples, "eval", tok, batch_size=8, shuffle=False, **SHAPES))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    train_data, eval_data, steps, config, tok, _, _ = data
     out = tmp_path_factory.mktemp("trainer")
-    metrics = trainer.train(train_data, eval_data, str(out), model_config=config, epochs=2, steps_per_epoch=steps,
-                            tokens_per_epoch=tokens, validation_steps=transform.count_batches(eval_data)[0],
-                            learning_rate=3e-3, warmup_steps=5, weight_decay=0.01, strategy_name="default",
-                            tokenizer=tok, profile_steps=(2, 3), verbose=0)
+    metrics = trainer.train(train_data, eval_data, str(out), model_config=config, steps_per_epoch=steps, epochs=2,
+                            learning_rate=3e-3, warmup_steps=5, weight_decay=0.01, tokenizer=tok,
+                            checkpoint_every_steps=5, profile_steps=(2, 3))
     return out, metrics, steps
 
 
-def test_metrics_and_files(trained):
+def short_fit(data, steps=3, epochs=1, strategy=None, callbacks=(), time_budget=None, **options):
+    """A Trainer from the same initial weights, and its history after `epochs` epochs of `steps` steps."""
+    _, _, _, config, tok, initial_weights, examples = data
+    train_data, eval_data = fresh_data(examples, tok)
+    model = trainer.Trainer(config, strategy=strategy, learning_rate=3e-3, warmup_steps=1, total_steps=steps * epochs,
+                            **options)
+    model.model.set_weights(initial_weights)
+    return model, model.fit(train_data, eval_data, steps_per_epoch=steps, epochs=epochs, callbacks=callbacks,
+                             time_budget=time_budget)
+
+
+def test_metrics_history_and_checkpoints(trained):
     out, metrics, steps = trained
-    assert metrics["loss"] < 7 and metrics["val_perplexity"] > 1
-    assert {"tokens_per_second", "learning_rate", "gradient_norm", "perplexity"} <= set(metrics)
+    assert metrics["steps"] == 2 * steps and metrics["epochs"] == 2 and metrics["stopped"] == "completed"
+    assert metrics["loss"] < 7 and metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
+    assert {"tokens_per_second", "learning_rate", "gradient_norm", "perplexity", "replicas"} <= set(metrics)
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == 2 and history["loss"][1] < history["loss"][0]
-    assert sorted(os.listdir(out / "checkpoints")) == ["epoch-001.weights.h5", "epoch-002.weights.h5"]
+    # Two kept, the newest at the last step; the state file names it.
+    checkpoints = tf.train.get_checkpoint_state(str(out / "checkpoints"))
+    assert checkpoints.model_checkpoint_path.endswith(f"ckpt-{2 * steps}")
+    assert len(checkpoints.all_model_checkpoint_paths) == 2
     assert trainer.load_model(str(out)).count_params() > 0
 
 
@@ -44,15 +77,92 @@ def test_profiler_trace_is_written(trained):
     assert glob.glob(str(out / "logs" / "train" / "plugins" / "profile" / "*" / "*.xplane.pb"))
 
 
-def test_learning_rate_warms_up_then_decays():
-    schedule = trainer.learning_rate_schedule(1e-3, warmup_steps=10, total_steps=110)
-    rates = [float(schedule(step)) for step in (0, 5, 10, 60, 110)]
+def test_rerun_resumes_from_the_last_checkpoint(trained, data, capsys):
+    """A finished run's output folder resumes at its last step: nothing is trained again."""
+    out, metrics, steps = trained
+    train_data, eval_data, _, config, _, _, _ = data
+    again = trainer.train(train_data, eval_data, str(out), model_config=config, steps_per_epoch=steps, epochs=2,
+                          learning_rate=3e-3, warmup_steps=5, weight_decay=0.01, checkpoint_every_steps=5)
+    assert f"resumed from {out / 'checkpoints' / f'ckpt-{2 * steps}'} at step {2 * steps}" in capsys.readouterr().out
+    assert again["loss"] == metrics["loss"] and again["steps"] == metrics["steps"]
+
+
+def test_token_loss_sum_ignores_padding_and_smooths_labels():
+    targets = tf.constant([[5, 2, 0, 0]])
+    uniform = tf.zeros([1, 4, 10])
+    loss_sum, tokens = trainer.token_loss_sum(targets, uniform)
+    assert float(tokens) == 2 and float(loss_sum) == pytest.approx(2 * math.log(10))
+    # Two tokens of logits log([0.5, 0.5, 0, ...]): -log 0.5 each; smoothing 0.2 adds 0.2 x the mean -log p.
+    logits = tf.math.log(tf.constant([[[0.5, 0.5] + [1e-30] * 8] * 2]))
+    loss_sum, _ = trainer.token_loss_sum(tf.constant([[0, 1]]) + tf.constant([[1, 0]]), logits, label_smoothing=0.2)
+    mean_nll = -float(tf.reduce_mean(tf.nn.log_softmax(logits[0, 0])))
+    assert float(loss_sum) == pytest.approx(2 * (0.8 * math.log(2) + 0.2 * mean_nll), rel=1e-5)
+
+
+def test_learning_rate_schedules():
+    cosine = trainer.learning_rate_schedule(1e-3, warmup_steps=10, total_steps=110)
+    rates = [float(cosine(step)) for step in (0, 5, 10, 60, 110)]
     assert rates[0] == 0.0 and rates[1] == pytest.approx(5e-4) and rates[2] == pytest.approx(1e-3)
     assert rates[2] > rates[3] > rates[4] == pytest.approx(1e-4)
+    inverse_sqrt = trainer.learning_rate_schedule(1e-3, warmup_steps=100, total_steps=1000, kind="inverse_sqrt")
+    assert [float(inverse_sqrt(step)) for step in (50, 100, 400)] == pytest.approx([5e-4, 1e-3, 5e-4])
 
 
-def test_unknown_strategy_is_a_user_error():
-    from components.common import UserError
-
+def test_strategy_names_and_chief(monkeypatch):
     with pytest.raises(UserError, match="Unknown --distribution_strategy 'tpu9'"):
         trainer.make_strategy("tpu9")
+    with pytest.raises(UserError, match="No TPU found"):
+        trainer.make_strategy("tpu")
+    workers = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": workers, "task": {"type": "worker", "index": 1}}))
+    assert not trainer.is_chief("multi_worker_mirrored") and trainer.is_chief("default")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": workers, "task": {"type": "worker", "index": 0}}))
+    assert trainer.is_chief("multi_worker_mirrored")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": dict(workers, chief=["127.0.0.1:3"]),
+                                                "task": {"type": "worker", "index": 0}}))
+    assert not trainer.is_chief("multi_worker_mirrored")
+
+
+def test_mirrored_strategy_trains_like_the_default_one(data):
+    _, default = short_fit(data)
+    _, mirrored = short_fit(data, strategy=trainer.make_strategy("mirrored"))
+    assert mirrored["loss"] == pytest.approx(default["loss"], rel=1e-5)
+    assert mirrored["val_loss"] == pytest.approx(default["val_loss"], rel=1e-5)
+
+
+@pytest.mark.skipif(not trainer.bf16_supported(), reason="no bf16 on this machine")
+def test_mixed_precision_trains_in_bf16_and_saves_float32(data):
+    model, history = short_fit(data, mixed_precision=True)
+    assert model.mixed_precision and model.model.decoder_blocks[0].compute_dtype == "bfloat16"
+    assert model.float32_model.decoder_blocks[0].compute_dtype == "float32"
+    assert np.isfinite(history["loss"][0])
+    for bf16, fp32 in zip(model.model.weights, model.float32_model.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(bf16), keras.ops.convert_to_numpy(fp32))
+
+
+def test_jit_compiled_step_matches_the_plain_one(data):
+    _, plain = short_fit(data, steps=2)
+    _, jit = short_fit(data, steps=2, jit_compile=True)
+    assert jit["loss"][0] == pytest.approx(plain["loss"][0], rel=1e-3)
+
+
+def test_time_budget_and_callbacks_stop_training(data):
+    _, history = short_fit(data, steps=5, time_budget=1e-6)
+    assert history["stopped"] == "time_budget" and history["steps"] == 1 and len(history["val_loss"]) == 1
+
+    class StopAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.logs = logs
+            self.model.stop_training = True
+
+    stopper = StopAfterFirstEpoch()
+    _, history = short_fit(data, steps=2, epochs=3, callbacks=[stopper])
+    assert history["stopped"] == "callback" and history["steps"] == 2
+    assert stopper.logs["val_loss"] == history["val_loss"][0]
+
+
+def test_early_stopping_rule():
+    assert not trainer._no_improvement([3.0, 2.0, 2.1], patience=0)
+    assert trainer._no_improvement([3.0, 2.0, 2.1], patience=1)
+    assert not trainer._no_improvement([3.0, 2.0, 2.1, 1.9], patience=2)
+    assert trainer._no_improvement([3.0, 2.0, 2.1, 2.0], patience=2)
