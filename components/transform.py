@@ -1,8 +1,8 @@
 """tf.data pipelines: stored examples -> padded (prompt ids, story ids) batches.
 
 Tokenisation runs inside tf.data with the same tensorflow-text tokenizer the export uses,
-so training and serving see identical ids. Training batches hold stories of similar length
-(sorted pools), so that little of a batch is padding.
+so training and serving see identical ids. Batches are bucketed by story length so that
+short stories are not padded to the longest one in the corpus.
 """
 
 import tensorflow as tf
@@ -48,36 +48,30 @@ def example_features(examples_dir: str, split: str, tokenizer, *, max_prompt_tok
     return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-# Shuffled examples are sorted by length this many batches at a time: the longer the pool,
-# the closer the lengths within a batch.
-POOL_BATCHES = 64
+def bucket_boundaries(max_story_tokens: int) -> list[int]:
+    """Powers of two from 16 below the longest story: 16, 32, 64, ..."""
+    bounds, b = [], 16
+    while b < max_story_tokens:
+        bounds.append(b + 1)  # bucket_by_sequence_length's boundaries are exclusive
+        b *= 2
+    return bounds
 
 
 def training_batches(examples_dir: str, split: str, tokenizer, *, batch_size: int, max_prompt_tokens: int,
                      max_story_tokens: int, shuffle: bool, seed: int = 0) -> tf.data.Dataset:
-    """((encoder_ids, decoder_ids), targets) batches, each padded to its longest story.
-
-    With `shuffle` (for training): examples are shuffled, taken `POOL_BATCHES` batches at a time,
-    sorted by story length within the pool and cut into batches, and the batches are shuffled;
-    so batches pad little and differ every epoch, and the same seed gives the same stream.
-    """
+    """((encoder_ids, decoder_ids), targets) batches as Keras `fit` takes them; with `shuffle`
+    (for training) they are shuffled and bucketed by story length."""
     features = example_features(examples_dir, split, tokenizer, max_prompt_tokens=max_prompt_tokens,
                                 max_story_tokens=max_story_tokens, shuffle=shuffle, seed=seed)
     features = features.map(lambda f: {k: f[k] for k in ("encoder_ids", "decoder_ids", "targets")})
     if shuffle:
-        batches = features.ragged_batch(batch_size * POOL_BATCHES).flat_map(
-            lambda pool: _sorted_batches(pool, batch_size)).shuffle(POOL_BATCHES, seed=seed)
+        bounds = bucket_boundaries(max_story_tokens)
+        batches = features.bucket_by_sequence_length(
+            lambda f: tf.shape(f["targets"])[0], bucket_boundaries=bounds,
+            bucket_batch_sizes=[batch_size] * (len(bounds) + 1))
     else:
         batches = features.padded_batch(batch_size)
     return batches.map(lambda b: ((b["encoder_ids"], b["decoder_ids"]), b["targets"])).prefetch(tf.data.AUTOTUNE)
-
-
-def _sorted_batches(pool, batch_size: int) -> tf.data.Dataset:
-    """A pool of ragged examples, sorted by story length, as padded batches."""
-    order = tf.argsort(pool["targets"].row_lengths(), stable=True)
-    sorted_pool = {key: tf.gather(values, order) for key, values in pool.items()}
-    return tf.data.Dataset.from_tensor_slices(sorted_pool).ragged_batch(batch_size).map(
-        lambda batch: {key: values.to_tensor() for key, values in batch.items()})
 
 
 def count_batches(batches: tf.data.Dataset) -> tuple[int, int]:
