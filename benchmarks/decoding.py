@@ -4,8 +4,9 @@
 
 Peers, all greedy on random weights of the same size (4+4 layers, d_model 256, 4 heads,
 feed-forward 1024, vocab 8000), decoding `--new_tokens` tokens after a short prompt:
-- storygen: the exported `generate` signature (KV cache in a tf.while_loop, no XLA), loaded
-  back with tf.saved_model.load as TF Serving would;
+- storygen: the exported `generate` signature (a tf.while_loop over a key/value cache written
+  in place, plain TensorFlow ops per token, no XLA), loaded back with tf.saved_model.load as
+  TF Serving would (measured as fast as the same generator called in process);
 - recompute: the same Keras model, a tf.function that re-runs the decoder over the whole
   prefix at every step (no cache);
 - keras-hub: `BartSeq2SeqLM.generate()` (its cached sampler, XLA-compiled as keras-hub does

@@ -75,24 +75,26 @@ class StoryGenerator(tf.Module):
         batch = tf.shape(prompt)[0]
         noise_offsets = tf.cast(tf.strings.to_hash_bucket_fast(prompt, self.model.vocab_size), tf.int32)
         states, mask = self.model.encode(encoder_ids)
-        logits, caches, cross = self.model.prefill(tf.fill([batch, 1], BOS_ID), states, mask)
+        weights = self.model.decoding_weights()
+        logits, cache = self.model.prefill(tf.fill([batch, 1], BOS_ID), states, mask, self.window)
         logits = logits[:, -1, :]
         tokens = tf.fill([batch, 1], BOS_ID)  # BOS, then one column per generated token
 
-        def step(t, tokens, done, log_prob, logits, caches, cross, states, mask):
+        def step(t, tokens, done, log_prob, logits, length, cache):
             next_token = sample(logits, temperature, top_k, top_p, tf.stack([seed, tf.cast(t, tf.int64)]),
                                 noise_offsets)
             next_token = tf.where(done, PAD_ID, next_token)
             log_prob += tf.where(done, 0.0, tf.gather(tf.nn.log_softmax(logits), next_token, batch_dims=1))
             tokens = tf.concat([tokens, next_token[:, None]], axis=1)
             done |= tf.equal(next_token, EOS_ID)
-            logits, caches, cross, states, mask = self._feed(tokens, caches, cross, states, mask)
-            return t + 1, tokens, done, log_prob, logits, caches, cross, states, mask
+            logits, length, cache = self._feed(tokens, length, cache, weights)
+            return t + 1, tokens, done, log_prob, logits, length, cache
 
+        # The window holds BOS so far: length 1.
+        initial = (tf.constant(0), tokens, tf.zeros([batch], tf.bool), tf.zeros([batch]), logits, tf.constant(1), cache)
         _, tokens, _, log_prob, *_ = tf.while_loop(
-            lambda t, tokens, done, *_: (t < max_new_tokens) & ~tf.reduce_all(done), step,
-            (tf.constant(0), tokens, tf.zeros([batch], tf.bool), tf.zeros([batch]), logits, caches, cross, states, mask),
-            shape_invariants=self._invariants(tokens, caches, cross, states, mask))
+            lambda t, tokens, done, *_: (t < max_new_tokens) & ~tf.reduce_all(done), step, initial,
+            shape_invariants=_unknown_shapes(initial))
         story, num_tokens = self._detokenize(tokens[:, 1:])
         return {"story": story, "num_tokens": num_tokens, "log_prob": log_prob, "token_ids": tokens[:, 1:]}
 
@@ -112,14 +114,15 @@ class StoryGenerator(tf.Module):
         # Every prompt is repeated num_beams times: row b * num_beams + k is beam k of prompt b.
         encoder_ids = tf.repeat(encoder_ids, num_beams, axis=0)
         states, mask = self.model.encode(encoder_ids)
-        logits, caches, cross = self.model.prefill(tf.fill([rows, 1], BOS_ID), states, mask)
+        weights = self.model.decoding_weights()
+        logits, cache = self.model.prefill(tf.fill([rows, 1], BOS_ID), states, mask, self.window)
         logits = logits[:, -1, :]
         vocab = self.model.vocab_size
         # Only beam 0 is live at first, so the first step does not pick one token num_beams times.
         scores = tf.tile(tf.concat([[0.0], tf.fill([num_beams - 1], NEG_INF)], 0), [batch])
         tokens = tf.fill([rows, 1], BOS_ID)
 
-        def step(t, tokens, done, scores, logits, caches):
+        def step(t, tokens, done, scores, logits, cache):
             log_probs = tf.nn.log_softmax(logits)
             # A finished beam can only be extended by PAD, at no cost.
             finished = tf.one_hot(tf.fill([rows], PAD_ID), vocab, on_value=0.0, off_value=NEG_INF)
@@ -130,16 +133,16 @@ class StoryGenerator(tf.Module):
             next_token = tf.reshape(top_index % vocab, [rows])
             tokens = tf.concat([tf.gather(tokens, parent), next_token[:, None]], axis=1)
             done = tf.gather(done, parent) | tf.equal(next_token, EOS_ID) | tf.equal(next_token, PAD_ID)
-            caches = [tf.gather(cache, parent) for cache in caches]
-            logits, caches = self.model.decode_step(next_token[:, None], t + 1, caches, cross, states, mask)
-            return t + 1, tokens, done, tf.reshape(top_scores, [rows]), logits, caches
+            # Each beam continues its parent's cache (gathering also gives decode_step buffers of its own).
+            cache = cache._replace(keys=[tf.gather(k, parent, axis=1) for k in cache.keys],
+                                   values=[tf.gather(v, parent, axis=1) for v in cache.values])
+            logits, cache = self.model.decode_step(next_token, t + 1, cache, weights)
+            return t + 1, tokens, done, tf.reshape(top_scores, [rows]), logits, cache
 
+        initial = (tf.constant(0), tokens, tf.zeros([rows], tf.bool), scores, logits, cache)
         _, tokens, _, scores, _, _ = tf.while_loop(
-            lambda t, tokens, done, *_: (t < max_new_tokens) & ~tf.reduce_all(done), step,
-            (tf.constant(0), tokens, tf.zeros([rows], tf.bool), scores, logits, caches),
-            shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None]), tf.TensorShape([None]),
-                              tf.TensorShape([None]), tf.TensorShape([None, None]),
-                              [tf.TensorShape([None, 2, None, None, None])] * len(caches)))
+            lambda t, tokens, done, *_: (t < max_new_tokens) & ~tf.reduce_all(done), step, initial,
+            shape_invariants=_unknown_shapes(initial))
         story, num_tokens = self._detokenize(tokens[:, 1:])
         # Length counts the EOS when one was written, so an ended story is not favoured for brevity.
         ended = tf.reduce_any(tf.equal(tokens[:, 1:], EOS_ID), axis=1)
@@ -185,31 +188,24 @@ class StoryGenerator(tf.Module):
             tf.debugging.assert_less_equal(max_new_tokens, limit, message=f"max_new_tokens must be <= {limit}"),
         ]
 
-    def _feed(self, tokens, caches, cross, states, mask):
-        """Feeds the newest token; when the window is full, slides it first (see module doc)."""
-        length = tf.shape(caches[0])[2]  # positions in the decoder's window so far
+    def _feed(self, tokens, length, cache, weights):
+        """Feeds the newest token to a window holding `length` positions; when the window is
+        full, slides it first (see module doc). Returns its logits, the new length and cache."""
 
         def step():
-            logits, grown = self.model.decode_step(tokens[:, -1:], length, caches, cross, states, mask)
-            return logits, grown, cross, states, mask
+            logits, grown = self.model.decode_step(tokens[:, -1], length, cache, weights)
+            return logits, length + 1, grown
 
         def slide():
             keep = self.window // 2
             kept = tokens[:, -keep:]
             before = tokens[:, 1:-keep][:, -(self.model.max_prompt_tokens - 1):]
             bos = tf.fill([tf.shape(tokens)[0], 1], BOS_ID)
-            new_states, new_mask = self.model.encode(tf.concat([bos, before], axis=1))
-            logits, new_caches, new_cross = self.model.prefill(tf.concat([bos, kept], axis=1), new_states, new_mask)
-            return logits[:, -1, :], new_caches, new_cross, new_states, new_mask
+            states, mask = self.model.encode(tf.concat([bos, before], axis=1))
+            logits, new_cache = self.model.prefill(tf.concat([bos, kept], axis=1), states, mask, self.window)
+            return logits[:, -1, :], tf.constant(keep + 1), new_cache
 
         return tf.cond(length >= self.window, slide, step)
-
-    @staticmethod
-    def _invariants(tokens, caches, cross, states, mask):
-        cache_shape = tf.TensorShape([None, 2, None, None, None])
-        return (tf.TensorShape([]), tf.TensorShape([None, None]), tf.TensorShape([None]), tf.TensorShape([None]),
-                tf.TensorShape([None, None]), [cache_shape] * len(caches), [cache_shape] * len(cross),
-                tf.TensorShape([None, None, states.shape[-1]]), tf.TensorShape([None, None]))
 
     def _detokenize(self, token_ids):
         """Story strings and their token counts: the tokens before the first EOS (or PAD)."""
@@ -217,6 +213,12 @@ class StoryGenerator(tf.Module):
         num_tokens = tf.reduce_sum(tf.cast(tf.equal(tf.cumsum(tf.cast(ended, tf.int32), axis=1), 0), tf.int32), axis=1)
         story = self.tokenizer.detokenize(tf.RaggedTensor.from_tensor(token_ids, lengths=num_tokens))
         return story, num_tokens
+
+
+def _unknown_shapes(loop_vars):
+    """Shape invariants for loop variables whose every dimension may change (the batch, the
+    token count, a new prompt's length after a slide)."""
+    return tf.nest.map_structure(lambda x: tf.TensorShape([None] * x.shape.rank), loop_vars)
 
 
 def sample(logits, temperature, top_k, top_p, seed, noise_offsets):

@@ -5,17 +5,26 @@ prompt through cross-attention. Output logits reuse the decoder's token embeddin
 (tied weights), which saves parameters and helps small models.
 
 `prefill` and `decode_step` are the same decoder with a key/value cache, for generation.
+`prefill` runs the Keras blocks over a prefix; `decode_step`, which a decoding loop runs once
+per token, computes one position with plain TensorFlow ops on the blocks' weights (the Keras
+layers, their einsums and oneDNN's small-matrix kernels cost several times more per token).
 keras-hub's own cache writes with `ops.slice_update`, which the TensorFlow backend lowers to
-the XLA op XlaDynamicUpdateSlice that stock TF Serving cannot run; here the cache grows by
-concatenation instead and is passed to the keras-hub blocks as a ready cache. That reads the
-blocks' attention sublayers (private attributes of keras-hub 0.32, pinned in setup.cfg);
-a test checks cached decoding against recomputing the prefix.
+the XLA op XlaDynamicUpdateSlice that stock TF Serving cannot run; here the cache is a
+position-major buffer written in place with the core op InplaceUpdate. Both read the
+blocks' sublayers (private attributes of keras-hub 0.32, pinned in setup.cfg); tests check
+cached decoding against recomputing the prefix.
 """
+
+import math
+from typing import NamedTuple
 
 import keras
 import keras_hub
+import tensorflow as tf
 
 from components.common import PAD_ID
+
+NEG_INF = -1e9
 
 
 @keras.saving.register_keras_serializable(package="storygen")
@@ -78,30 +87,84 @@ class StoryTransformer(keras.Model):
         """Next-token logits from the last decoder block's output (tied to the token embedding)."""
         return self.decoder_embedding.token_embedding(self.decoder_norm(x), reverse=True)
 
-    def prefill(self, decoder_ids, encoder_states, encoder_mask):
-        """Decodes a whole prefix [B, T]: logits [B, T, V], and per block the self-attention
-        cache [B, 2, T, heads, head_dim] and the cross-attention cache [B, 2, S, heads, head_dim]."""
+    def prefill(self, decoder_ids, encoder_states, encoder_mask, cache_size):
+        """Decodes a whole prefix [B, T] (T <= cache_size) with the Keras blocks: its logits
+        [B, T, V] and the DecoderCache that `decode_step` continues from, with room for
+        `cache_size` positions."""
         x = self.decoder_embedding(decoder_ids)
-        self_caches, cross_caches = [], []
+        keys, values, cross_keys, cross_values = [], [], [], []
+        free = [[0, cache_size - tf.shape(decoder_ids)[1]], [0, 0], [0, 0], [0, 0]]
         for block in self.decoder_blocks:
-            self_caches.append(_self_attention_key_value(block, x))
+            attention = block._self_attention_layer
+            h = block._self_attention_layer_norm(x)
+            # Padding allocates each cache buffer afresh, as decode_step's in-place writes need.
+            keys.append(tf.pad(_position_major(attention._key_dense(h)), free))
+            values.append(tf.pad(_position_major(attention._value_dense(h)), free))
             cross = block._cross_attention_layer
-            cross_caches.append(keras.ops.stack([cross._key_dense(encoder_states), cross._value_dense(encoder_states)], 1))
+            cross_keys.append(_position_major(cross._key_dense(encoder_states)))
+            cross_values.append(_position_major(cross._value_dense(encoder_states)))
             x = block(x, encoder_states, encoder_padding_mask=encoder_mask, training=False)
-        return self.logits(x), self_caches, cross_caches
+        cross_bias = tf.where(tf.transpose(encoder_mask)[:, :, None], 0.0, NEG_INF)
+        return self.logits(x), DecoderCache(keys, values, cross_keys, cross_values, cross_bias)
 
-    def decode_step(self, token_ids, position, self_caches, cross_caches, encoder_states, encoder_mask):
-        """Feeds one token per row ([B, 1] at `position`); returns its logits [B, V] and the
-        self-attention caches grown by one position."""
-        x = self.decoder_embedding(token_ids, start_index=position)
-        grown = []
-        for block, cache, cross_cache in zip(self.decoder_blocks, self_caches, cross_caches):
-            cache = keras.ops.concatenate([cache, _self_attention_key_value(block, x)], axis=2)
-            # The cache holds exactly the positions before and at this one: no causal mask needed.
-            x, _, _ = block(x, encoder_states, encoder_padding_mask=encoder_mask, self_attention_cache=cache,
-                            cross_attention_cache=cross_cache, use_causal_mask=False, training=False)
-            grown.append(cache)
-        return self.logits(x)[:, -1, :], grown
+    def decoding_weights(self):
+        """The decoder's weights laid out for `decode_step`, read once per generation: each
+        block's query/key/value kernels fused into one matrix (the query's scaled by
+        1/sqrt(head_dim)), attention kernels flattened to plain matrices."""
+        blocks = []
+        for block in self.decoder_blocks:
+            attention, cross = block._self_attention_layer, block._cross_attention_layer
+            scale = 1.0 / math.sqrt(attention._key_dim)
+            heads = attention._num_heads * attention._key_dim  # the attention outputs' width
+            query, key, value = (_dense_weights(layer, self.d_model) for layer in
+                                 (attention._query_dense, attention._key_dense, attention._value_dense))
+            cross_query = _dense_weights(cross._query_dense, self.d_model)
+            blocks.append({
+                "self_norm": _norm_weights(block._self_attention_layer_norm),
+                "qkv": (tf.concat([query[0] * scale, key[0], value[0]], axis=1),
+                        tf.concat([query[1] * scale, key[1], value[1]], axis=0)),
+                "self_output": _dense_weights(attention._output_dense, heads),
+                "cross_norm": _norm_weights(block._cross_attention_layer_norm),
+                "cross_query": (cross_query[0] * scale, cross_query[1] * scale),
+                "cross_output": _dense_weights(cross._output_dense, heads),
+                "feedforward_norm": _norm_weights(block._feedforward_layer_norm),
+                "intermediate": _dense_weights(block._feedforward_intermediate_dense, self.d_model),
+                "activation": block._feedforward_intermediate_dense.activation,
+                "output": _dense_weights(block._feedforward_output_dense, self.ff_dim),
+            })
+        embedding = self.decoder_embedding
+        return {"blocks": blocks, "norm": _norm_weights(self.decoder_norm),
+                "tokens": tf.convert_to_tensor(embedding.token_embedding.embeddings),
+                "positions": tf.convert_to_tensor(embedding.position_embedding.position_embeddings)}
+
+    def decode_step(self, token_ids, position, cache, weights):
+        """Feeds one token per row (token_ids [B], all at window position `position`) and
+        returns its logits [B, V] and the cache with this position's keys and values.
+
+        The same decoder as `decode`, written with plain TensorFlow ops on `weights`
+        (`decoding_weights()`): the Keras layers cost several times more per token, which is
+        what a decoding loop pays for. The keys and values are written into the cache in
+        place (see `_write`): the cache passed in must not be used again, only the one returned.
+        """
+        num_heads, head_dim = self.num_heads, self.d_model // self.num_heads  # as keras-hub's blocks split
+        x = tf.gather(weights["tokens"], token_ids) + weights["positions"][position]  # [B, d_model]
+        keys, values = [], []
+        for i, block in enumerate(weights["blocks"]):
+            qkv = _dense(_layer_norm(x, block["self_norm"]), block["qkv"])
+            query, key, value = tf.split(tf.reshape(qkv, [1, -1, 3 * num_heads, head_dim]), 3, axis=2)
+            keys.append(_write(cache.keys[i], position, key))
+            values.append(_write(cache.values[i], position, value))
+            # Rows after `position` hold no keys of this window yet: attend to the rows up to it.
+            attended = _attend(query[0], keys[i][: position + 1], values[i][: position + 1])
+            x += _dense(tf.reshape(attended, [-1, num_heads * head_dim]), block["self_output"])
+            query = _dense(_layer_norm(x, block["cross_norm"]), block["cross_query"])
+            attended = _attend(tf.reshape(query, tf.shape(cache.cross_keys[i])[1:]), cache.cross_keys[i],
+                               cache.cross_values[i], cache.cross_bias)
+            x += _dense(tf.reshape(attended, [-1, num_heads * head_dim]), block["cross_output"])
+            hidden = block["activation"](_dense(_layer_norm(x, block["feedforward_norm"]), block["intermediate"]))
+            x += _dense(hidden, block["output"])
+        logits = tf.matmul(_layer_norm(x, weights["norm"]), weights["tokens"], transpose_b=True)
+        return logits, cache._replace(keys=keys, values=values)
 
     def call(self, inputs, training=False):
         encoder_ids, decoder_ids = inputs
@@ -114,8 +177,67 @@ class StoryTransformer(keras.Model):
                 "num_heads": self.num_heads, "ff_dim": self.ff_dim, "dropout": self.dropout}
 
 
-def _self_attention_key_value(block, x):
-    """The keys and values [B, 2, T, heads, head_dim] a decoder block's self-attention makes of x."""
-    attention = block._self_attention_layer
-    h = block._self_attention_layer_norm(x) if block.normalize_first else x
-    return keras.ops.stack([attention._key_dense(h), attention._value_dense(h)], axis=1)
+class DecoderCache(NamedTuple):
+    """What decoding a prefix leaves for the next tokens, position-major so that one
+    position's row can be written in place: per block the self-attention keys and values
+    [window, B, heads, head_dim] (rows past the decoded ones are free), the cross-attention
+    keys and values [S, B, heads, head_dim], and the prompt's padding as an additive
+    attention bias [S, B, 1]."""
+
+    keys: list
+    values: list
+    cross_keys: list
+    cross_values: list
+    cross_bias: tf.Tensor
+
+
+def _position_major(x):
+    """[B, T, heads, head_dim] -> [T, B, heads, head_dim]."""
+    return tf.transpose(x, [1, 0, 2, 3])
+
+
+def _write(cache, position, row):
+    """Writes row [1, B, heads, head_dim] at `position` of cache [window, B, heads, head_dim].
+
+    InplaceUpdate is a core op that writes into its input's buffer without copying it
+    (concatenating, or tensor_scatter_nd_update, copies the whole cache at every token). So
+    the buffer must have one owner: `prefill` allocates each cache, and each is passed to
+    one decode_step only.
+    """
+    return tf.raw_ops.InplaceUpdate(x=cache, i=tf.reshape(position, [1]), v=row)
+
+
+def _attend(query, keys, values, bias=None):
+    """One query per row and head [B, heads, head_dim] (already scaled) attends to keys and
+    values [T, B, heads, head_dim]; returns [B, heads, head_dim]. Products and sums rather
+    than batch matmuls: the position-major layout is not a batch matmul's, and for one query
+    per row they cost less than oneDNN's batch-matmul and softmax kernels, whose per-call
+    overhead dominates at small batches."""
+    scores = tf.reduce_sum(keys * query, axis=-1)  # [T, B, heads]
+    if bias is not None:
+        scores += bias
+    weights = tf.exp(scores - tf.reduce_max(scores, axis=0))
+    weights /= tf.reduce_sum(weights, axis=0)
+    return tf.reduce_sum(weights[..., None] * values, axis=0)
+
+
+def _dense_weights(layer, inputs):
+    """A Dense or EinsumDense layer's kernel as an [inputs, outputs] matrix, and its bias [outputs]."""
+    return (tf.reshape(tf.convert_to_tensor(layer.kernel), [inputs, -1]),
+            tf.reshape(tf.convert_to_tensor(layer.bias), [-1]))
+
+
+def _dense(x, weights):
+    kernel, bias = weights
+    return tf.nn.bias_add(tf.matmul(x, kernel), bias)
+
+
+def _norm_weights(layer):
+    return tf.convert_to_tensor(layer.gamma), tf.convert_to_tensor(layer.beta), layer.epsilon
+
+
+def _layer_norm(x, weights):
+    """Layer normalisation over the last axis, as keras.layers.LayerNormalization computes it."""
+    gamma, beta, epsilon = weights
+    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+    return (x - mean) * tf.math.rsqrt(variance + epsilon) * gamma + beta

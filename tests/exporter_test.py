@@ -1,3 +1,4 @@
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -169,6 +170,17 @@ def test_story_does_not_depend_on_the_batch(loaded):
         assert (batch["token_ids"][row] == alone["token_ids"][0]).all()
         assert batch["story"][row] == alone["story"][0]
         np.testing.assert_allclose(batch["log_prob"][row], alone["log_prob"][0], rtol=1e-4)
+
+
+def test_concurrent_requests_do_not_share_caches(loaded):
+    """The decoding loop writes its key/value caches in place: requests running at the same
+    time (as TF Serving runs them) must each get the story they get alone."""
+    requests = [(PROMPTS[i:i + 2], seed) for i in range(4) for seed in (1, 2)]
+    alone = [generate(loaded, prompts, max_new_tokens=30, seed=seed)["token_ids"] for prompts, seed in requests]
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: generate(loaded, r[0], max_new_tokens=30, seed=r[1])["token_ids"], requests))
+    for a, b in zip(alone, together):
+        assert (a == b).all()
 
 
 def test_different_prompts_draw_different_noise(loaded):

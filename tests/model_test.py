@@ -67,11 +67,26 @@ def test_cached_decoding_equals_recomputing_the_prefix(model):
     decoder_ids = ids([2, 9, 10, 11, 12, 13], [2, 3, 4, 5, 6, 7])
     full = model((encoder_ids, decoder_ids)).numpy()
     states, mask = model.encode(encoder_ids)
-    logits, caches, cross = model.prefill(decoder_ids[:, :2], states, mask)
+    logits, cache = model.prefill(decoder_ids[:, :2], states, mask, cache_size=12)
     np.testing.assert_allclose(logits, full[:, :2], atol=1e-4)
-    assert [tuple(c.shape) for c in caches] == [(2, 2, 2, 2, 8)] * 2  # [B, key/value, T, heads, head_dim]
-    assert [tuple(c.shape) for c in cross] == [(2, 2, 4, 2, 8)] * 2
+    # Position-major: [window, B, heads, head_dim] and [S, B, heads, head_dim].
+    assert [tuple(k.shape) for k in cache.keys + cache.values] == [(12, 2, 2, 8)] * 4
+    assert [tuple(k.shape) for k in cache.cross_keys + cache.cross_values] == [(4, 2, 2, 8)] * 4
+    weights = model.decoding_weights()
     for t in range(2, 6):
-        step_logits, caches = model.decode_step(decoder_ids[:, t:t + 1], t, caches, cross, states, mask)
+        step_logits, cache = model.decode_step(decoder_ids[:, t], t, cache, weights)
         np.testing.assert_allclose(step_logits, full[:, t], atol=1e-4)
-    assert caches[0].shape[2] == 6
+
+
+def test_decode_step_reads_no_row_after_its_position(model):
+    """Rows after the position may hold anything (here: keys of a longer prefix)."""
+    encoder_ids = ids([2, 5, 6, 0])
+    states, mask = model.encode(encoder_ids)
+    _, cache = model.prefill(ids([2, 9, 10, 11, 12, 13, 14, 15]), states, mask, cache_size=12)
+    _, fresh = model.prefill(ids([2, 9]), states, mask, cache_size=12)
+    # Rows 0-1 equal a prefill of [2, 9] (the decoder is causal); the rest are another prefix's.
+    stale = fresh._replace(keys=cache.keys, values=cache.values)
+    weights = model.decoding_weights()
+    expected, _ = model.decode_step(ids(20), 2, fresh, weights)
+    got, _ = model.decode_step(ids(20), 2, stale, weights)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
