@@ -73,17 +73,22 @@ def run_pipeline(f) -> dict:
     shapes = dict(max_prompt_tokens=f.max_prompt_tokens, max_story_tokens=f.max_story_tokens)
     if f.tune:
         tune_parameters = dict(_values(f, "tuner", "max_trials", "max_epochs_per_trial", "tune_steps_per_epoch",
-                                       "tune_time_budget", "tune_workers", "batch_size", "weight_decay", "seed"),
+                                       "tune_time_budget", "tune_workers", "batch_size", "weight_decay", "seed",
+                                       "lr_schedule", "clip_norm"),
                                base_config=dict(hparams, vocab_size=vocab_size, **shapes))
         tuned = run.step(
             "tuner", lambda out: tuner.tune(
                 examples, tokenized["outputs"]["path"], out, base_config=tune_parameters["base_config"],
                 tuner=f.tuner, max_trials=f.max_trials, max_epochs_per_trial=f.max_epochs_per_trial,
                 steps_per_epoch=f.tune_steps_per_epoch, time_budget=f.tune_time_budget, workers=f.tune_workers,
-                batch_size=f.batch_size, weight_decay=f.weight_decay, seed=f.seed),
+                batch_size=f.batch_size, weight_decay=f.weight_decay, seed=f.seed, lr_schedule=f.lr_schedule,
+                clip_norm=f.clip_norm),
             inputs={"examples": examples, "tokenizer": tokenized["outputs"]["path"]}, parameters=tune_parameters,
-            describe=lambda m: (f"{m['completed_trials']} trials, best val_loss {m['best_val_loss']:.3f}: "
-                                f"{m['best_hparams']}"))
+            # A member of a tuning cluster must join the search: a cached result would leave the others waiting.
+            cacheable=tuner.cluster_role() is None, describe=tuner.describe)
+        if tuner.is_cluster_worker():
+            print("[pipeline] tuned as a tuning-cluster worker; the chief trains with the best values.", flush=True)
+            return tuned
         hparams = tuned["metrics"]["best_hparams"]
 
     # Trainer: fit the Transformer on tf.data batches (the transform, built on demand).
