@@ -1,0 +1,333 @@
+"""Training throughput: storygen's trainer against the same model in PyTorch, eager and compiled.
+
+Part of `python -m benchmarks.run` (section `training`); see that module for the protocol.
+Every peer trains on the same batches: one epoch of the pipeline's real bucketed batches of the
+built-in corpus (`transform.training_batches`, shuffled and grouped by length as the trainer gets them)
+is made once, and a few of them, picked evenly over the epoch's decoder lengths so that their
+length mix is the epoch's, are saved as numpy arrays; each peer turns them into its own tensors
+before anything is timed. A timed run is one optimizer step on each of those batches, fetching
+the loss, token count and gradient norm after every step as `Trainer.fit` does.
+
+- storygen: `components.trainer.Trainer._train_step` (the trainer's compiled step under the
+  default strategy; `mixed_precision=True` for bf16; no XLA: `jit_compile` recompiles for every
+  batch shape, and bucketed batches come in a hundred shapes per epoch);
+- torch eager / torch.compile: `benchmarks.torch_peers.TrainStep` (nn.Transformer layers,
+  AdamW fused, the same global-norm clipping; bf16: CPU autocast; compile: `dynamic=True`, the
+  graph that default automatic-dynamic compilation ends up with after the second batch shape,
+  compiled once instead of twice), each with OMP_WAIT_POLICY=PASSIVE and unset, the better kept.
+
+Model FLOPs count every matmul of the model on the batch's tensor shapes (padding included,
+which is what both frameworks compute; padding is reported separately): attention projections,
+attention scores and values, feed-forward, output projection, times 3 for forward and backward.
+MFU divides achieved FLOP/s by the best large-matmul FLOP/s of this machine, measured in the same
+run with tf.matmul and torch.mm (2048 and, in the full run, 4096 square; before and after the
+training runs; the highest of all).
+"""
+
+import json
+import os
+import time
+
+# d_model 256, 4+4 layers, 4 heads, feed-forward 1024, vocabulary 8000 (the built-in corpus's
+# tokenizer stops at ~1700 pieces, so the ids use only part of it; the matmuls are full size).
+FULL = dict(model=dict(vocab_size=8000, max_prompt_tokens=64, max_story_tokens=384, d_model=256, num_layers=4,
+                       num_heads=4, ff_dim=1024, dropout=0.0),
+            builtin_count=6000, tokenizer_vocab=8000, batch_size=32, steps=4, seed=42)
+QUICK = dict(model=dict(vocab_size=0, max_prompt_tokens=64, max_story_tokens=384, d_model=64, num_layers=1,
+                        num_heads=2, ff_dim=256, dropout=0.0),
+             builtin_count=1000, tokenizer_vocab=2000, batch_size=32, steps=2, seed=42)
+
+
+def config(quick: bool) -> dict:
+    return json.loads(json.dumps(QUICK if quick else FULL))
+
+
+# ---------------------------------------------------------------------- FLOPs
+
+
+def forward_flops(batch: int, encoder_length: int, decoder_length: int, *, d_model: int, num_layers: int,
+                  ff_dim: int, vocab_size: int, **_) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one forward pass on a [batch, S] x [batch, T] batch."""
+    b, s, t, d = batch, encoder_length, decoder_length, d_model
+    encoder_layer = (8 * b * s * d * d          # q, k, v and output projections
+                     + 4 * b * s * s * d        # scores q.k and the weighted sum of values
+                     + 4 * b * s * d * ff_dim)  # two feed-forward matmuls
+    decoder_layer = (8 * b * t * d * d + 4 * b * t * t * d         # causal self-attention (full matrices)
+                     + 4 * b * t * d * d + 4 * b * s * d * d       # cross-attention: q, output; k, v of the prompt
+                     + 4 * b * t * s * d                           # cross-attention scores and values
+                     + 4 * b * t * d * ff_dim)
+    output = 2 * b * t * d * vocab_size  # tied output projection
+    return num_layers * (encoder_layer + decoder_layer) + output
+
+
+def training_flops(batch: int, encoder_length: int, decoder_length: int, **model_config) -> int:
+    """Forward and backward (the backward pass does twice the forward's matmuls)."""
+    return 3 * forward_flops(batch, encoder_length, decoder_length, **model_config)
+
+
+# ---------------------------------------------------------------------- the batches
+
+
+def representative(lengths: list[int], count: int) -> list[int]:
+    """Indices of `count` batches picked evenly over the sorted lengths (the epoch's mix in small).
+
+    >>> representative([50, 10, 40, 20, 30], 2)
+    [3, 2]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[min(len(order) - 1, int((k + 0.5) * len(order) / count))] for k in range(count)]
+
+
+def padding_stats(batches) -> dict:
+    """Padded share of the token slots of (encoder_ids, decoder_ids, targets) numpy batches."""
+    import numpy as np
+
+    slots = {"encoder": 0, "decoder": 0}
+    real = {"encoder": 0, "decoder": 0}
+    for encoder_ids, _, targets in batches:
+        slots["encoder"] += encoder_ids.size
+        real["encoder"] += int(np.count_nonzero(encoder_ids))
+        slots["decoder"] += targets.size
+        real["decoder"] += int(np.count_nonzero(targets))
+    waste = {k: 1 - real[k] / max(slots[k], 1) for k in slots}
+    waste["all"] = 1 - sum(real.values()) / max(sum(slots.values()), 1)
+    return waste
+
+
+def prepare(out_dir: str, quick: bool) -> dict:
+    """Ingest the built-in corpus, train the tokenizer, make one epoch of training batches and
+    save the representative ones to batches.npz. Returns what the peers and the report need."""
+    import numpy as np
+
+    from components import ingest, tokenizer, transform
+
+    c = config(quick)
+    examples, tokenizer_dir = os.path.join(out_dir, "examples"), os.path.join(out_dir, "tokenizer")
+    os.makedirs(examples, exist_ok=True)
+    os.makedirs(tokenizer_dir, exist_ok=True)
+    ingest.ingest("builtin:fairy_tales", examples, seed=c["seed"], eval_fraction=0.05, test_fraction=0.05,
+                  num_shards=2, window_bytes=1024, max_chars=1_000_000, max_bad_fraction=0.01,
+                  builtin_count=c["builtin_count"], builtin_langs=["zh", "en"])
+    report = tokenizer.train_tokenizer(examples, tokenizer_dir, vocab_size=c["tokenizer_vocab"], seed=c["seed"])
+    tok = tokenizer.make_tokenizer(tokenizer.load_proto(tokenizer_dir))
+    shapes = {k: c["model"][k] for k in ("max_prompt_tokens", "max_story_tokens")}
+    data = transform.training_batches(examples, "train", tok, batch_size=c["batch_size"], shuffle=True,
+                                      seed=c["seed"], **shapes)
+    epoch = [(e.numpy(), d.numpy(), t.numpy()) for (e, d), t in data]
+    chosen = representative([t.shape[1] for _, _, t in epoch], c["steps"])
+    arrays = {}
+    for i, index in enumerate(chosen):
+        for name, array in zip(("encoder", "decoder", "targets"), epoch[index]):
+            arrays[f"{name}_{i}"] = array
+    np.savez(os.path.join(out_dir, "batches.npz"), **arrays)
+    model_config = dict(c["model"], vocab_size=max(c["model"]["vocab_size"], report["vocab_size"]))
+    return {"examples_dir": examples, "tokenizer_dir": tokenizer_dir, "batches": os.path.join(out_dir, "batches.npz"),
+            "model_config": model_config, "tokenizer_vocab": report["vocab_size"], "epoch_batches": len(epoch),
+            "epoch_examples": sum(t.shape[0] for _, _, t in epoch),
+            "epoch_mean_decoder_length": float(np.mean([t.shape[1] for _, _, t in epoch])),
+            "sample_decoder_lengths": [int(epoch[i][2].shape[1]) for i in chosen],
+            "sample_encoder_lengths": [int(epoch[i][0].shape[1]) for i in chosen],
+            "padding": padding_stats(epoch), "sample_padding": padding_stats([epoch[i] for i in chosen])}
+
+
+def load_batches(path: str) -> list:
+    import numpy as np
+
+    with np.load(path) as arrays:
+        count = sum(1 for name in arrays.files if name.startswith("targets_"))
+        return [(arrays[f"encoder_{i}"], arrays[f"decoder_{i}"], arrays[f"targets_{i}"]) for i in range(count)]
+
+
+def batches_work(batches, model_config) -> dict:
+    """Examples, non-padding target tokens and training FLOPs of one pass over the batches."""
+    import numpy as np
+
+    return {"examples": sum(int(t.shape[0]) for _, _, t in batches),
+            "tokens": sum(int(np.count_nonzero(t)) for _, _, t in batches),
+            "flops": sum(training_flops(t.shape[0], e.shape[1], t.shape[1], **model_config) for e, _, t in batches)}
+
+
+# ---------------------------------------------------------------------- the peers (worker processes)
+
+
+def prepare_worker(out_dir: str, quick: bool):
+    """Worker: one `prepare` op."""
+    return {"prepare": lambda: prepare(out_dir, quick)}
+
+
+def tf_matmul_peak(dtype: str, n: int = 2048, seconds: float = 1.0) -> float:
+    import tensorflow as tf
+
+    a = tf.cast(tf.random.normal([n, n]), dtype)
+    b = tf.cast(tf.random.normal([n, n]), dtype)
+    matmul = tf.function(lambda a, b: tf.reduce_sum(tf.cast(tf.matmul(a, b)[:1, :1], tf.float32)))
+    matmul(a, b).numpy()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        matmul(a, b).numpy()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def storygen_worker(batches_path: str, model_config: dict, mixed_precision: bool):
+    """Worker: storygen's Trainer step on the saved batches, in order, one step per batch."""
+    import keras
+    import tensorflow as tf
+
+    from components.trainer import Trainer
+
+    batches = load_batches(batches_path)
+    keras.utils.set_random_seed(0)
+    trainer = Trainer(model_config, learning_rate=1e-3, warmup_steps=10, total_steps=1_000_000,
+                      mixed_precision=mixed_precision)
+    dataset = None
+    for encoder_ids, decoder_ids, targets in batches:
+        one = tf.data.Dataset.from_tensors(((encoder_ids, decoder_ids), targets))
+        dataset = one if dataset is None else dataset.concatenate(one)
+    iterator = iter(trainer.strategy.experimental_distribute_dataset(dataset.repeat()))
+    work = batches_work(batches, model_config)
+
+    def run():
+        start, tokens = time.perf_counter(), 0.0
+        for _ in batches:
+            loss_sum, batch_tokens, norm = trainer._train_step(iterator)
+            # As Trainer.fit does after every step.
+            loss_sum, batch_tokens, norm = float(loss_sum), float(batch_tokens), float(norm)
+            tokens += batch_tokens
+        seconds = time.perf_counter() - start
+        assert int(tokens) == work["tokens"], (tokens, work["tokens"])
+        return dict(work, seconds=seconds)
+
+    return {"info": lambda: {"mixed_precision": trainer.mixed_precision, **work},
+            "run": run, "peak": tf_matmul_peak}
+
+
+def torch_worker(batches_path: str, model_config: dict, compile: bool, bf16: bool):
+    """Worker: the PyTorch peer's step on the saved batches (converted to torch tensors first)."""
+    import torch
+
+    from benchmarks import torch_peers
+
+    torch.manual_seed(0)
+    batches = load_batches(batches_path)
+    tensors = [tuple(torch.from_numpy(a.astype("int64")) for a in batch) for batch in batches]
+    step = torch_peers.TrainStep(torch_peers.make_model(model_config), compile=compile, bf16=bf16)
+    work = batches_work(batches, model_config)
+
+    def run():
+        start, tokens = time.perf_counter(), 0
+        for encoder_ids, decoder_ids, targets in tensors:
+            tokens += step(encoder_ids, decoder_ids, targets)[1]
+        seconds = time.perf_counter() - start
+        assert tokens == work["tokens"], (tokens, work["tokens"])
+        return dict(work, seconds=seconds)
+
+    def peak(dtype: str, n: int = 2048, seconds: float = 1.0):
+        return torch_peers.matmul_flops_per_second(n, getattr(torch, dtype), seconds)
+
+    return {"info": lambda: {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get(
+                "OMP_WAIT_POLICY", "unset"), **work},
+            "run": run, "peak": peak}
+
+
+# ---------------------------------------------------------------------- the section
+
+
+OMP_SETTINGS = ("PASSIVE", None)  # None: unset, libgomp's default (spin a while, then sleep)
+
+
+def omp_name(setting) -> str:
+    return setting or "unset"
+
+
+def run_section(h, prep: dict) -> dict:
+    """Measures every peer; adds rows to the harness `h`; returns storygen's best examples/s
+    (the input pipeline section compares with it)."""
+    from benchmarks import run as harness
+
+    model_config = prep["model_config"]
+    omp_settings = OMP_SETTINGS[:1] if h.quick else OMP_SETTINGS
+    h.note(f"training: {prep['epoch_batches']} batches of {config(h.quick)['batch_size']} per epoch (built-in "
+           f"corpus, tokenizer {prep['tokenizer_vocab']} pieces); timed on {len(prep['sample_decoder_lengths'])} of "
+           f"them, decoder lengths {prep['sample_decoder_lengths']} (epoch mean "
+           f"{prep['epoch_mean_decoder_length']:.0f}); model {json.dumps(model_config)}")
+    padding = prep["padding"]
+    h.row("training: padding waste (one epoch)", "% real slots", 100 * (1 - padding["all"]), "no padding", 100.0,
+          target=0.95, note=f"padded slots: {100 * padding['all']:.1f}% (targets {100 * padding['decoder']:.1f}%, "
+                            f"prompts {100 * padding['encoder']:.1f}%)")
+
+    # The machine's matmul peak, from both libraries, alternating; measured before and after the
+    # training runs (a busy shared host lowers it for a while), the best of all kept.
+    peak_workers = {"tf": h.worker("peak-tf", "benchmarks.training:storygen_worker",
+                                   batches_path=prep["batches"], model_config=model_config, mixed_precision=False),
+                    "torch": h.worker("peak-torch", "benchmarks.training:torch_worker", env={"OMP_WAIT_POLICY": "PASSIVE"},
+                                      batches_path=prep["batches"], model_config=model_config, compile=False, bf16=False)}
+    peak_runs = {"float32": {}, "bfloat16": {}}
+
+    def measure_peaks():
+        for dtype, runs in peak_runs.items():
+            for n in (2048,) if h.quick else (2048, 4096):
+                stats = harness.alternate({name: (lambda w=w: w.call("peak", dtype=dtype, n=n, seconds=1.0))
+                                           for name, w in peak_workers.items()}, repeats=2)
+                for name, stat in stats.items():
+                    runs[(name, n)] = max(runs.get((name, n), 0.0), stat.max)
+
+    measure_peaks()
+    peaks = {}
+    best_examples = 0.0
+    results_by_precision = {}
+    for precision in ("fp32", "bf16"):
+        bf16 = precision == "bf16"
+        workers = {"storygen": h.worker(f"storygen-{precision}", "benchmarks.training:storygen_worker",
+                                        batches_path=prep["batches"], model_config=model_config, mixed_precision=bf16)}
+        for mode in ("eager", "compile"):
+            for setting in omp_settings:
+                workers[f"torch {mode} OMP {omp_name(setting)}"] = h.worker(
+                    f"torch-{mode}-{precision}-{omp_name(setting)}", "benchmarks.training:torch_worker",
+                    env={"OMP_WAIT_POLICY": setting}, batches_path=prep["batches"], model_config=model_config,
+                    compile=mode == "compile", bf16=bf16)
+        if bf16 and not workers["storygen"].call("info")["mixed_precision"]:
+            h.note("training bf16: this CPU has no bf16 support; skipped")
+            for w in workers.values():
+                w.close()
+            continue
+        for w in workers.values():
+            w.call("run")  # warm-up: tracing, torch.compile, oneDNN primitive caches
+        results = harness.alternate({name: (lambda w=w: w.call("run")) for name, w in workers.items()},
+                                    repeats=h.repeats)
+        for w in workers.values():
+            w.close()
+        results_by_precision[precision] = results
+    measure_peaks()
+    for w in peak_workers.values():
+        w.close()
+    for dtype, runs in peak_runs.items():
+        (framework, n), peaks[dtype] = max(runs.items(), key=lambda item: item[1])
+        h.note(f"matmul peak {dtype}: {peaks[dtype] / 1e9:.0f} GFLOP/s ({'tf.matmul' if framework == 'tf' else 'torch.mm'}"
+               f" {n}x{n}); " + ", ".join(f"{'tf' if f == 'tf' else 'torch'} {m}: {v / 1e9:.0f}"
+                                          for (f, m), v in sorted(runs.items()))
+               + " GFLOP/s (best of 2 x 1 s each, before and after the training runs)")
+
+    for precision, results in results_by_precision.items():
+        bf16 = precision == "bf16"
+        peak = peaks["bfloat16" if bf16 else "float32"]
+        rates = {name: s.map(lambda r: r["tokens"] / r["seconds"]) for name, s in results.items()}
+        flops = {name: s.map(lambda r: r["flops"] / r["seconds"]) for name, s in results.items()}
+        ours = rates["storygen"]
+        examples = results["storygen"].map(lambda r: r["examples"] / r["seconds"])
+        best_examples = max(best_examples, examples.median)
+        for mode, label in (("eager", "torch eager"), ("compile", "torch.compile")):
+            names = [n for n in rates if n.startswith(f"torch {mode} ")]
+            best = max(names, key=lambda n: rates[n].median)
+            h.note(f"training {precision} {label}: " + ", ".join(
+                f"OMP_WAIT_POLICY={n.rsplit(' ', 1)[1]} {rates[n].median:.0f} tokens/s" for n in names)
+                + f" -> {best.rsplit(' ', 1)[1]}")
+            h.row(f"training {precision}: tokens/s vs {label}", "tokens/s", ours, f"{label} {precision}, OMP "
+                  f"{best.rsplit(' ', 1)[1]}", rates[best], target=1.5)
+            h.row(f"training {precision}: MFU vs {label}", "% of peak", flops["storygen"].scale(100 / peak), label,
+                  flops[best].scale(100 / peak))
+        h.row(f"training {precision}: MFU", "% of peak", flops["storygen"].scale(100 / peak),
+              f"{'bf16' if bf16 else 'fp32'} matmul peak {peak / 1e9:.0f} GFLOP/s", 100.0,
+              target=0.60 if bf16 else 0.70, note=f"storygen {flops['storygen'].median / 1e9:.0f} GFLOP/s")
+    return {"examples_per_second": best_examples}

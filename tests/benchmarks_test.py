@@ -1,0 +1,154 @@
+"""Tests of the benchmark harness (benchmarks/run.py and its sections): the FLOP counter, the
+row format and ratio orientation, the worker protocol, and the PyTorch peer's cached decoding.
+The PyTorch tests skip when torch is not installed (CI installs only '.[dev]')."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # benchmarks/ is not an installed package
+
+from benchmarks import run, training  # noqa: E402
+
+
+def test_forward_flops_hand_computed():
+    # B=2, S=3, T=5, d=4, ff=8, V=10, one layer of each, counted by hand:
+    # encoder: projections 8*2*3*4*4=768, attention 4*2*3*3*4=288, feed-forward 4*2*3*4*8=768 -> 1824
+    # decoder: self projections 8*2*5*4*4=1280, self attention 4*2*5*5*4=800,
+    #          cross q+out 4*2*5*4*4=640, cross k+v 4*2*3*4*4=384, cross attention 4*2*5*3*4=480,
+    #          feed-forward 4*2*5*4*8=1280 -> 4864
+    # output projection 2*2*5*4*10=800
+    config = dict(d_model=4, num_layers=1, ff_dim=8, vocab_size=10, num_heads=2, max_prompt_tokens=9)
+    assert training.forward_flops(2, 3, 5, **config) == 1824 + 4864 + 800
+    assert training.training_flops(2, 3, 5, **config) == 3 * (1824 + 4864 + 800)
+    # Layers add linearly; the output projection does not repeat.
+    assert training.forward_flops(2, 3, 5, **dict(config, num_layers=3)) == 3 * (1824 + 4864) + 800
+
+
+def test_representative_batches_and_padding():
+    assert training.representative([50, 10, 40, 20, 30], 2) == [3, 2]
+    assert sorted(training.representative(list(range(8)), 8)) == list(range(8))
+    np = pytest.importorskip("numpy")
+    batch = (np.array([[2, 5, 0, 0]]), np.array([[2, 7, 8, 0]]), np.array([[7, 8, 3, 0]]))
+    waste = training.padding_stats([batch])
+    assert waste == {"encoder": 0.5, "decoder": 0.25, "all": 3 / 8}
+
+
+def test_rows_are_oriented_so_that_higher_is_better():
+    faster = run.make_row("rate", "tokens/s", run.Stat([90.0, 100.0, 120.0]), "peer", run.Stat([40.0, 50.0, 70.0]),
+                          target=1.5)
+    assert list(faster) == list(run.ROW_KEYS)
+    assert (faster["ours"], faster["peer_value"], faster["ratio"], faster["target"]) == (100.0, 50.0, 2.0, 1.5)
+    assert run.met(faster) is True
+    # A latency: lower is better, so the ratio is peer / ours.
+    slower = run.make_row("p50", "ms", 20.0, "peer", 10.0, higher_is_better=False)
+    assert slower["ratio"] == 0.5 and slower["target"] is None and run.met(slower) is None
+    assert run.make_row("alone", "s/MB", 1.0, None, None)["ratio"] is None
+
+
+def test_alternate_rotates_who_goes_first():
+    calls = []
+    stats = run.alternate({name: (lambda name=name: calls.append(name) or len(calls)) for name in "abc"}, repeats=3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert stats["a"].values == [1, 6, 8] and stats["a"].median == 6 and stats["a"].spread() == "1-8"
+
+
+def process_state(pid, wanted, seconds=5.0):
+    """The process's state letter from /proc, waiting up to `seconds` for `wanted` (signals land asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(") ", 1)[1][0]
+        if state == wanted or time.monotonic() > deadline:
+            return state
+        time.sleep(0.01)
+
+
+def test_worker_protocol_and_json_for_a_fake_section(tmp_path):
+    h = run.Harness(quick=True, repeats=3, work_dir=str(tmp_path))
+    try:
+        ours = h.worker("ours", "benchmarks.run:selftest_worker", scale=3.0)
+        peer = h.worker("peer", "benchmarks.run:selftest_worker", scale=2.0)
+        assert ours.call("times", x=2) == 6.0
+        # Between calls a worker is stopped, so it cannot take CPU from the peer being timed.
+        assert process_state(ours.proc.pid, wanted="T") == "T"
+        stats = run.alternate({"ours": lambda: ours.call("times", x=10), "peer": lambda: peer.call("times", x=10)}, 3)
+        h.section = "fake"
+        h.row("fake: rate", "items/s", stats["ours"], "peer", stats["peer"], target=1.4)
+        h.row("fake: latency", "ms", stats["ours"], "peer", stats["peer"], higher_is_better=False)
+        with pytest.raises(run.WorkerError, match="ZeroDivisionError"):
+            ours.call("fail")
+        assert ours.call("times", x=1) == 3.0  # a failed op leaves the worker usable
+    finally:
+        h.close()
+    assert ours.proc.returncode == 0 and peer.proc.returncode == 0
+    rows = [row for _, row, _, _ in h.rows]
+    assert [(r["ours"], r["peer_value"], r["ratio"]) for r in rows] == [(30.0, 20.0, 1.5), (30.0, 20.0, 20.0 / 30.0)]
+    assert json.loads(json.dumps(rows)) == rows
+    printed = run.table(h.rows, h.notes)
+    assert "fake: rate" in printed and "1.50x" in printed and "yes" in printed
+
+
+def test_cli_rejects_unknown_sections():
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "training,nonsense"])
+    args = run.parse_args(["--quick", "--only", "decoding, serving"])
+    assert args.sections == ["decoding", "serving"] and args.repeats == 2
+
+
+def test_torch_cached_greedy_equals_uncached():
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_peers
+
+    torch.manual_seed(0)
+    model = torch_peers.TorchStoryTransformer(vocab_size=60, max_prompt_tokens=10, max_story_tokens=24, d_model=16,
+                                              num_layers=2, num_heads=2, ff_dim=32).double()
+    # Two prompts, one padded: the cache must respect the prompt's padding mask too.
+    prompts = torch.tensor([[2, 5, 6, 7, 0, 0], [2, 8, 9, 10, 11, 12]])
+    cached = torch_peers.CachedDecoder(model).generate(prompts, 20)
+    assert cached.shape == (2, 20)
+    assert torch.equal(cached, torch_peers.greedy_recompute(model, prompts, 20))
+    assert len(set(cached.flatten().tolist())) > 1  # not a degenerate constant sequence
+
+
+def test_torch_train_step_matches_the_loss_definition():
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_peers
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=40, max_prompt_tokens=8, max_story_tokens=8, d_model=16, num_layers=1, num_heads=2,
+                  ff_dim=32)
+    model = torch_peers.make_model(config)
+    encoder_ids = torch.tensor([[2, 5, 6, 0], [2, 7, 8, 9]])
+    decoder_ids = torch.tensor([[2, 10, 11, 12, 0], [2, 13, 14, 0, 0]])
+    targets = torch.tensor([[10, 11, 12, 3, 0], [13, 14, 3, 0, 0]])
+    with torch.no_grad():
+        logits = model(encoder_ids, decoder_ids)
+    expected = torch.nn.functional.cross_entropy(logits[targets != 0], targets[targets != 0], reduction="sum")
+    step = torch_peers.TrainStep(model, clip_norm=1e-6)
+    loss_sum, tokens, norm = step(encoder_ids, decoder_ids, targets)
+    assert tokens == 7 and loss_sum == pytest.approx(float(expected), rel=1e-5) and norm > 1e-6
+    # Embeddings are not decayed, matrices are.
+    groups = step.optimizer.param_groups
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+    assert any(p is model.decoder_token.weight for p in groups[1]["params"])
+
+
+def test_quick_input_pipeline_end_to_end(tmp_path):
+    """The real thing, smallest: `--quick --only input_pipeline --json` (ingest, tokenizer, tf.data, trainer)."""
+    out = tmp_path / "rows.json"
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--only", "input_pipeline",
+                           "--repeats", "1", "--json", str(out), "--work_dir", str(tmp_path / "work")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["name"] == "input pipeline: examples/s vs trainer" and row["target"] == 10.0
+    assert row["ours"] > 0 and row["peer_value"] > 0
+    assert row["ratio"] == pytest.approx(row["ours"] / row["peer_value"])
+    assert "input pipeline: examples/s vs trainer" in proc.stdout
