@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_FLAGS
+from serving_fixtures import free_ports
 
 
 def pipeline_root_with_inputs(tiny_pipeline, root):
@@ -33,16 +33,6 @@ def pipeline_command(root, *extra):
 
 def env(**extra):
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO, **extra)
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def trainer_manifest(runs):

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import urllib.request
 import pytest
 
 from components import evaluator
+from serving_fixtures import free_ports
 
 
 def read_json(path):
@@ -82,12 +82,6 @@ def test_uniform_model_perplexity_is_the_vocabulary_size():
     assert summary["bits_per_char"] == pytest.approx(50 * math.log2(vocab) / 100)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url, data=None):
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -96,7 +90,7 @@ def _get(url, data=None):
 
 def test_tensorboard_serves_scalars_samples_and_hparams(tiny_pipeline):
     logdir = os.path.join(tiny_pipeline.pipeline_root, "first")
-    port = _free_port()
+    [port] = free_ports(1)
     tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")
     process = subprocess.Popen([tensorboard, "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port),
                                 "--reload_interval", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
