@@ -191,8 +191,8 @@ class Trainer:
             keras.config.set_dtype_policy(policy)
         # What gets saved and writes the sample stories: a float32 copy (bf16 is for training speed).
         self.float32_model = build_model(model_config)
-        # The epoch's running sums (loss, tokens, gradient norms, steps), so that a run resumed
-        # mid-epoch reports the same epoch metrics as an uninterrupted one.
+        # The epoch's running sums (loss, tokens, gradient norms, steps) as of the last checkpoint,
+        # so that a run resumed mid-epoch reports the same epoch metrics as an uninterrupted one.
         self.epoch_sums = tf.Variable(tf.zeros([4], tf.float64), trainable=False)
         self.checkpoint = tf.train.Checkpoint(model=list(self.model.variables), optimizer=list(self.optimizer.variables),
                                               epoch_sums=self.epoch_sums)
@@ -312,10 +312,10 @@ class Trainer:
                 batch_loss, batch_tokens, norm = float(batch_loss), float(batch_tokens), float(norm)
                 loss_sum, tokens, norm_sum, steps = loss_sum + batch_loss, tokens + batch_tokens, norm_sum + norm, steps + 1
                 epoch_tokens += batch_tokens
-                self.epoch_sums.assign([loss_sum, tokens, norm_sum, steps])
                 writers.step_scalars(step + 1, loss=batch_loss / max(batch_tokens, 1.0),
                                      learning_rate=self._learning_rate(), gradient_norm=norm)
                 if manager and (step + 1) % checkpoint_every_steps == 0:
+                    self.epoch_sums.assign([loss_sum, tokens, norm_sum, steps])
                     manager.save(checkpoint_number=step + 1)
                     print(f"[trainer] checkpoint at step {step + 1}", flush=True)
                 if time_budget and time.time() - start_time > time_budget:
@@ -336,6 +336,7 @@ class Trainer:
             callbacks.on_epoch_end(epoch, dict(logs))
             if manager:
                 _write_json(history_path, history)
+                self.epoch_sums.assign([loss_sum, tokens, norm_sum, steps])
                 manager.save(checkpoint_number=self.step)
             if (stopped == "completed" and self.step < total_steps
                     and _no_improvement(history["val_loss"], early_stopping_patience)):
