@@ -1,8 +1,9 @@
 """Input pipeline: examples/s that `transform.training_batches` makes against what the trainer eats.
 
-Part of `python -m benchmarks.run` (section `input_pipeline`). A timed run is one full pass of
-the training split through the whole pipeline the trainer gets: read the TFRecord shards, parse,
-shuffle, tokenize in-graph, bucket by length, pad and batch. The consumer is storygen's trainer:
+Part of `python -m benchmarks.run` (section `input_pipeline`). A timed run is one epoch of
+the training stream (as many stories as the split holds) through the whole pipeline the
+trainer gets: read the TFRecord shards, parse, shuffle, tokenize in-graph, bucket by length,
+pad and batch. The consumer is storygen's trainer:
 its examples/s from the training section of the same run (its faster precision), or, when that
 section is not run, its step (bf16 where the CPU has it) on the same batches, timed in turns
 with the pipeline passes. Target: the pipeline makes at least 10x what the trainer consumes,
@@ -14,7 +15,7 @@ import time
 
 def pipeline_worker(examples_dir: str, tokenizer_dir: str, batch_size: int, max_prompt_tokens: int,
                     max_story_tokens: int, seed: int):
-    """Worker: one `epoch` op, a full pass of training_batches."""
+    """Worker: one `epoch` op, an epoch of training_batches (as many stories as the split holds)."""
     from components import tokenizer, transform
 
     tok = tokenizer.make_tokenizer(tokenizer.load_proto(tokenizer_dir))
@@ -22,8 +23,9 @@ def pipeline_worker(examples_dir: str, tokenizer_dir: str, batch_size: int, max_
     def epoch():
         data = transform.training_batches(examples_dir, "train", tok, batch_size=batch_size, shuffle=True, seed=seed,
                                           max_prompt_tokens=max_prompt_tokens, max_story_tokens=max_story_tokens)
+        steps = transform.batches_per_epoch(examples_dir, "train", batch_size)
         start, examples, batches = time.perf_counter(), 0, 0
-        for _, targets in data:
+        for _, targets in data.take(steps):
             examples += int(targets.shape[0])
             batches += 1
         return {"examples": examples, "batches": batches, "seconds": time.perf_counter() - start}
@@ -58,6 +60,6 @@ def run_section(h, prep: dict, consumption: dict | None):
         peer = "trainer (training section's best storygen)"
     pipeline.close()
     first = stats["pipeline"].values[0]
-    h.note(f"input pipeline: one pass = {first['examples']} examples in {first['batches']} batches of up to "
+    h.note(f"input pipeline: one epoch = {first['examples']} examples in {first['batches']} batches of "
            f"{c['batch_size']} (read, parse, shuffle, tokenize, bucket, batch)")
     h.row("input pipeline: examples/s vs trainer", "examples/s", made, peer, eaten, target=10.0)

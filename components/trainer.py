@@ -136,10 +136,13 @@ def token_loss_sum(targets, logits, label_smoothing: float = 0.0):
     """
     logits = tf.cast(logits, tf.float32)
     mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
-    log_probs = tf.nn.log_softmax(logits)
-    nll = -tf.gather(log_probs, targets, batch_dims=2)
+    # The fused kernel makes the loss and its gradient in one pass over the [B, T, V] logits,
+    # without keeping log-probabilities: this loss reads the largest tensor of the step.
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
+        # mean log p = mean(logits) - logsumexp(logits), and logsumexp(logits) = nll + target logit.
+        log_sum_exp = nll + tf.gather(logits, targets, batch_dims=2)
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * (tf.reduce_mean(logits, axis=-1) - log_sum_exp)
     return tf.reduce_sum(nll * mask), tf.reduce_sum(mask)
 
 
@@ -259,9 +262,9 @@ class Trainer:
             tokenizer=None, callbacks=(), profile_steps=None) -> dict:
         """Trains to `total_steps` (default: epochs x steps_per_epoch), evaluating at each epoch's end.
 
-        train_data: one pass of ((encoder_ids, decoder_ids), targets) batches, shuffled
-        deterministically (the same seed gives the same stream, so a resumed run can skip to
-        its step). Returns the history: per-epoch lists of loss, val_loss, perplexity,
+        train_data: ((encoder_ids, decoder_ids), targets) batches, shuffled deterministically
+        (the same seed gives the same stream, so a resumed run can skip to its step): the
+        endless stream of `transform.training_batches`, or one pass, which is repeated. Returns the history: per-epoch lists of loss, val_loss, perplexity,
         val_perplexity, tokens_per_second, learning_rate and gradient_norm, and how it ended.
         Keras `callbacks` get on_train_begin/on_epoch_begin/on_epoch_end/on_train_end (KerasTuner
         trials use them); one setting `model.stop_training` ends training after that epoch.

@@ -59,14 +59,20 @@ def bucket_boundaries(max_story_tokens: int) -> list[int]:
 
 def training_batches(examples_dir: str, split: str, tokenizer, *, batch_size: int, max_prompt_tokens: int,
                      max_story_tokens: int, shuffle: bool, seed: int = 0) -> tf.data.Dataset:
-    """((encoder_ids, decoder_ids), targets) batches as Keras `fit` takes them; with `shuffle`
-    (for training) they are shuffled and bucketed by story length."""
+    """((encoder_ids, decoder_ids), targets) batches as Keras `fit` takes them.
+
+    With `shuffle` (for training) the stream is endless: the split, reshuffled on each pass,
+    grouped into batches of `batch_size` stories from one length bucket. Buckets fill across
+    passes, so every batch is full (flushing them at the end of each pass would end every
+    epoch with a few small batches in length order). An epoch is `batches_per_epoch` steps.
+    Without `shuffle`: one pass in order.
+    """
     features = example_features(examples_dir, split, tokenizer, max_prompt_tokens=max_prompt_tokens,
                                 max_story_tokens=max_story_tokens, shuffle=shuffle, seed=seed)
     features = features.map(lambda f: {k: f[k] for k in ("encoder_ids", "decoder_ids", "targets")})
     if shuffle:
         bounds = bucket_boundaries(max_story_tokens)
-        batches = features.bucket_by_sequence_length(
+        batches = features.repeat().bucket_by_sequence_length(
             lambda f: tf.shape(f["targets"])[0], bucket_boundaries=bounds,
             bucket_batch_sizes=[batch_size] * (len(bounds) + 1))
     else:
@@ -74,10 +80,7 @@ def training_batches(examples_dir: str, split: str, tokenizer, *, batch_size: in
     return batches.map(lambda b: ((b["encoder_ids"], b["decoder_ids"]), b["targets"])).prefetch(tf.data.AUTOTUNE)
 
 
-def count_batches(batches: tf.data.Dataset) -> tuple[int, int]:
-    """Batches in one pass and the non-padding target tokens they hold."""
-    steps = tokens = 0
-    for _, targets in batches:
-        steps += 1
-        tokens += int(tf.math.count_nonzero(targets))
-    return steps, tokens
+def batches_per_epoch(examples_dir: str, split: str, batch_size: int) -> int:
+    """Training steps that draw as many stories as the split holds (rounded up)."""
+    examples = int(read_split(examples_dir, split).reduce(0, lambda count, _: count + 1))
+    return max(1, -(-examples // batch_size))

@@ -263,7 +263,8 @@ class StoryHyperModel(keras_tuner.HyperModel):
             # Bad data is not a bad trial: KerasTuner ends the search on a FatalError only.
             raise keras_tuner.errors.FatalError(str(e)) from e
         if self.data_counts is None:
-            self.data_counts = (spec["steps_per_epoch"] or transform.count_batches(train_data)[0],
+            self.data_counts = (spec["steps_per_epoch"] or transform.batches_per_epoch(spec["examples_dir"], "train",
+                                                                                      spec["batch_size"]),
                                 *_token_and_char_counts(eval_data, tok))
         steps_per_epoch, eval_tokens, eval_chars = self.data_counts
         to_bits_per_char = eval_tokens / (max(eval_chars, 1) * math.log(2))  # times a loss in nats per token

@@ -75,8 +75,8 @@ def define_pipeline_flags():
     flags.DEFINE_float("learning_rate", 2e-3, "Peak AdamW learning rate.", lower_bound=0.0)
     flags.DEFINE_integer("warmup_steps", 100, "Linear warm-up steps before cosine decay.", lower_bound=0)
     flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.", lower_bound=0.0)
-    flags.DEFINE_integer("steps", 0, "Train this many optimizer steps in all (0 = --epochs passes over the "
-                         "training split).", lower_bound=0)
+    flags.DEFINE_integer("steps", 0, "Train this many optimizer steps in all (0 = --epochs epochs, each drawing as "
+                         "many stories as the training split holds).", lower_bound=0)
     flags.DEFINE_float("time_budget", 0, "Stop training after this many seconds, at the end of a step, and "
                        "evaluate (0 = no limit).", lower_bound=0)
     flags.DEFINE_enum("lr_schedule", "cosine", SCHEDULES, "After warm-up: cosine decay to 10% of the peak at the "

@@ -103,7 +103,7 @@ def run_pipeline(f) -> dict:
                                                 seed=f.seed, **shapes)
         eval_data = transform.training_batches(examples, "eval", tok, batch_size=f.batch_size, shuffle=False,
                                                **shapes)
-        steps_per_epoch, _ = transform.count_batches(train_data)
+        steps_per_epoch = transform.batches_per_epoch(examples, "train", f.batch_size)
         return trainer.train(
             train_data, eval_data, out, model_config=model_config, steps_per_epoch=steps_per_epoch, epochs=f.epochs,
             steps=f.steps, learning_rate=hparams["learning_rate"], warmup_steps=hparams["warmup_steps"],

@@ -39,6 +39,19 @@ def test_representative_batches_and_padding():
     assert waste == {"encoder": 0.5, "decoder": 0.25, "all": 3 / 8}
 
 
+def test_useful_flops_count_each_story_at_its_own_lengths():
+    np = pytest.importorskip("numpy")
+    config = dict(d_model=4, num_layers=1, ff_dim=8, vocab_size=10)
+    # Two stories padded to prompt 3 and story 4: (prompt 3, story 2) and (prompt 1, story 4).
+    batch = (np.array([[2, 5, 6], [2, 0, 0]]), np.array([[2, 7, 0, 0], [2, 7, 8, 9]]),
+             np.array([[7, 3, 0, 0], [7, 8, 9, 3]]))
+    work = training.batches_work([batch], config)
+    assert work["examples"] == 2 and work["tokens"] == 6
+    assert work["flops"] == training.training_flops(2, 3, 4, **config)
+    assert work["useful_flops"] == training.training_flops(1, 3, 2, **config) + training.training_flops(1, 1, 4, **config)
+    assert work["useful_flops"] < work["flops"]
+
+
 def test_rows_are_oriented_so_that_higher_is_better():
     faster = run.make_row("rate", "tokens/s", run.Stat([90.0, 100.0, 120.0]), "peer", run.Stat([40.0, 50.0, 70.0]),
                           target=1.5)

@@ -29,7 +29,7 @@ def data(small_examples, spm_proto):
                   num_layers=1, num_heads=2, ff_dim=64, **SHAPES)
     train_data, eval_data = fresh_data(small_examples, tok)
     initial_weights = trainer.build_model(config).get_weights()
-    return train_data, eval_data, transform.count_batches(train_data)[0], config, tok, initial_weights, small_examples
+    return train_data, eval_data, transform.batches_per_epoch(small_examples, "train", 8), config, tok, initial_weights, small_examples
 
 
 def fresh_data(examples, tok):
@@ -97,6 +97,25 @@ def test_token_loss_sum_ignores_padding_and_smooths_labels():
     loss_sum, _ = trainer.token_loss_sum(tf.constant([[0, 1]]) + tf.constant([[1, 0]]), logits, label_smoothing=0.2)
     mean_nll = -float(tf.reduce_mean(tf.nn.log_softmax(logits[0, 0])))
     assert float(loss_sum) == pytest.approx(2 * (0.8 * math.log(2) + 0.2 * mean_nll), rel=1e-5)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_token_loss_sum_gradient_matches_log_softmax(label_smoothing):
+    logits = tf.random.stateless_normal([2, 5, 7], seed=[1, 2]) * 3
+    targets = tf.constant([[3, 1, 6, 0, 0], [2, 2, 5, 4, 1]])
+    mask = tf.cast(targets != 0, tf.float32)
+
+    def reference(logits):
+        log_probs = tf.nn.log_softmax(logits)
+        nll = -tf.gather(log_probs, targets, batch_dims=2)
+        nll = (1 - label_smoothing) * nll - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
+        return tf.reduce_sum(nll * mask)
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        ours, expected = trainer.token_loss_sum(targets, logits, label_smoothing)[0], reference(logits)
+    np.testing.assert_allclose(float(ours), float(expected), rtol=1e-5)
+    np.testing.assert_allclose(tape.gradient(ours, logits), tape.gradient(expected, logits), atol=1e-5)
 
 
 def test_learning_rate_schedules():

@@ -1,3 +1,5 @@
+from collections import Counter
+
 import numpy as np
 import tensorflow as tf
 
@@ -29,20 +31,38 @@ def test_training_batches(small_examples, spm_proto):
     tok = make_tokenizer(spm_proto)
     batches = transform.training_batches(small_examples, "train", tok, batch_size=8, max_prompt_tokens=16,
                                          max_story_tokens=40, shuffle=True, seed=3)
-    steps, tokens = transform.count_batches(batches)
-    examples = sum(1 for _ in transform.example_features(small_examples, "train", tok, max_prompt_tokens=16,
-                                                         max_story_tokens=40))
-    seen = 0
-    for (encoder_ids, decoder_ids), targets in batches:
+    features = transform.example_features(small_examples, "train", tok, max_prompt_tokens=16, max_story_tokens=40)
+    stories = [f["targets"].numpy().tolist() for f in features]
+    steps = transform.batches_per_epoch(small_examples, "train", 8)
+    assert steps == -(-len(stories) // 8)
+    bounds = transform.bucket_boundaries(40)
+    seen, stream = [], []
+    # The stream is endless; three epochs' worth of it.
+    for (encoder_ids, decoder_ids), targets in batches.take(3 * steps):
+        stream.append(targets.numpy().tolist())
         assert encoder_ids.dtype == decoder_ids.dtype == targets.dtype == tf.int32
         assert encoder_ids.shape[1] <= 16 and targets.shape[1] <= 40
         assert decoder_ids.shape == targets.shape
+        # Full batches, each from one length bucket, padded to its longest story.
+        assert targets.shape[0] == 8
+        lengths = np.count_nonzero(targets, axis=1)
+        assert targets.shape[1] == lengths.max()
+        assert len(set(np.searchsorted(bounds, lengths, side="right"))) == 1
         np.testing.assert_array_equal(decoder_ids[:, 0], BOS_ID)
         # Decoder inputs are the targets shifted right, padded where the targets are.
         np.testing.assert_array_equal(decoder_ids[:, 1:], np.where(targets[:, 1:] == PAD_ID, PAD_ID, targets[:, :-1]))
-        seen += targets.shape[0]
-    assert seen == examples and steps >= examples // 8
-    assert tokens == sum(int(tf.math.count_nonzero(t)) for _, t in batches)
+        seen += [row[:length] for row, length in zip(targets.numpy().tolist(), lengths)]
+    # Each pass reshuffles the split; three epochs draw each story two to four times: three
+    # passes, give or take the few waiting in a bucket and the start of the fourth. (Stories cut
+    # to 40 tokens can be equal.)
+    in_split, drawn = Counter(map(tuple, stories)), Counter(map(tuple, seen))
+    assert set(drawn) == set(in_split)
+    assert all(2 * n <= drawn[story] <= 4 * n for story, n in in_split.items())
+    # The same seed gives the same stream (a resumed run skips to its step in it); a
+    # dataset's seeded shuffle reshuffles for each new iterator, so this compares a fresh one.
+    again = transform.training_batches(small_examples, "train", tok, batch_size=8, max_prompt_tokens=16,
+                                       max_story_tokens=40, shuffle=True, seed=3)
+    assert stream[:steps] == [t.numpy().tolist() for _, t in again.take(steps)]
 
 
 def test_bucket_boundaries():
