@@ -78,10 +78,22 @@ class StoryTransformer(keras.Model):
     def decode(self, decoder_ids, encoder_states, encoder_mask, training=False):
         """Logits [B, T, vocab_size]; the causal mask hides later positions (and so the padding
         after a story, which only ever follows it)."""
+        states = self.decoder_states(decoder_ids, encoder_states, encoder_mask, training=training)
+        return self.decoder_embedding.token_embedding(states, reverse=True)
+
+    def decoder_states(self, decoder_ids, encoder_states, encoder_mask, training=False):
+        """The final decoder states [B, T, d_model]: the logits are these times the transposed
+        `output_embeddings`. Training computes its loss from them in chunks
+        (`trainer.output_loss_sum`) rather than making all the logits at once."""
         x = self.decoder_embedding(decoder_ids)
         for block in self.decoder_blocks:
             x = block(x, encoder_states, encoder_padding_mask=encoder_mask, training=training)
-        return self.logits(x)
+        return self.decoder_norm(x)
+
+    @property
+    def output_embeddings(self):
+        """The output projection [vocab_size, d_model]: the decoder's token embedding (tied)."""
+        return self.decoder_embedding.token_embedding.embeddings
 
     def logits(self, x):
         """Next-token logits from the last decoder block's output (tied to the token embedding)."""

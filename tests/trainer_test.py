@@ -100,6 +100,29 @@ def test_token_loss_sum_ignores_padding_and_smooths_labels():
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_output_loss_sum_equals_the_loss_of_the_whole_logits(label_smoothing):
+    states = tf.random.stateless_normal([2, 5, 6], seed=[3, 4])
+    embeddings = tf.Variable(tf.random.stateless_normal([9, 6], seed=[5, 6]))
+    targets = tf.constant([[3, 1, 6, 0, 0], [2, 2, 5, 4, 8]])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(states)
+        # Chunks of 3 of the 10 positions: the last chunk is short.
+        chunked, tokens = trainer.output_loss_sum(targets, states, embeddings, label_smoothing, chunk_rows=3)
+        whole, _ = trainer.token_loss_sum(targets, tf.matmul(states, embeddings, transpose_b=True), label_smoothing)
+    assert float(tokens) == 8
+    np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-5)
+    for chunked_gradient, whole_gradient in zip(tape.gradient(chunked, [states, embeddings]),
+                                                tape.gradient(whole, [states, embeddings])):
+        np.testing.assert_allclose(chunked_gradient, tf.convert_to_tensor(whole_gradient), atol=1e-5)
+    # bfloat16 states (mixed precision): the same to bfloat16's precision.
+    with tf.GradientTape() as tape:
+        tape.watch(states)
+        low, _ = trainer.output_loss_sum(targets, tf.cast(states, tf.bfloat16), embeddings, label_smoothing, 4)
+    np.testing.assert_allclose(float(low), float(whole), rtol=2e-2)
+    assert tape.gradient(low, embeddings).dtype == tf.float32
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_token_loss_sum_gradient_matches_log_softmax(label_smoothing):
     logits = tf.random.stateless_normal([2, 5, 7], seed=[1, 2]) * 3
     targets = tf.constant([[3, 1, 6, 0, 0], [2, 2, 5, 4, 1]])
