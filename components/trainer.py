@@ -333,8 +333,9 @@ class Trainer:
 
         train_data: ((encoder_ids, decoder_ids), targets) batches, shuffled deterministically
         (the same seed gives the same stream, so a resumed run can skip to its step): the
-        endless stream of `transform.training_batches`, or one pass, which is repeated. Returns the history: per-epoch lists of loss, val_loss, perplexity,
-        val_perplexity, tokens_per_second, learning_rate and gradient_norm, and how it ended.
+        endless stream of `transform.training_batches`, or one pass, which is repeated.
+        Returns the history: per-epoch lists of loss, val_loss, perplexity, val_perplexity,
+        tokens_per_second, learning_rate and gradient_norm, and how it ended.
         Keras `callbacks` get on_train_begin/on_epoch_begin/on_epoch_end/on_train_end (KerasTuner
         trials use them); one setting `model.stop_training` ends training after that epoch.
 
