@@ -103,7 +103,10 @@ def test_generated_stories_retokenise_and_score_matches(tiny_pipeline):
     """score() of a generated story equals generate()'s log_prob when the story retokenises to
     the generated ids. Whitespace is kept as written, so what breaks the round trip is only a
     non-canonical segmentation (e.g. 一 + 个 where the tokenizer writes 一个), which a weak tiny
-    model draws now and then (the default model's rate is in the closing note of issue 7)."""
+    model draws now and then: about one story in eight (one tiny model: 38 of 43 with this
+    seed, but 10 of 13 for the first 32 prompts, so a rate over a few stories is too noisy to
+    test). A broken round trip retokenises almost none. (The default model's rate is in the
+    closing note of issue 7.)"""
     import numpy as np
     import tensorflow as tf
     import tensorflow_text  # noqa: F401
@@ -113,7 +116,7 @@ def test_generated_stories_retokenise_and_score_matches(tiny_pipeline):
 
     model = tf.saved_model.load(os.path.join(tiny_pipeline.model_base_path, "2"))
     tok = make_tokenizer(load_proto(tiny_pipeline.step_dir("first", "tokenizer")))
-    prompts = [s["prompt"] for s in corpus.sample(32, seed=123)]
+    prompts = [s["prompt"] for s in corpus.sample(96, seed=123)]
     out = model.signatures["generate"](prompt=tf.constant(prompts), max_new_tokens=tf.constant(384),
                                        temperature=tf.constant(0.8), top_k=tf.constant(0), top_p=tf.constant(1.0),
                                        seed=tf.constant(5, tf.int64))
@@ -128,7 +131,7 @@ def test_generated_stories_retokenise_and_score_matches(tiny_pipeline):
             np.testing.assert_allclose(scored["log_likelihood"].numpy()[row], out["log_prob"].numpy()[row],
                                        rtol=1e-3, atol=1e-3)
     print(f"retokenisation rate: {same}/{ended}")
-    assert ended >= 10 and same >= 0.85 * ended
+    assert ended >= 30 and same >= 0.6 * ended
 
 
 def test_generate_cli(tiny_pipeline):
