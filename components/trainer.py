@@ -152,29 +152,6 @@ def token_loss_sum(targets, logits, label_smoothing: float = 0.0):
     return tf.reduce_sum(nll * mask), tf.reduce_sum(mask)
 
 
-@tf.function(jit_compile=True)
-def _cross_entropy_and_gradient(logits, labels, *, label_smoothing: float):
-    """Each row's (smoothed) cross-entropy of `logits` [rows, V] against `labels` [rows], and
-    its gradient with respect to the logits: softmax minus the target distribution (1 -
-    label_smoothing on the target, label_smoothing spread evenly over the vocabulary).
-    Computed in float32; the gradient comes back in the logits' dtype.
-
-    XLA fuses the passes over [rows, V]; one shape, so it compiles once. Measured on a step's
-    44 chunks of [256, 8000]: 1.6x faster than TensorFlow's kernels one at a time, which are
-    in turn 1.7x faster than its fused SparseSoftmaxCrossEntropyWithLogits kernel.
-    """
-    rows, vocab_size = tf.shape(logits)[0], tf.shape(logits)[1]
-    log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
-    nll = -tf.gather(log_probs, labels, batch_dims=1)
-    probs = tf.exp(log_probs)
-    if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
-        probs -= label_smoothing / tf.cast(vocab_size, tf.float32)
-    targets_at = tf.stack([tf.range(rows), labels], axis=1)
-    gradient = tf.tensor_scatter_nd_sub(probs, targets_at, tf.fill([rows], 1.0 - label_smoothing))
-    return nll, tf.cast(gradient, logits.dtype)
-
-
 def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, chunk_rows: int = LOSS_CHUNK_ROWS):
     """`token_loss_sum(targets, states @ embeddings^T)` and its gradients, computed
     `chunk_rows` target positions at a time.
@@ -194,7 +171,7 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
 
     @tf.custom_gradient
     def loss_sum(rows, weights):
-        count = tf.shape(rows)[0]
+        vocab_size, count = tf.shape(weights)[0], tf.shape(rows)[0]
         chunks = (count + chunk_rows - 1) // chunk_rows
         # Padded to whole chunks (padding is masked out): every chunk has one shape, as XLA needs.
         extra = chunks * chunk_rows - count
@@ -204,8 +181,18 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
 
         def chunk(i, total, row_gradients, weight_gradient):
             x, y, keep = chunked_rows[i], chunked_labels[i], chunked_mask[i]
-            nll, gradient = _cross_entropy_and_gradient(tf.matmul(x, weights, transpose_b=True), y,
-                                                        label_smoothing=label_smoothing)
+            log_probs = tf.nn.log_softmax(tf.cast(tf.matmul(x, weights, transpose_b=True), tf.float32))
+            nll = -tf.gather(log_probs, y, batch_dims=1)
+            # The gradient of the (smoothed) loss is softmax minus the target distribution:
+            # 1 - label_smoothing on the target, label_smoothing spread evenly over the vocabulary.
+            # (TensorFlow's fused SparseSoftmaxCrossEntropyWithLogits kernel took 1.7x as long.)
+            probs = tf.exp(log_probs)
+            if label_smoothing:
+                nll = (1.0 - label_smoothing) * nll - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
+                probs -= label_smoothing / tf.cast(vocab_size, tf.float32)
+            targets_at = tf.stack([tf.range(chunk_rows), y], axis=1)
+            gradient = tf.cast(tf.tensor_scatter_nd_sub(probs, targets_at, tf.fill([chunk_rows], 1.0 - label_smoothing)),
+                               rows.dtype)
             # Padding positions get no gradient: masking the chunk's states and its state
             # gradients ([rows, d]) costs less than masking the [rows, V] gradient.
             keep_rows = tf.cast(keep[:, None], rows.dtype)
