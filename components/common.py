@@ -17,6 +17,9 @@ EOS_ID = 3
 
 SPLITS = ("train", "eval", "test")
 
+# Added to the logits or attention scores of what must not be chosen: exp gives 0 in float32.
+NEG_INF = -1e9
+
 # String features of a stored example (schemas/story_example.pbtxt describes the same record).
 TEXT_FEATURES = ("prompt", "story", "title", "lang", "source", "id")
 LIST_FEATURES = ("tags",)

@@ -19,11 +19,10 @@ import os
 
 import tensorflow as tf
 
-from components.common import BOS_ID, EOS_ID, PAD_ID
+from components.common import BOS_ID, EOS_ID, NEG_INF, PAD_ID
 from components.transform import encode_prompts
 
 SAVED_MODEL_DIR = "saved_model"
-NEG_INF = -1e9
 
 PROMPT = tf.TensorSpec([None], tf.string, name="prompt")
 MAX_NEW_TOKENS = tf.TensorSpec([], tf.int32, name="max_new_tokens")

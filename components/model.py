@@ -13,6 +13,9 @@ the XLA op XlaDynamicUpdateSlice that stock TF Serving cannot run; here the cach
 position-major buffer written in place with the core op InplaceUpdate. Both read the
 blocks' sublayers (private attributes of keras-hub 0.32, pinned in setup.cfg); tests check
 cached decoding against recomputing the prefix.
+
+The blocks are keras-hub's with faster layer normalisation and attention kernels inside
+(`components.layers`).
 """
 
 import math
@@ -22,9 +25,8 @@ import keras
 import keras_hub
 import tensorflow as tf
 
-from components.common import PAD_ID
-
-NEG_INF = -1e9
+from components import layers
+from components.common import NEG_INF, PAD_ID
 
 
 @keras.saving.register_keras_serializable(package="storygen")
@@ -57,15 +59,13 @@ class StoryTransformer(keras.Model):
         self.decoder_embedding = keras_hub.layers.TokenAndPositionEmbedding(
             vocab_size, max_story_tokens, d_model, tie_weights=True, name="decoder_embedding")
         self.encoder_blocks = [
-            keras_hub.layers.TransformerEncoder(ff_dim, num_heads, dropout=dropout, normalize_first=True,
-                                                name=f"encoder_{i}")
+            layers.TransformerEncoder(ff_dim, num_heads, dropout=dropout, normalize_first=True, name=f"encoder_{i}")
             for i in range(num_layers)]
         self.decoder_blocks = [
-            keras_hub.layers.TransformerDecoder(ff_dim, num_heads, dropout=dropout, normalize_first=True,
-                                                name=f"decoder_{i}")
+            layers.TransformerDecoder(ff_dim, num_heads, dropout=dropout, normalize_first=True, name=f"decoder_{i}")
             for i in range(num_layers)]
-        self.encoder_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="encoder_norm")
-        self.decoder_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="decoder_norm")
+        self.encoder_norm = layers.LayerNorm(epsilon=1e-5, name="encoder_norm")
+        self.decoder_norm = layers.LayerNorm(epsilon=1e-5, name="decoder_norm")
 
     def encode(self, encoder_ids, training=False):
         """Encoder states [B, S, d_model] and the prompt's padding mask [B, S]."""

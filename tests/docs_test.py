@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci
 
 
-@pytest.mark.parametrize("module", ["components.ingest", "components.model", "components.validate"])
+@pytest.mark.parametrize("module", ["components.ingest", "components.layers", "components.model", "components.validate"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
