@@ -93,10 +93,9 @@ class _Attention:
     place to change how attention is computed) done by `attention`."""
 
     def _compute_attention(self, query, key, value, attention_mask=None, training=None,
-                           return_attention_scores=False, use_causal_mask=False):
-        if use_causal_mask and attention_mask is None:  # not a case keras-hub's blocks use
-            return super()._compute_attention(query, key, value, attention_mask, training,
-                                              return_attention_scores, use_causal_mask)
+                           return_attention_scores=False):
+        # Keras passes `use_causal_mask` only to its own `_compute_attention`; for an override
+        # it builds the causal mask into `attention_mask`.
         output, weights = attention(query, key, value, attention_mask, self._inverse_sqrt_key_dim,
                                     dropout=lambda w: self._dropout_layer(w, training=training))
         return output, (weights if return_attention_scores else None)

@@ -153,3 +153,23 @@ def test_blocks_round_trip_their_config():
     block = layers.TransformerDecoder(intermediate_dim=32, num_heads=HEADS, normalize_first=True, name="d")
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(block))
     assert type(clone) is layers.TransformerDecoder and clone.get_config() == block.get_config()
+
+
+def test_configurations_outside_the_fast_paths_still_match_keras():
+    """LayerNorm without a beta falls back to Keras; asked for a causal mask only, Keras hands
+    storygen's attention the causal mask."""
+    x = tf.random.stateless_normal([B, T, D], seed=[10, 11])
+    stock, ours = keras.layers.LayerNormalization(center=False), layers.LayerNorm(center=False)
+    stock.build(x.shape)
+    ours.build(x.shape)
+    stock.gamma.assign(tf.random.stateless_normal([D], seed=[12, 13]) + 1)
+    copy_weights(stock, ours)
+    np.testing.assert_allclose(ours(x), stock(x), atol=1e-5)
+    attention = layers.Attention(num_heads=HEADS, key_dim=8)
+    stock_attention = keras.layers.MultiHeadAttention(num_heads=HEADS, key_dim=8)
+    attention(x, x)
+    stock_attention(x, x)
+    copy_weights(attention, stock_attention)
+    causal = attention(x, x, use_causal_mask=True)
+    np.testing.assert_allclose(causal, stock_attention(x, x, use_causal_mask=True), atol=1e-5)
+    assert not np.allclose(causal, attention(x, x), atol=1e-3)  # the causal mask did act
