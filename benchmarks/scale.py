@@ -1,12 +1,11 @@
 """Scale: time and peak memory of ingest + tokenizer as the corpus grows (10 MB, 100 MB, 1 GB).
 
-Part of `python -m benchmarks.run` (section `scale`). Each size is a JSONL corpus of stories from
-the built-in grammar (a pool of sampled stories, cycled, each record made distinct by a running
-number so that the hash split spreads them), written before timing. Ingest (pipeline defaults:
-2 shards, 1024-byte windows) and then the tokenizer (4000 pieces, the pipeline default) each run
-in a fresh child process, so that each step's peak RSS is its own (os.wait4 gives the child's
-rusage); time per MB is from the child's own clock around the step (importing TensorFlow is
-not data work).
+Section `scale` of `python -m benchmarks.run`. Each size is a JSONL corpus of stories from the
+built-in grammar (a pool of sampled stories, cycled, each record made distinct by a running
+number so that the hash split spreads them), written before timing. Ingest and then the
+tokenizer, both with the pipeline's defaults (`IngestConfig`, `TokenizerConfig`), each run in a
+fresh worker process, so that each step's peak RSS is its own; time per MB is from the worker's
+own clock around the step (importing TensorFlow is not data work).
 Time is linear when the seconds per MB stay flat (ratio to the 10 MB run >= 0.8) and memory is
 flat when the peak RSS grows by less than 25% (ratio >= 0.8); these are this benchmark's
 thresholds, not the issue's.
@@ -15,9 +14,10 @@ thresholds, not the issue's.
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
+
+from benchmarks.harness import Stat, timed
+from components.config import IngestConfig, TokenizerConfig
 
 MB = 1_000_000
 
@@ -41,58 +41,59 @@ def write_corpus(path: str, size_mb: float, pool_size: int = 4000, seed: int = 7
     return {"bytes": written, "records": records}
 
 
-def child(step: str, data: str, out: str) -> dict:
-    """In the measured process: one step (`ingest` or `tokenizer`), timed."""
-    from components import ingest, tokenizer
+def step_worker(step: str, data: str, out: str):
+    """Worker: one `run` op, a pipeline step on `data` into `out`, timed, with the process's peak
+    RSS after it. `step` is `ingest`, `tokenizer` (on ingest's examples), or `imports` (none: the
+    peak RSS of a process that only imports them)."""
+    import resource
+
+    from components import ingest, tokenizer  # imported before timing: importing TensorFlow is not data work
 
     examples, tokenizer_dir = os.path.join(out, "examples"), os.path.join(out, "tokenizer")
+
+    def run_step() -> dict:
+        if step == "ingest":
+            os.makedirs(examples)
+            return {"stories": ingest.ingest(IngestConfig(data=data), examples).get("stories")}
+        if step == "tokenizer":
+            os.makedirs(tokenizer_dir)
+            return {"vocab_size": tokenizer.train_tokenizer(examples, tokenizer_dir, TokenizerConfig())["vocab_size"]}
+        return {}
+
+    def run():
+        result = run_step()
+        return dict(result, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB)
+
+    return {"run": timed(run)}
+
+
+def measure(h, step: str, data: str = "", out: str = "", prefix: str = "") -> dict:
+    """Runs `step` in a new worker process (named scale-`prefix``step`, as its log is); its result,
+    with the process's wall time."""
     start = time.perf_counter()
-    if step == "ingest":
-        os.makedirs(examples)
-        summary = ingest.ingest(data, examples, seed=42, eval_fraction=0.05, test_fraction=0.05, num_shards=2,
-                                window_bytes=1024, max_chars=1_000_000, max_bad_fraction=0.01, builtin_count=0,
-                                builtin_langs=["zh", "en"])
-        return {"seconds": time.perf_counter() - start, "stories": summary.get("stories")}
-    os.makedirs(tokenizer_dir)
-    report = tokenizer.train_tokenizer(examples, tokenizer_dir, vocab_size=4000, seed=42)
-    return {"seconds": time.perf_counter() - start, "vocab_size": report["vocab_size"]}
+    w = h.worker(f"scale-{prefix}{step}", "benchmarks.scale:step_worker", step=step, data=data, out=out)
+    result = w.call("run")
+    w.close()
+    return dict(result, wall_seconds=time.perf_counter() - start)
 
 
-def measure(step: str, data: str, out: str) -> dict:
-    """Runs `child` in a new process; its result, wall time and peak RSS (MB)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    start = time.perf_counter()
-    args = [sys.executable, "-m", "benchmarks.scale", step, data, out] if step else [
-        sys.executable, "-c", "import components.ingest, components.tokenizer; print('{}')"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"scale: the {step} child failed (status {status}); run "
-                           f"`python -m benchmarks.scale {step} {data} OUT` to see why.")
-    result = json.loads(output.strip().splitlines()[-1])
-    return dict(result, wall_seconds=wall, peak_rss_mb=usage.ru_maxrss * 1024 / MB)
-
-
-def run_section(h):
-    from benchmarks.run import Stat
-
-    sizes = [float(s) for s in (h.args.scale_sizes_mb if h.args and h.args.scale_sizes_mb else
-                                ("10" if h.quick else "10,100,1000")).split(",")]
+def run_section(h, sizes_mb: list[float] | None = None):
+    """Rows of time per MB and peak RSS at each corpus size (default 10, 100, 1000 MB; --quick: 10),
+    each against the smallest."""
+    sizes = sizes_mb or ([10.0] if h.quick else [10.0, 100.0, 1000.0])
     # The small sizes again after the largest: a drifting host shows up as a spread, not as nonlinearity.
     order = sizes + ([s for s in sizes if s < max(sizes)] if len(sizes) > 1 else sizes)
-    baseline = measure("", "", "")["peak_rss_mb"]
+    baseline = measure(h, "imports")["peak_rss_mb"]
     h.note(f"scale: peak RSS of a child that only imports ingest and tokenizer: {baseline:.0f} MB")
     results = {size: [] for size in sizes}
-    for size in order:
+    for run, size in enumerate(order):
         folder = os.path.join(h.work_dir, f"scale-{size:g}")
         os.makedirs(folder, exist_ok=True)
         data = os.path.join(folder, "corpus.jsonl")
         corpus = write_corpus(data, size)
         out = os.path.join(folder, "out")
-        ingested, tokenized = measure("ingest", data, out), measure("tokenizer", data, out)
+        prefix = f"{run}-{size:g}MB-"  # a log per run: the small sizes run twice
+        ingested, tokenized = measure(h, "ingest", data, out, prefix), measure(h, "tokenizer", data, out, prefix)
         r = dict(corpus, stories=ingested["stories"], ingest_seconds=ingested["seconds"],
                  tokenizer_seconds=tokenized["seconds"], wall_seconds=ingested["wall_seconds"] + tokenized["wall_seconds"],
                  ingest_rss_mb=ingested["peak_rss_mb"], tokenizer_rss_mb=tokenized["peak_rss_mb"],
@@ -123,7 +124,3 @@ def run_section(h):
             else:
                 h.row(f"scale {size:g} MB: {step} peak RSS (flat?)", "MB", rss, f"{smallest:g} MB corpus",
                       small_rss[step], higher_is_better=False, target=0.8)
-
-
-if __name__ == "__main__":
-    print(json.dumps(child(*sys.argv[1:4])))

@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAD_ID, BOS_ID = 0, 2  # components.common's ids, repeated so that this module needs no TensorFlow
+from components.common import BOS_ID, PAD_ID
+from components.config import TrainingConfig
+
+TRAINING = TrainingConfig()  # the defaults of storygen's trainer, which the training step mirrors
 
 
 class TorchStoryTransformer(nn.Module):
@@ -73,7 +76,7 @@ def make_model(config: dict) -> TorchStoryTransformer:
                                  dropout=config.get("dropout", 0.0))
 
 
-def make_optimizer(model, learning_rate=1e-3, weight_decay=0.01):
+def make_optimizer(model, learning_rate=TRAINING.learning_rate, weight_decay=TRAINING.weight_decay):
     """AdamW as storygen's trainer has it: biases, norms and embeddings are not decayed. Fused (one
     kernel for all parameters), PyTorch's fastest AdamW on CPU."""
     decay, no_decay = [], []
@@ -102,8 +105,8 @@ class TrainStep:
     bfloat16 on the CPU (weights and optimizer stay float32, like Keras' mixed_bfloat16).
     """
 
-    def __init__(self, model, *, compile: bool = False, bf16: bool = False, clip_norm: float = 1.0,
-                 learning_rate: float = 1e-3):
+    def __init__(self, model, *, compile: bool = False, bf16: bool = False, clip_norm: float = TRAINING.clip_norm,
+                 learning_rate: float = TRAINING.learning_rate):
         self.model = model.train()
         self.optimizer = make_optimizer(model, learning_rate)
         self.bf16, self.clip_norm = bf16, clip_norm

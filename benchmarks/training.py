@@ -1,6 +1,6 @@
 """Training throughput: storygen's trainer against the same model in PyTorch, eager and compiled.
 
-Part of `python -m benchmarks.run` (section `training`); see that module for the protocol.
+Section `training` of `python -m benchmarks.run` (benchmarks/harness.py has the protocol).
 Every peer trains on the same batches: one epoch of the pipeline's real bucketed batches of the
 built-in corpus (`transform.training_batches`, shuffled and grouped by length as the trainer gets them)
 is made once, and a few of them, picked evenly over the epoch's decoder lengths so that their
@@ -8,7 +8,7 @@ length mix is the epoch's, are saved as numpy arrays; each peer turns them into 
 before anything is timed. A timed run is one optimizer step on each of those batches, fetching
 the loss, token count and gradient norm after every step as `Trainer.fit` does.
 
-- storygen: `components.trainer.Trainer._train_step` (the trainer's compiled step under the
+- storygen: `components.trainer.Trainer.train_step` (the trainer's compiled step under the
   default strategy; `mixed_precision=True` for bf16; no XLA: `jit_compile` recompiles for every
   batch shape, and bucketed batches come in a hundred shapes per epoch);
 - torch eager / torch.compile: `benchmarks.torch_peers.TrainStep` (nn.Transformer layers,
@@ -25,22 +25,38 @@ run with tf.matmul and torch.mm (2048 and, in the full run, 4096 square; before 
 training runs; the highest of all).
 """
 
+import dataclasses
 import json
 import os
 import time
 
-# d_model 256, 4+4 layers, 4 heads, feed-forward 1024, vocabulary 8000 (the built-in corpus's
-# tokenizer stops at ~1700 pieces, so the ids use only part of it; the matmuls are full size).
-FULL = dict(model=dict(vocab_size=8000, max_prompt_tokens=64, max_story_tokens=384, d_model=256, num_layers=4,
-                       num_heads=4, ff_dim=1024, dropout=0.0),
-            builtin_count=6000, tokenizer_vocab=8000, batch_size=32, steps=4, seed=42)
-QUICK = dict(model=dict(vocab_size=0, max_prompt_tokens=64, max_story_tokens=384, d_model=64, num_layers=1,
-                        num_heads=2, ff_dim=256, dropout=0.0),
-             builtin_count=1000, tokenizer_vocab=2000, batch_size=32, steps=2, seed=42)
+from benchmarks.harness import alternate, best_by_omp, omp_name, omp_of, omp_settings, timed
+from components.common import PAD_ID
+from components.config import IngestConfig, ModelConfig, TokenizerConfig, TrainingConfig
+
+# The full run's model (the decoding section's too): d_model 256, 4+4 layers, feed-forward 1024,
+# vocabulary 8000 (the built-in corpus's tokenizer stops at ~1700 pieces, so the ids use only part
+# of it; the matmuls are full size), no dropout; heads and lengths are the pipeline's defaults.
+MODEL = ModelConfig(d_model=256, num_layers=4, ff_dim=1024, vocab_size=8000, dropout=0.0)
+# --quick's: tiny, with the trained tokenizer's vocabulary (0: take the tokenizer's size).
+QUICK_MODEL = ModelConfig(d_model=64, num_layers=1, num_heads=2, ff_dim=256, vocab_size=0, dropout=0.0)
 
 
-def config(quick: bool) -> dict:
-    return json.loads(json.dumps(QUICK if quick else FULL))
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the section trains and on what; all else (batch size, seed, splits) is the pipeline's default."""
+
+    model: ModelConfig
+    ingest: IngestConfig
+    tokenizer: TokenizerConfig
+    timed_batches: int
+    training: TrainingConfig = TrainingConfig()
+
+
+def setup(quick: bool) -> Setup:
+    if quick:
+        return Setup(QUICK_MODEL, IngestConfig(builtin_count=1000), TokenizerConfig(vocab_size=2000), timed_batches=2)
+    return Setup(MODEL, IngestConfig(), TokenizerConfig(vocab_size=8000), timed_batches=4)
 
 
 # ---------------------------------------------------------------------- FLOPs
@@ -87,9 +103,9 @@ def padding_stats(batches) -> dict:
     real = {"encoder": 0, "decoder": 0}
     for encoder_ids, _, targets in batches:
         slots["encoder"] += encoder_ids.size
-        real["encoder"] += int(np.count_nonzero(encoder_ids))
+        real["encoder"] += int(np.count_nonzero(encoder_ids != PAD_ID))
         slots["decoder"] += targets.size
-        real["decoder"] += int(np.count_nonzero(targets))
+        real["decoder"] += int(np.count_nonzero(targets != PAD_ID))
     waste = {k: 1 - real[k] / max(slots[k], 1) for k in slots}
     waste["all"] = 1 - sum(real.values()) / max(sum(slots.values()), 1)
     return waste
@@ -102,30 +118,28 @@ def prepare(out_dir: str, quick: bool) -> dict:
 
     from components import ingest, tokenizer, transform
 
-    c = config(quick)
+    s = setup(quick)
     examples, tokenizer_dir = os.path.join(out_dir, "examples"), os.path.join(out_dir, "tokenizer")
     os.makedirs(examples, exist_ok=True)
     os.makedirs(tokenizer_dir, exist_ok=True)
-    ingest.ingest("builtin:fairy_tales", examples, seed=c["seed"], eval_fraction=0.05, test_fraction=0.05,
-                  num_shards=2, window_bytes=1024, max_chars=1_000_000, max_bad_fraction=0.01,
-                  builtin_count=c["builtin_count"], builtin_langs=["zh", "en"])
-    report = tokenizer.train_tokenizer(examples, tokenizer_dir, vocab_size=c["tokenizer_vocab"], seed=c["seed"])
+    ingest.ingest(s.ingest, examples)
+    report = tokenizer.train_tokenizer(examples, tokenizer_dir, s.tokenizer)
     tok = tokenizer.make_tokenizer(tokenizer.load_proto(tokenizer_dir))
-    shapes = {k: c["model"][k] for k in ("max_prompt_tokens", "max_story_tokens")}
-    data = transform.training_batches(examples, "train", tok, batch_size=c["batch_size"], shuffle=True,
-                                      seed=c["seed"], **shapes)
-    steps = transform.batches_per_epoch(examples, "train", c["batch_size"])
+    data = transform.training_batches(examples, "train", tok, batch_size=s.training.batch_size, shuffle=True,
+                                      seed=s.training.seed, max_prompt_tokens=s.model.max_prompt_tokens,
+                                      max_story_tokens=s.model.max_story_tokens)
+    steps = transform.batches_per_epoch(examples, "train", s.training.batch_size)
     epoch = [(e.numpy(), d.numpy(), t.numpy()) for (e, d), t in data.take(steps)]
-    chosen = representative([t.shape[1] for _, _, t in epoch], c["steps"])
+    chosen = representative([t.shape[1] for _, _, t in epoch], s.timed_batches)
     arrays = {}
     for i, index in enumerate(chosen):
         for name, array in zip(("encoder", "decoder", "targets"), epoch[index]):
             arrays[f"{name}_{i}"] = array
     np.savez(os.path.join(out_dir, "batches.npz"), **arrays)
-    model_config = dict(c["model"], vocab_size=max(c["model"]["vocab_size"], report["vocab_size"]))
+    model_config = dataclasses.replace(s.model, vocab_size=max(s.model.vocab_size, report["vocab_size"]))
     return {"examples_dir": examples, "tokenizer_dir": tokenizer_dir, "batches": os.path.join(out_dir, "batches.npz"),
-            "model_config": model_config, "tokenizer_vocab": report["vocab_size"], "epoch_batches": len(epoch),
-            "epoch_examples": sum(t.shape[0] for _, _, t in epoch),
+            "model_config": dataclasses.asdict(model_config), "tokenizer_vocab": report["vocab_size"],
+            "epoch_batches": len(epoch), "epoch_examples": sum(t.shape[0] for _, _, t in epoch),
             "epoch_mean_decoder_length": float(np.mean([t.shape[1] for _, _, t in epoch])),
             "sample_decoder_lengths": [int(epoch[i][2].shape[1]) for i in chosen],
             "sample_encoder_lengths": [int(epoch[i][0].shape[1]) for i in chosen],
@@ -148,20 +162,32 @@ def batches_work(batches, model_config) -> dict:
 
     useful = 0
     for encoder_ids, _, targets in batches:
-        for s, t in zip(np.count_nonzero(encoder_ids, axis=1), np.count_nonzero(targets, axis=1)):
+        for s, t in zip(np.count_nonzero(encoder_ids != PAD_ID, axis=1), np.count_nonzero(targets != PAD_ID, axis=1)):
             useful += training_flops(1, int(s), int(t), **model_config)
     return {"examples": sum(int(t.shape[0]) for _, _, t in batches),
-            "tokens": sum(int(np.count_nonzero(t)) for _, _, t in batches),
+            "tokens": sum(int(np.count_nonzero(t != PAD_ID)) for _, _, t in batches),
             "flops": sum(training_flops(t.shape[0], e.shape[1], t.shape[1], **model_config) for e, _, t in batches),
             "useful_flops": useful}
 
 
 # ---------------------------------------------------------------------- the peers (worker processes)
 
+STORYGEN_WORKER = "benchmarks.training:storygen_worker"
+TORCH_WORKER = "benchmarks.training:torch_worker"
+TORCH_MODES = {"eager": "torch eager", "compile": "torch.compile"}
+
 
 def prepare_worker(out_dir: str, quick: bool):
     """Worker: one `prepare` op."""
     return {"prepare": lambda: prepare(out_dir, quick)}
+
+
+def prepare_in_worker(h) -> dict:
+    """The training data (ingest, tokenizer, batches), made in a worker process; see `prepare`."""
+    w = h.worker("prepare", "benchmarks.training:prepare_worker", out_dir=h.work_dir, quick=h.quick)
+    prepared = w.call("prepare")
+    w.close()
+    return prepared
 
 
 def tf_matmul_peak(dtype: str, n: int = 2048, seconds: float = 1.0) -> float:
@@ -188,8 +214,9 @@ def storygen_worker(batches_path: str, model_config: dict, mixed_precision: bool
 
     batches = load_batches(batches_path)
     keras.utils.set_random_seed(0)
-    trainer = Trainer(model_config, learning_rate=1e-3, warmup_steps=10, total_steps=1_000_000,
-                      mixed_precision=mixed_precision)
+    # The learning-rate schedule does not change a step's cost; this one never ends.
+    trainer = Trainer(ModelConfig(**model_config), TrainingConfig(mixed_precision=mixed_precision),
+                      total_steps=1_000_000)
     dataset = None
     for encoder_ids, decoder_ids, targets in batches:
         one = tf.data.Dataset.from_tensors(((encoder_ids, decoder_ids), targets))
@@ -198,18 +225,17 @@ def storygen_worker(batches_path: str, model_config: dict, mixed_precision: bool
     work = batches_work(batches, model_config)
 
     def run():
-        start, tokens = time.perf_counter(), 0.0
+        tokens = 0.0
         for _ in batches:
-            loss_sum, batch_tokens, norm = trainer._train_step(iterator)
+            loss_sum, batch_tokens, norm = trainer.train_step(iterator)
             # As Trainer.fit does after every step.
             loss_sum, batch_tokens, norm = float(loss_sum), float(batch_tokens), float(norm)
             tokens += batch_tokens
-        seconds = time.perf_counter() - start
         assert int(tokens) == work["tokens"], (tokens, work["tokens"])
-        return dict(work, seconds=seconds)
+        return work
 
     return {"info": lambda: {"mixed_precision": trainer.mixed_precision, **work},
-            "run": run, "peak": tf_matmul_peak}
+            "run": timed(run), "peak": tf_matmul_peak}
 
 
 def torch_worker(batches_path: str, model_config: dict, compile: bool, bf16: bool):
@@ -225,120 +251,117 @@ def torch_worker(batches_path: str, model_config: dict, compile: bool, bf16: boo
     work = batches_work(batches, model_config)
 
     def run():
-        start, tokens = time.perf_counter(), 0
+        tokens = 0
         for encoder_ids, decoder_ids, targets in tensors:
             tokens += step(encoder_ids, decoder_ids, targets)[1]
-        seconds = time.perf_counter() - start
         assert tokens == work["tokens"], (tokens, work["tokens"])
-        return dict(work, seconds=seconds)
+        return work
 
     def peak(dtype: str, n: int = 2048, seconds: float = 1.0):
         return torch_peers.matmul_flops_per_second(n, getattr(torch, dtype), seconds)
 
     return {"info": lambda: {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get(
                 "OMP_WAIT_POLICY", "unset"), **work},
-            "run": run, "peak": peak}
+            "run": timed(run), "peak": peak}
 
 
 # ---------------------------------------------------------------------- the section
 
 
-OMP_SETTINGS = ("PASSIVE", None)  # None: unset, libgomp's default (spin a while, then sleep)
+class MatmulPeaks:
+    """The machine's matmul peak, from both libraries, alternating; measured before and after the
+    training runs (a busy shared host lowers it for a while), the best of all kept."""
+
+    def __init__(self, h, prep: dict):
+        self.h = h
+        self.sizes = (2048,) if h.quick else (2048, 4096)
+        common = dict(batches_path=prep["batches"], model_config=prep["model_config"])
+        self.workers = {"tf": h.worker("peak-tf", STORYGEN_WORKER, mixed_precision=False, **common),
+                        "torch": h.worker("peak-torch", TORCH_WORKER, env={"OMP_WAIT_POLICY": "PASSIVE"},
+                                          compile=False, bf16=False, **common)}
+        self.best = {"float32": {}, "bfloat16": {}}  # {dtype: {(framework, n): FLOP/s}}
+
+    def measure(self):
+        for dtype, runs in self.best.items():
+            for n in self.sizes:
+                stats = alternate({name: (lambda w=w: w.call("peak", dtype=dtype, n=n, seconds=1.0))
+                                   for name, w in self.workers.items()}, repeats=2)
+                for name, stat in stats.items():
+                    runs[(name, n)] = max(runs.get((name, n), 0.0), stat.max)
+
+    def close(self) -> dict:
+        """Closes the workers; returns {dtype: peak FLOP/s} and notes who reached it."""
+        for w in self.workers.values():
+            w.close()
+        peaks = {}
+        for dtype, runs in self.best.items():
+            (framework, n), peaks[dtype] = max(runs.items(), key=lambda item: item[1])
+            self.h.note(f"matmul peak {dtype}: {peaks[dtype] / 1e9:.0f} GFLOP/s "
+                        f"({'tf.matmul' if framework == 'tf' else 'torch.mm'} {n}x{n}); "
+                        + ", ".join(f"{f} {m}: {v / 1e9:.0f}" for (f, m), v in sorted(runs.items()))
+                        + " GFLOP/s (best of 2 x 1 s each, before and after the training runs)")
+        return peaks
 
 
-def omp_name(setting) -> str:
-    return setting or "unset"
+def time_peers(h, prep: dict, precision: str):
+    """storygen and the torch peers (eager and compiled, each OMP setting) timed in turns at one
+    precision: a Stat of run results per peer; None when this CPU has no bf16."""
+    bf16 = precision == "bf16"
+    common = dict(batches_path=prep["batches"], model_config=prep["model_config"])
+    workers = {"storygen": h.worker(f"storygen-{precision}", STORYGEN_WORKER, mixed_precision=bf16, **common)}
+    try:
+        if bf16 and not workers["storygen"].call("info")["mixed_precision"]:
+            h.note("training bf16: this CPU has no bf16 support; skipped")
+            return None
+        for mode in TORCH_MODES:
+            for setting in omp_settings(h):
+                workers[f"torch {mode} OMP {omp_name(setting)}"] = h.worker(
+                    f"torch-{mode}-{precision}-{omp_name(setting)}", TORCH_WORKER, env={"OMP_WAIT_POLICY": setting},
+                    compile=mode == "compile", bf16=bf16, **common)
+        for w in workers.values():
+            w.call("run")  # warm-up: tracing, torch.compile, oneDNN primitive caches
+        return alternate({name: (lambda w=w: w.call("run")) for name, w in workers.items()}, repeats=h.repeats)
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def report(h, precision: str, results: dict, peak: float) -> float:
+    """The rows of one precision (tokens/s and MFU against each torch peer, MFU against the
+    peak); returns storygen's examples/s."""
+    rates = {name: s.map(lambda r: r["tokens"] / r["seconds"]) for name, s in results.items()}
+    flops = {name: s.map(lambda r: r["useful_flops"] / r["seconds"]) for name, s in results.items()}
+    padded_flops = results["storygen"].map(lambda r: r["flops"] / r["seconds"])
+    mfu = flops["storygen"].scale(100 / peak)
+    for mode, label in TORCH_MODES.items():
+        best = best_by_omp(h, f"training {precision} {label}", rates,
+                           [n for n in rates if n.startswith(f"torch {mode} ")])
+        h.row(f"training {precision}: tokens/s vs {label}", "tokens/s", rates["storygen"],
+              f"{label} {precision}, OMP {omp_of(best)}", rates[best], target=1.5)
+        h.row(f"training {precision}: MFU vs {label}", "% of peak", mfu, label, flops[best].scale(100 / peak))
+    h.row(f"training {precision}: MFU", "% of peak", mfu, f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s", 100.0,
+          target=0.60 if precision == "bf16" else 0.70,
+          note=f"storygen {flops['storygen'].median / 1e9:.0f} GFLOP/s useful, "
+               f"{padded_flops.median / 1e9:.0f} GFLOP/s on the padded shapes")
+    return results["storygen"].map(lambda r: r["examples"] / r["seconds"]).median
 
 
 def run_section(h, prep: dict) -> dict:
     """Measures every peer; adds rows to the harness `h`; returns storygen's best examples/s
     (the input pipeline section compares with it)."""
-    from benchmarks import run as harness
-
-    model_config = prep["model_config"]
-    omp_settings = OMP_SETTINGS[:1] if h.quick else OMP_SETTINGS
-    h.note(f"training: {prep['epoch_batches']} batches of {config(h.quick)['batch_size']} per epoch (built-in "
-           f"corpus, tokenizer {prep['tokenizer_vocab']} pieces); timed on {len(prep['sample_decoder_lengths'])} of "
-           f"them, decoder lengths {prep['sample_decoder_lengths']} (epoch mean "
-           f"{prep['epoch_mean_decoder_length']:.0f}); model {json.dumps(model_config)}")
+    h.note(f"training: {prep['epoch_batches']} batches of {setup(h.quick).training.batch_size} per epoch "
+           f"(built-in corpus, tokenizer {prep['tokenizer_vocab']} pieces); timed on "
+           f"{len(prep['sample_decoder_lengths'])} of them, decoder lengths {prep['sample_decoder_lengths']} "
+           f"(epoch mean {prep['epoch_mean_decoder_length']:.0f}); model {json.dumps(prep['model_config'])}")
     padding = prep["padding"]
     h.row("training: padding waste (one epoch)", "% real slots", 100 * (1 - padding["all"]), "no padding", 100.0,
           target=0.95, note=f"padded slots: {100 * padding['all']:.1f}% (targets {100 * padding['decoder']:.1f}%, "
                             f"prompts {100 * padding['encoder']:.1f}%)")
-
-    # The machine's matmul peak, from both libraries, alternating; measured before and after the
-    # training runs (a busy shared host lowers it for a while), the best of all kept.
-    peak_workers = {"tf": h.worker("peak-tf", "benchmarks.training:storygen_worker",
-                                   batches_path=prep["batches"], model_config=model_config, mixed_precision=False),
-                    "torch": h.worker("peak-torch", "benchmarks.training:torch_worker", env={"OMP_WAIT_POLICY": "PASSIVE"},
-                                      batches_path=prep["batches"], model_config=model_config, compile=False, bf16=False)}
-    peak_runs = {"float32": {}, "bfloat16": {}}
-
-    def measure_peaks():
-        for dtype, runs in peak_runs.items():
-            for n in (2048,) if h.quick else (2048, 4096):
-                stats = harness.alternate({name: (lambda w=w: w.call("peak", dtype=dtype, n=n, seconds=1.0))
-                                           for name, w in peak_workers.items()}, repeats=2)
-                for name, stat in stats.items():
-                    runs[(name, n)] = max(runs.get((name, n), 0.0), stat.max)
-
-    measure_peaks()
-    peaks = {}
-    best_examples = 0.0
-    results_by_precision = {}
-    for precision in ("fp32", "bf16"):
-        bf16 = precision == "bf16"
-        workers = {"storygen": h.worker(f"storygen-{precision}", "benchmarks.training:storygen_worker",
-                                        batches_path=prep["batches"], model_config=model_config, mixed_precision=bf16)}
-        for mode in ("eager", "compile"):
-            for setting in omp_settings:
-                workers[f"torch {mode} OMP {omp_name(setting)}"] = h.worker(
-                    f"torch-{mode}-{precision}-{omp_name(setting)}", "benchmarks.training:torch_worker",
-                    env={"OMP_WAIT_POLICY": setting}, batches_path=prep["batches"], model_config=model_config,
-                    compile=mode == "compile", bf16=bf16)
-        if bf16 and not workers["storygen"].call("info")["mixed_precision"]:
-            h.note("training bf16: this CPU has no bf16 support; skipped")
-            for w in workers.values():
-                w.close()
-            continue
-        for w in workers.values():
-            w.call("run")  # warm-up: tracing, torch.compile, oneDNN primitive caches
-        results = harness.alternate({name: (lambda w=w: w.call("run")) for name, w in workers.items()},
-                                    repeats=h.repeats)
-        for w in workers.values():
-            w.close()
-        results_by_precision[precision] = results
-    measure_peaks()
-    for w in peak_workers.values():
-        w.close()
-    for dtype, runs in peak_runs.items():
-        (framework, n), peaks[dtype] = max(runs.items(), key=lambda item: item[1])
-        h.note(f"matmul peak {dtype}: {peaks[dtype] / 1e9:.0f} GFLOP/s ({'tf.matmul' if framework == 'tf' else 'torch.mm'}"
-               f" {n}x{n}); " + ", ".join(f"{'tf' if f == 'tf' else 'torch'} {m}: {v / 1e9:.0f}"
-                                          for (f, m), v in sorted(runs.items()))
-               + " GFLOP/s (best of 2 x 1 s each, before and after the training runs)")
-
-    for precision, results in results_by_precision.items():
-        bf16 = precision == "bf16"
-        peak = peaks["bfloat16" if bf16 else "float32"]
-        rates = {name: s.map(lambda r: r["tokens"] / r["seconds"]) for name, s in results.items()}
-        flops = {name: s.map(lambda r: r["useful_flops"] / r["seconds"]) for name, s in results.items()}
-        padded_flops = results["storygen"].map(lambda r: r["flops"] / r["seconds"])
-        ours = rates["storygen"]
-        examples = results["storygen"].map(lambda r: r["examples"] / r["seconds"])
-        best_examples = max(best_examples, examples.median)
-        for mode, label in (("eager", "torch eager"), ("compile", "torch.compile")):
-            names = [n for n in rates if n.startswith(f"torch {mode} ")]
-            best = max(names, key=lambda n: rates[n].median)
-            h.note(f"training {precision} {label}: " + ", ".join(
-                f"OMP_WAIT_POLICY={n.rsplit(' ', 1)[1]} {rates[n].median:.0f} tokens/s" for n in names)
-                + f" -> {best.rsplit(' ', 1)[1]}")
-            h.row(f"training {precision}: tokens/s vs {label}", "tokens/s", ours, f"{label} {precision}, OMP "
-                  f"{best.rsplit(' ', 1)[1]}", rates[best], target=1.5)
-            h.row(f"training {precision}: MFU vs {label}", "% of peak", flops["storygen"].scale(100 / peak), label,
-                  flops[best].scale(100 / peak))
-        h.row(f"training {precision}: MFU", "% of peak", flops["storygen"].scale(100 / peak),
-              f"{'bf16' if bf16 else 'fp32'} matmul peak {peak / 1e9:.0f} GFLOP/s", 100.0,
-              target=0.60 if bf16 else 0.70, note=f"storygen {flops['storygen'].median / 1e9:.0f} GFLOP/s useful, "
-                                                  f"{padded_flops.median / 1e9:.0f} GFLOP/s on the padded shapes")
-    return {"examples_per_second": best_examples}
+    peaks = MatmulPeaks(h, prep)
+    peaks.measure()
+    results = {precision: time_peers(h, prep, precision) for precision in ("fp32", "bf16")}
+    peaks.measure()
+    peak = peaks.close()
+    examples = [report(h, precision, stats, peak["bfloat16" if precision == "bf16" else "float32"])
+                for precision, stats in results.items() if stats is not None]
+    return {"examples_per_second": max(examples)}

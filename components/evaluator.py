@@ -30,7 +30,9 @@ import tensorflow as tf
 
 from components import corpus
 from components.char_ngram import CharNGramModel
-from components.common import PAD_ID, iterate_split, read_split
+from components.common import PAD_ID
+from components.config import EvaluationConfig
+from components.records import iterate_split, read_split
 from components.exporter import StoryGenerator
 from components.text_metrics import generation_metrics
 from components.transform import example_features
@@ -63,20 +65,23 @@ def train_char_ngram(examples_dir: str) -> CharNGramModel:
     return CharNGramModel(order=NGRAM_ORDER).fit(texts())
 
 
-def evaluate(model, tokenizer, examples_dir: str, output_dir: str, *, batch_size: int, max_prompt_tokens: int,
-             max_story_tokens: int, baseline_model: str | None, max_bpc_regression: float,
-             max_bits_per_char: float, generate_count: int) -> dict:
+def evaluate(model, tokenizer, examples_dir: str, output_dir: str, config: EvaluationConfig, *,
+             baseline_model: str | None) -> dict:
     """Writes metrics.json, blessing.json, eval_report.md and TensorBoard summaries; returns
-    {"test", "by_lang", "by_tag", "generation", "blessing", "samples"}."""
+    {"test", "by_lang", "by_tag", "generation", "blessing", "samples"}.
+
+    baseline_model: the newest pushed SavedModel, which the blessing compares with (None: none).
+    """
     start = time.time()
-    likelihood, scored = _likelihood(model, tokenizer, examples_dir, batch_size=batch_size,
-                                     max_prompt_tokens=max_prompt_tokens, max_story_tokens=max_story_tokens)
-    generator = StoryGenerator(model, tokenizer, temperature=0.0, top_k=0, top_p=1.0,
-                               max_new_tokens_limit=max_story_tokens)
-    generation, samples = _generation(generator, examples_dir, generate_count, max_story_tokens, batch_size)
+    window = model.max_story_tokens
+    likelihood, scored = _likelihood(model, tokenizer, examples_dir, batch_size=config.batch_size,
+                                     max_prompt_tokens=model.max_prompt_tokens, max_story_tokens=window)
+    generator = StoryGenerator(model, tokenizer, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens_limit=window)
+    generation, samples = _generation(generator, examples_dir, config.eval_generate_count, window, config.batch_size)
     metrics = {**likelihood, "generation": generation, "samples": samples}
     metrics["blessing"] = bless(metrics["test"]["bits_per_char"], baseline_model, scored,
-                                max_bpc_regression=max_bpc_regression, max_bits_per_char=max_bits_per_char)
+                                max_bpc_regression=config.max_bpc_regression,
+                                max_bits_per_char=config.max_bits_per_char)
     metrics["seconds"] = time.time() - start
     with open(os.path.join(output_dir, METRICS_FILE), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2, ensure_ascii=False)
@@ -87,6 +92,19 @@ def evaluate(model, tokenizer, examples_dir: str, output_dir: str, *, batch_size
         f.write(report)
     write_summaries(metrics, report, os.path.join(output_dir, "logs"))
     return metrics
+
+
+def describe(m: dict) -> str:
+    """The pipeline's one-line summary of the evaluator step."""
+    test, generation = m["test"], m["generation"]["all"]
+    text = (f"test perplexity {test['perplexity']:.2f} (unigram {test['unigram_perplexity']:.1f}), "
+            f"{test['bits_per_char']:.3f} bits/char (char 5-gram {test['char_5gram_bits_per_char']:.3f}")
+    if "exact_bits_per_char" in test:
+        text += f", exact {test['exact_bits_per_char']:.3f}"
+    text += f"), BLEU {generation['bleu']:.3f}, ROUGE-L {generation['rouge_l']:.3f}"
+    if "grammar_acceptance_rate" in generation:
+        text += f", {generation['grammar_acceptance_rate']:.0%} accepted by the grammar"
+    return text + f"; {'blessed' if m['blessing']['blessed'] else 'NOT blessed: ' + m['blessing']['reason']}"
 
 
 # ------------------------------------------------------------------ likelihood

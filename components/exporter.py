@@ -20,12 +20,16 @@ import os
 import tensorflow as tf
 
 from components.common import BOS_ID, EOS_ID, NEG_INF, PAD_ID
+from components.config import ExportConfig
+from components.contract import SIGNATURES
 from components.transform import encode_prompts
 
 SAVED_MODEL_DIR = "saved_model"
 
-PROMPT = tf.TensorSpec([None], tf.string, name="prompt")
-MAX_NEW_TOKENS = tf.TensorSpec([], tf.int32, name="max_new_tokens")
+
+def input_signature(name: str) -> list[tf.TensorSpec]:
+    """The TensorSpecs of a signature's inputs, as the serving contract defines them."""
+    return [tf.TensorSpec(tensor.shape, tensor.dtype, name=tensor.name) for tensor in SIGNATURES[name].inputs]
 
 
 class StoryGenerator(tf.Module):
@@ -47,20 +51,14 @@ class StoryGenerator(tf.Module):
 
     # ------------------------------------------------------------------ signatures
 
-    @tf.function(input_signature=[PROMPT])
+    @tf.function(input_signature=input_signature("serving_default"))
     def serving_default(self, prompt):
         temperature, top_k, top_p = self.default_sampling
         out = self.generate(prompt, tf.constant(min(self.window, self.limit)), tf.constant(temperature),
                             tf.constant(top_k), tf.constant(top_p), tf.constant(0, tf.int64))
         return {"story": out["story"], "num_tokens": out["num_tokens"]}
 
-    @tf.function(input_signature=[
-        PROMPT, MAX_NEW_TOKENS,
-        tf.TensorSpec([], tf.float32, name="temperature"),
-        tf.TensorSpec([], tf.int32, name="top_k"),
-        tf.TensorSpec([], tf.float32, name="top_p"),
-        tf.TensorSpec([], tf.int64, name="seed"),
-    ])
+    @tf.function(input_signature=input_signature("generate"))
     def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         """Samples a story per prompt: temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
         checks = self._check_request(prompt, max_new_tokens, self.limit) + [
@@ -97,7 +95,7 @@ class StoryGenerator(tf.Module):
         story, num_tokens = self._detokenize(tokens[:, 1:])
         return {"story": story, "num_tokens": num_tokens, "log_prob": log_prob, "token_ids": tokens[:, 1:]}
 
-    @tf.function(input_signature=[PROMPT, MAX_NEW_TOKENS, tf.TensorSpec([], tf.int32, name="num_beams")])
+    @tf.function(input_signature=input_signature("beam_search"))
     def beam_search(self, prompt, max_new_tokens, num_beams):
         """The most likely story per prompt among `num_beams` hypotheses, ranked at the end by
         log-probability / length ** length_penalty. Stays within the decoder's window."""
@@ -151,7 +149,7 @@ class StoryGenerator(tf.Module):
         return {"story": tf.gather(story, best), "num_tokens": tf.gather(num_tokens, best),
                 "log_prob": tf.gather(scores, best)}
 
-    @tf.function(input_signature=[PROMPT, tf.TensorSpec([None], tf.string, name="story")])
+    @tf.function(input_signature=input_signature("score"))
     def score(self, prompt, story):
         """Log-likelihood of each story (then EOS) after its prompt, in nats; stories longer than
         the decoder's window are scored on their first window, and bits per character count
@@ -252,16 +250,10 @@ def _top_p_filter(logits, top_p):
     return tf.where(logits < cutoff, NEG_INF, logits)
 
 
-def export(model, tokenizer, output_dir: str, *, temperature: float, top_k: int, top_p: float,
-           max_new_tokens_limit: int) -> str:
+def export(model, tokenizer, output_dir: str, config: ExportConfig) -> str:
     """Saves the generator to `<output_dir>/saved_model` and returns that path."""
-    generator = StoryGenerator(model, tokenizer, temperature=temperature, top_k=top_k, top_p=top_p,
-                               max_new_tokens_limit=max_new_tokens_limit)
+    generator = StoryGenerator(model, tokenizer, temperature=config.temperature, top_k=config.top_k,
+                               top_p=config.top_p, max_new_tokens_limit=config.max_new_tokens_limit)
     path = os.path.join(output_dir, SAVED_MODEL_DIR)
-    tf.saved_model.save(generator, path, signatures={
-        "serving_default": generator.serving_default,
-        "generate": generator.generate,
-        "beam_search": generator.beam_search,
-        "score": generator.score,
-    })
+    tf.saved_model.save(generator, path, signatures={name: getattr(generator, name) for name in SIGNATURES})
     return path

@@ -7,22 +7,34 @@ The same model is used in tf.data and in the exported graph through tensorflow-t
 
 import io
 import json
+import os
 import re
+import tempfile
 import time
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 import tensorflow as tf
 import tensorflow_text as tf_text
 
-from components.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError, iterate_split
+from components.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
+from components.config import TokenizerConfig
+from components.records import iterate_split
 
 MODEL_FILE = "spm.model"
 REPORT_FILE = "vocab_report.json"
+# The normalisation rules (codepoints in hex, a tab, their replacement): none that changes text
+# ingest lets through. SentencePiece's own "identity" rule leaves the model without a character
+# map, and every load of such a model (tensorflow-text's, in each process) logs "precompiled_charsmap
+# is empty" from C++, which no setting silences. Deleting U+0001, a control character validation
+# keeps out of every story, gives the model a map and normalises nothing else.
+NO_NORMALIZATION_RULES = "1\t\n"
 
 
-def train_tokenizer(examples_dir: str, output_dir: str, *, vocab_size: int, seed: int,
+def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
                     max_sentences: int = 200_000) -> dict:
     """Writes spm.model and vocab_report.json; returns the report."""
+    vocab_size = config.vocab_size
     start = time.time()
 
     def texts():
@@ -32,7 +44,11 @@ def train_tokenizer(examples_dir: str, output_dir: str, *, vocab_size: int, seed
                     yield text
 
     model = io.BytesIO()
-    spm.set_random_generator_seed(seed)  # sentence sampling is the trainer's only randomness
+    spm.set_random_generator_seed(config.seed)  # sentence sampling is the trainer's only randomness
+    scratch = tempfile.TemporaryDirectory()
+    rules = os.path.join(scratch.name, "rules.tsv")
+    with open(rules, "w", encoding="utf-8") as f:
+        f.write(NO_NORMALIZATION_RULES)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=texts(),
@@ -44,9 +60,10 @@ def train_tokenizer(examples_dir: str, output_dir: str, *, vocab_size: int, seed
             # Characters outside the vocabulary become UTF-8 byte pieces instead of <unk>.
             byte_fallback=True,
             character_coverage=0.9995,
-            # Identity keeps full-width Chinese punctuation (NFKC would turn ，into ,). Whitespace is
-            # left alone too (ingest already folded it), so generated text retokenises to its ids.
-            normalization_rule_name="identity",
+            # No normalisation keeps full-width Chinese punctuation (NFKC would turn ，into ,).
+            # Whitespace is left alone too (ingest already folded it), so generated text
+            # retokenises to its ids.
+            normalization_rule_tsv=rules,
             remove_extra_whitespaces=False,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             max_sentence_length=1 << 16,
@@ -61,7 +78,9 @@ def train_tokenizer(examples_dir: str, output_dir: str, *, vocab_size: int, seed
             raise
         raise UserError(f"--vocab_size={vocab_size} is too small for this corpus: it needs at least "
                         f"{needed.group(1)} pieces (its characters plus 256 byte pieces).") from None
-    proto = model.getvalue()
+    finally:
+        scratch.cleanup()
+    proto = _without_rule_path(model.getvalue())
     with tf.io.gfile.GFile(f"{output_dir}/{MODEL_FILE}", "wb") as f:
         f.write(proto)
     report = vocab_report(proto, examples_dir)
@@ -69,6 +88,20 @@ def train_tokenizer(examples_dir: str, output_dir: str, *, vocab_size: int, seed
     with tf.io.gfile.GFile(f"{output_dir}/{REPORT_FILE}", "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def _without_rule_path(proto: bytes) -> bytes:
+    """The model without the rule file's path, which the trainer records (the rules themselves
+    are in the character map): the same corpus and config give the same bytes."""
+    model = sentencepiece_model_pb2.ModelProto.FromString(proto)
+    model.normalizer_spec.ClearField("normalization_rule_tsv")
+    return model.SerializeToString(deterministic=True)
+
+
+def describe(report: dict) -> str:
+    """The pipeline's one-line summary of the tokenizer step."""
+    return (f"{report['vocab_size']} pieces, {report['eval_chars_per_token']:.2f} chars/token, "
+            f"byte fallback {report['eval_byte_fallback_rate']:.2%} of eval tokens")
 
 
 def vocab_report(proto: bytes, examples_dir: str) -> dict:

@@ -17,6 +17,7 @@ strategy, from one CPU to several hosts:
   hyperparameters, and a profiler trace on request. Only the chief writes logs.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -27,15 +28,15 @@ import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
+from components import transform
 from components.common import PAD_ID, UserError
+from components.config import SCHEDULES, STRATEGIES, ModelConfig, TrainingConfig
 from components.exporter import StoryGenerator
 from components.model import StoryTransformer
 
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"
 CHECKPOINT_DIR = "checkpoints"
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
-SCHEDULES = ("cosine", "inverse_sqrt")
 SAMPLE_PROMPTS = ("从前有座山，山里有座庙，庙里住着一个小和尚，名叫阿福。",
                   "Once upon a time, in a faraway kingdom, there lived a poor tailor named Hans.")
 SAMPLE_TOKENS = 96
@@ -121,9 +122,9 @@ def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, we
     return optimizer
 
 
-def build_model(model_config: dict) -> StoryTransformer:
+def build_model(model_config: ModelConfig) -> StoryTransformer:
     """A StoryTransformer with its variables created (checkpoints restore into them)."""
-    model = StoryTransformer(**model_config)
+    model = StoryTransformer(**dataclasses.asdict(model_config))
     model((tf.zeros([1, 1], tf.int32), tf.zeros([1, 1], tf.int32)))
     return model
 
@@ -230,33 +231,33 @@ class Trainer:
     """One training run: the strategy, model, optimizer, compiled steps and checkpoints.
 
     Example (see `train` for the pipeline's use):
-    >>> trainer = Trainer(model_config, learning_rate=1e-3,
-    ...                   warmup_steps=10, total_steps=100)                          # doctest: +SKIP
+    >>> trainer = Trainer(ModelConfig(), TrainingConfig(), total_steps=100)                # doctest: +SKIP
     >>> history = trainer.fit(train_batches, eval_batches, steps_per_epoch=50, epochs=2)  # doctest: +SKIP
     """
 
-    def __init__(self, model_config: dict, *, strategy: tf.distribute.Strategy | None = None, chief: bool = True,
-                 learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.01,
-                 lr_schedule: str = "cosine", label_smoothing: float = 0.0, clip_norm: float = 1.0,
-                 mixed_precision: bool = False, jit_compile: bool = False, model: StoryTransformer | None = None):
-        """strategy: made by `make_strategy` (multi-worker: at program start, before other
-        TensorFlow work); chief: whether this process writes logs (see `is_chief`);
-        model: an already built model to go on training (KerasTuner's Hyperband hands a trial
-        its parent's weights); by default a new one is built from `model_config`."""
+    def __init__(self, model_config: ModelConfig, training: TrainingConfig, *, total_steps: int,
+                 strategy: tf.distribute.Strategy | None = None, chief: bool = True,
+                 model: StoryTransformer | None = None):
+        """training: the optimizer, schedule, clipping, label smoothing and precision (the loop's
+        own settings are `fit`'s arguments); strategy: made by `make_strategy` (multi-worker: at
+        program start, before other TensorFlow work); chief: whether this process writes logs
+        (see `is_chief`); model: an already built model to go on training (KerasTuner's
+        Hyperband hands a trial its parent's weights); by default a new one is built."""
         self.model_config = model_config
         self.strategy = strategy or tf.distribute.get_strategy()
         self.chief = chief
-        self.label_smoothing = label_smoothing
-        self.clip_norm = clip_norm
-        self.mixed_precision = mixed_precision and bf16_supported()
-        if mixed_precision and not self.mixed_precision:
+        self.label_smoothing = training.label_smoothing
+        self.clip_norm = training.clip_norm
+        self.mixed_precision = training.mixed_precision and bf16_supported()
+        if training.mixed_precision and not self.mixed_precision:
             logging.warning("--mixed_precision: no bf16 support on this machine; training in float32.")
         policy = keras.config.dtype_policy()
         try:
             keras.config.set_dtype_policy("mixed_bfloat16" if self.mixed_precision else "float32")
             with self.strategy.scope():
                 self.model = model or build_model(model_config)
-                self.optimizer = make_optimizer(learning_rate, warmup_steps, total_steps, weight_decay, lr_schedule)
+                self.optimizer = make_optimizer(training.learning_rate, training.warmup_steps, total_steps,
+                                                training.weight_decay, training.lr_schedule)
                 self.optimizer.build(self.model.trainable_variables)
         finally:
             keras.config.set_dtype_policy(policy)
@@ -268,9 +269,9 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(model=list(self.model.variables), optimizer=list(self.optimizer.variables),
                                               epoch_sums=self.epoch_sums)
         # XLA compiles each replica's step; the input iterator stays outside it.
-        self._replica_step = tf.function(self._replica_train_step, jit_compile=True) if jit_compile \
+        self._replica_step = tf.function(self._replica_train_step, jit_compile=True) if training.jit_compile \
             else self._replica_train_step
-        self._train_step = tf.function(self._distributed_train_step)
+        self.train_step = tf.function(self._distributed_train_step)
         self._eval_step = tf.function(self._distributed_eval_step)
 
     @property
@@ -280,7 +281,8 @@ class Trainer:
     # ------------------------------------------------------------------ compiled steps
 
     def _distributed_train_step(self, iterator):
-        """One optimizer step on the next global batch: (loss sum, token count, gradient norm)."""
+        """`train_step(iterator)`, compiled: one optimizer step on the iterator's next global
+        batch; returns (loss sum, token count, gradient norm)."""
         loss_sum, tokens, norm = self.strategy.run(self._replica_step, (next(iterator),))
         reduce = self.strategy.reduce
         return (reduce(tf.distribute.ReduceOp.SUM, loss_sum, None), reduce(tf.distribute.ReduceOp.SUM, tokens, None),
@@ -343,24 +345,10 @@ class Trainer:
         the newest one; history.json is rewritten each epoch; the chief logs to its logs/ folder.
         """
         total_steps = total_steps or epochs * steps_per_epoch
-        history, manager, logdir = {}, None, None
-        if output_dir:
-            logdir = os.path.join(output_dir, "logs")
-            history_path = os.path.join(output_dir, HISTORY_FILE)
-            if os.path.exists(history_path):
-                with open(history_path, encoding="utf-8") as f:
-                    history = {key: values for key, values in json.load(f).items() if isinstance(values, list)}
-            manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(output_dir, CHECKPOINT_DIR),
-                                                 max_to_keep=2)
-            if manager.latest_checkpoint:
-                self.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-                epoch, batch = divmod(self.step, steps_per_epoch)
-                print(f"[trainer] resumed from {manager.latest_checkpoint} at step {self.step} "
-                      f"(epoch {epoch + 1}, batch {batch} of {steps_per_epoch})", flush=True)
-        # History of epochs that the restored state has finished (a crash may have cut the last).
-        done_epochs = self.step // steps_per_epoch
-        history = {key: values[:done_epochs] for key, values in history.items()}
-        writers = _Writers(logdir if self.chief else None, tokenizer, self.float32_model)
+        manager, history = self._resume(output_dir, steps_per_epoch) if output_dir else (None, {})
+        history_path = output_dir and os.path.join(output_dir, HISTORY_FILE)
+        writers = _Writers(os.path.join(output_dir, "logs") if output_dir and self.chief else None, tokenizer,
+                           self.float32_model)
         callbacks = keras.callbacks.CallbackList(list(callbacks), model=self.model)
         self.model.stop_training = False
         callbacks.on_train_begin()
@@ -379,7 +367,7 @@ class Trainer:
                 step = self.step
                 if profile_steps and step == profile_steps[0] and writers.train_dir:
                     tf.profiler.experimental.start(writers.train_dir)
-                batch_loss, batch_tokens, norm = self._train_step(iterator)
+                batch_loss, batch_tokens, norm = self.train_step(iterator)
                 if profile_steps and step == profile_steps[1] and writers.train_dir:
                     tf.profiler.experimental.stop()
                 batch_loss, batch_tokens, norm = float(batch_loss), float(batch_tokens), float(norm)
@@ -394,12 +382,8 @@ class Trainer:
                 if time_budget and time.time() - start_time > time_budget:
                     stopped = "time_budget"
                     break
-            seconds = time.time() - epoch_start
-            logs = {"loss": loss_sum / max(tokens, 1.0), "val_loss": self.evaluate(eval_data),
-                    "tokens_per_second": epoch_tokens / max(seconds, 1e-9), "learning_rate": self._learning_rate(),
-                    "gradient_norm": norm_sum / max(steps, 1)}
-            logs["perplexity"] = math.exp(min(logs["loss"], 50.0))
-            logs["val_perplexity"] = math.exp(min(logs["val_loss"], 50.0))
+            logs = self._epoch_logs(loss_sum / max(tokens, 1.0), self.evaluate(eval_data), norm_sum / max(steps, 1),
+                                    epoch_tokens / max(time.time() - epoch_start, 1e-9))
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
             self._copy_to_float32_model()
@@ -423,6 +407,30 @@ class Trainer:
             print(f"[trainer] stopped at step {self.step}: {stopped.replace('_', ' ')}", flush=True)
         self._copy_to_float32_model()
         return dict(history, stopped=stopped, steps=self.step)
+
+    def _epoch_logs(self, loss: float, val_loss: float, gradient_norm: float, tokens_per_second: float) -> dict:
+        """An epoch's history entry (what the Keras callbacks get as `logs`)."""
+        return {"loss": loss, "val_loss": val_loss, "tokens_per_second": tokens_per_second,
+                "learning_rate": self._learning_rate(), "gradient_norm": gradient_norm,
+                "perplexity": math.exp(min(loss, 50.0)), "val_perplexity": math.exp(min(val_loss, 50.0))}
+
+    def _resume(self, output_dir: str, steps_per_epoch: int):
+        """The checkpoint manager of `output_dir`, restored from its newest checkpoint if there
+        is one, and the history of the epochs that checkpoint has finished (a crash may have
+        cut the last)."""
+        manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(output_dir, CHECKPOINT_DIR), max_to_keep=2)
+        if manager.latest_checkpoint:
+            self.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            epoch, batch = divmod(self.step, steps_per_epoch)
+            print(f"[trainer] resumed from {manager.latest_checkpoint} at step {self.step} "
+                  f"(epoch {epoch + 1}, batch {batch} of {steps_per_epoch})", flush=True)
+        history = {}
+        history_path = os.path.join(output_dir, HISTORY_FILE)
+        if os.path.exists(history_path):
+            with open(history_path, encoding="utf-8") as f:
+                history = {key: values for key, values in json.load(f).items() if isinstance(values, list)}
+        done_epochs = self.step // steps_per_epoch
+        return manager, {key: values[:done_epochs] for key, values in history.items()}
 
     def _learning_rate(self) -> float:
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
@@ -501,41 +509,56 @@ def log_hparams(logdir: str, hyperparameters: dict):
         hparams_api.hparams(hyperparameters)
 
 
-def train(train_data: tf.data.Dataset, eval_data: tf.data.Dataset, output_dir: str, *, model_config: dict,
-          steps_per_epoch: int, epochs: int, steps: int = 0, learning_rate: float, warmup_steps: int,
-          weight_decay: float, lr_schedule: str = "cosine", label_smoothing: float = 0.0, clip_norm: float = 1.0,
-          strategy_name: str = "default", strategy: tf.distribute.Strategy | None = None,
-          mixed_precision: bool = False, jit_compile: bool = False,
-          checkpoint_every_steps: int = 100, early_stopping_patience: int = 0, time_budget: float | None = None,
-          tokenizer=None, profile_steps=None) -> dict:
-    """The pipeline's trainer step: trains (resuming from `output_dir`'s checkpoints when a
-    crashed attempt left some), saves `model.keras` and `history.json`, returns the final metrics.
+def datasets(examples_dir: str, tokenizer, model_config: ModelConfig, batch_size: int, seed: int):
+    """The endless shuffled training stream, one pass over the eval split, and the steps of an epoch."""
+    limits = dict(max_prompt_tokens=model_config.max_prompt_tokens, max_story_tokens=model_config.max_story_tokens)
+    train_data = transform.training_batches(examples_dir, "train", tokenizer, batch_size=batch_size, shuffle=True,
+                                            seed=seed, **limits)
+    eval_data = transform.training_batches(examples_dir, "eval", tokenizer, batch_size=batch_size, shuffle=False,
+                                           **limits)
+    return train_data, eval_data, transform.batches_per_epoch(examples_dir, "train", batch_size)
 
-    strategy: the strategy named by `strategy_name`, when the caller made it at program start
-    (multi-worker needs that). The caller seeds TensorFlow (keras.utils.set_random_seed)
-    before it builds the datasets: seeding clears eager resources, the tokenizer's among them.
+
+def train(examples_dir: str, tokenizer, output_dir: str, model_config: ModelConfig, training: TrainingConfig, *,
+          strategy: tf.distribute.Strategy | None = None) -> dict:
+    """The pipeline's trainer step: trains on the ingested examples (resuming from `output_dir`'s
+    checkpoints when a crashed attempt left some), saves `model.keras` and `history.json`, and
+    returns the final metrics.
+
+    strategy: the strategy that `training.distribution_strategy` names, when the caller made it
+    at program start (multi-worker needs that). The caller seeds TensorFlow
+    (keras.utils.set_random_seed) first: seeding clears eager resources, the tokenizer's among them.
     """
-    strategy = strategy or make_strategy(strategy_name)
-    total_steps = steps or epochs * steps_per_epoch
-    trainer = Trainer(model_config, strategy=strategy, chief=is_chief(strategy_name), learning_rate=learning_rate,
-                      warmup_steps=warmup_steps, total_steps=total_steps, weight_decay=weight_decay,
-                      lr_schedule=lr_schedule, label_smoothing=label_smoothing, clip_norm=clip_norm,
-                      mixed_precision=mixed_precision, jit_compile=jit_compile)
+    strategy = strategy or make_strategy(training.distribution_strategy, training.tpu)
+    train_data, eval_data, steps_per_epoch = datasets(examples_dir, tokenizer, model_config, training.batch_size,
+                                                      training.seed)
+    total_steps = training.steps or training.epochs * steps_per_epoch
+    trainer = Trainer(model_config, training, total_steps=total_steps, strategy=strategy,
+                      chief=is_chief(training.distribution_strategy))
     if trainer.chief:
         log_hparams(os.path.join(output_dir, "logs"), {
-            **model_config, "epochs": epochs, "steps": total_steps, "learning_rate": learning_rate,
-            "warmup_steps": warmup_steps, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
-            "label_smoothing": label_smoothing, "clip_norm": clip_norm, "mixed_precision": trainer.mixed_precision,
-            "distribution_strategy": strategy_name})
-    history = trainer.fit(train_data, eval_data, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                          total_steps=total_steps, output_dir=output_dir, checkpoint_every_steps=checkpoint_every_steps,
-                          early_stopping_patience=early_stopping_patience, time_budget=time_budget,
-                          tokenizer=tokenizer, profile_steps=profile_steps)
+            **dataclasses.asdict(model_config), "steps": total_steps, "mixed_precision": trainer.mixed_precision,
+            **{key: getattr(training, key) for key in ("epochs", "learning_rate", "warmup_steps", "weight_decay",
+                                                      "lr_schedule", "label_smoothing", "clip_norm",
+                                                      "distribution_strategy")}})
+    history = trainer.fit(train_data, eval_data, steps_per_epoch=steps_per_epoch, epochs=training.epochs,
+                          total_steps=total_steps, output_dir=output_dir,
+                          checkpoint_every_steps=training.checkpoint_every_steps,
+                          early_stopping_patience=training.early_stopping_patience,
+                          time_budget=training.time_budget or None, tokenizer=tokenizer,
+                          profile_steps=training.profile_steps)
     trainer.float32_model.save(os.path.join(output_dir, MODEL_FILE))
     _write_json(os.path.join(output_dir, HISTORY_FILE), history)
     metrics = {key: values[-1] for key, values in history.items() if isinstance(values, list) and values}
     return dict(metrics, epochs=len(history.get("loss", [])), steps=history["steps"], stopped=history["stopped"],
                 replicas=trainer.strategy.num_replicas_in_sync, mixed_precision=trainer.mixed_precision)
+
+
+def describe(metrics: dict) -> str:
+    """The pipeline's one-line summary of the trainer step."""
+    return (f"{metrics['steps']} steps, loss {metrics['loss']:.3f}, val_loss {metrics['val_loss']:.3f} "
+            f"(val perplexity {metrics['val_perplexity']:.1f}), {metrics['tokens_per_second']:.0f} tokens/s"
+            + ("" if metrics["stopped"] == "completed" else f", stopped: {metrics['stopped']}"))
 
 
 def load_model(trainer_dir: str) -> StoryTransformer:

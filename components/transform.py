@@ -7,7 +7,8 @@ short stories are not padded to the longest one in the corpus.
 
 import tensorflow as tf
 
-from components.common import BOS_ID, ENDS_STORY, EOS_ID, read_split
+from components.common import BOS_ID, EOS_ID
+from components.records import ENDS_STORY, read_split
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_tokens: int) -> tf.RaggedTensor:

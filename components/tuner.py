@@ -20,6 +20,7 @@ separate hosts the same code takes its role from KerasTuner's environment variab
                           for the HParams dashboard, and its loss, val_loss, val_bits_per_char per epoch
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -36,10 +37,10 @@ import tensorflow as tf
 from keras_tuner.engine.trial import Trial, TrialStatus
 from tensorboard.plugins.hparams import api as hparams_api
 
-from components import tokenizer, trainer, transform
+from components import cli, tokenizer, trainer
 from components.common import PAD_ID, UserError
-
-TUNERS = ("hyperband", "bayesian", "random")
+from components.config import (TUNED_MODEL_FIELDS, TUNED_TRAINING_FIELDS, TUNERS, ModelConfig, TrainingConfig,
+                               TunerConfig)
 
 # Every range searched, in one place. {"values": [...]} is a choice; otherwise an Int range
 # when both bounds are ints, else a Float range (KerasTuner's keyword arguments either way).
@@ -53,7 +54,6 @@ SEARCH_SPACE = {
     "warmup_steps": {"values": [0, 50, 100, 200]},
     "label_smoothing": {"values": [0.0, 0.05, 0.1]},
 }
-MODEL_KEYS = ("d_model", "num_layers", "num_heads", "ff_dim", "dropout")
 
 BEST_HPARAMS_FILE = "best_hparams.json"
 SEARCH_DIR = "search"
@@ -69,22 +69,19 @@ ENV_TUNER_ID, ENV_ORACLE_IP, ENV_ORACLE_PORT = "KERASTUNER_TUNER_ID", "KERASTUNE
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tune(examples_dir: str, tokenizer_dir: str, output_dir: str, *, base_config: dict, tuner: str, max_trials: int,
-         max_epochs_per_trial: int, steps_per_epoch: int, time_budget: float, workers: int, batch_size: int,
-         weight_decay: float, seed: int, lr_schedule: str = "cosine", clip_norm: float = 1.0,
-         space: dict | None = None) -> dict:
-    """The pipeline's tuner step: searches `space` (default SEARCH_SPACE) with the `tuner`
+def tune(examples_dir: str, tokenizer_dir: str, output_dir: str, config: TunerConfig, model: ModelConfig,
+         training: TrainingConfig, *, space: dict | None = None) -> dict:
+    """The pipeline's tuner step: searches `space` (default SEARCH_SPACE) with the `config.tuner`
     algorithm, writes best_hparams.json and returns the manifest's metrics.
 
-    base_config: the flags' model config and training values (vocab_size and the token limits
-    are taken from it). max_trials bounds bayesian and random search; Hyperband's trials follow
-    from max_epochs_per_trial. steps_per_epoch: batches per trial epoch (0: the whole training
-    split). time_budget: seconds after which no new trial starts (0: none; the first trial
-    always runs). workers: 0 runs the trials in one child process; N runs a KerasTuner chief
-    and N workers on this machine. When KERASTUNER_* variables are set, this process is one
-    member of a cluster on several hosts instead: a worker's call returns when the search
-    ends, with no best values (`is_cluster_worker`).
+    model, training: what a trial trains with, less the searched fields (TUNED_MODEL_FIELDS,
+    TUNED_TRAINING_FIELDS). max_trials bounds bayesian and random search; Hyperband's trials
+    follow from max_epochs_per_trial. tune_workers: 0 runs the trials in one child process; N
+    runs a KerasTuner chief and N workers on this machine. When KERASTUNER_* variables are
+    set, this process is one member of a cluster on several hosts instead: a worker's call
+    returns when the search ends, with no best values (`is_cluster_worker`).
     """
+    tuner, workers = config.tuner, config.tune_workers
     if tuner not in TUNERS:
         raise UserError(f"Unknown --tuner '{tuner}': use one of {', '.join(TUNERS)}.")
     if tuner == "bayesian" and importlib.util.find_spec("scipy") is None:
@@ -105,10 +102,8 @@ def tune(examples_dir: str, tokenizer_dir: str, output_dir: str, *, base_config:
         shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(search_dir)
     spec = dict(examples_dir=os.path.abspath(examples_dir), tokenizer_dir=os.path.abspath(tokenizer_dir),
-                output_dir=os.path.abspath(output_dir), base_config=base_config, tuner=tuner, max_trials=max_trials,
-                max_epochs_per_trial=max_epochs_per_trial, steps_per_epoch=steps_per_epoch, time_budget=time_budget,
-                batch_size=batch_size, weight_decay=weight_decay, seed=seed, lr_schedule=lr_schedule,
-                clip_norm=clip_norm, space=space)
+                output_dir=os.path.abspath(output_dir), tuner=dataclasses.asdict(config),
+                model=dataclasses.asdict(model), training=dataclasses.asdict(training), space=space)
     spec_path = os.path.join(search_dir, SPEC_FILE)
     with open(spec_path, "w", encoding="utf-8") as f:
         json.dump(spec, f, indent=2)
@@ -121,7 +116,7 @@ def tune(examples_dir: str, tokenizer_dir: str, output_dir: str, *, base_config:
                    for name in ["chief"] + [f"tuner{i}" for i in range(workers)]}
     else:
         members = {"tuner": {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")}}
-    _run_members(spec_path, members, search_dir, timeout=SEARCH_TIMEOUT_S + time_budget)
+    _run_members(spec_path, members, search_dir, timeout=SEARCH_TIMEOUT_S + config.tune_time_budget)
 
     summary = {"tuner": tuner, "workers": workers, **({"role": role} if role else {})}
     if is_cluster_worker():
@@ -139,6 +134,12 @@ def describe(metrics: dict) -> str:
         return f"searched as the tuning cluster's {metrics['role']}; the chief has the results"
     return (f"{metrics['completed_trials']} of {len(metrics['trials'])} trials completed, best val_loss "
             f"{metrics['best_val_loss']:.3f}: {metrics['best_hparams']}")
+
+
+def with_best(values: dict, model: ModelConfig, training: TrainingConfig) -> tuple[ModelConfig, TrainingConfig]:
+    """The model and training configs with `values` (a trial's, or the best) of the searched fields."""
+    return (dataclasses.replace(model, **{key: values[key] for key in TUNED_MODEL_FIELDS}),
+            dataclasses.replace(training, **{key: values[key] for key in TUNED_TRAINING_FIELDS}))
 
 
 def cluster_role() -> str | None:
@@ -235,13 +236,20 @@ class StoryHyperModel(keras_tuner.HyperModel):
     def __init__(self, spec: dict):
         super().__init__(name=PROJECT)
         self.spec = spec
+        self.tuner = TunerConfig(**spec["tuner"])
+        self.model_config = ModelConfig(**spec["model"])
+        self.training = TrainingConfig(**spec["training"])
         self.data_counts = None  # (batches per epoch, eval tokens, eval characters), counted once
 
+    def trial_configs(self, hp) -> tuple[ModelConfig, TrainingConfig]:
+        """The model and training configs with a trial's values of the searched fields."""
+        return with_best(declare(hp, self.spec["space"]), self.model_config, self.training)
+
     def build(self, hp):
-        values = declare(hp, self.spec["space"])
+        model_config, _ = self.trial_configs(hp)
         # The same initial weights for the same values, whichever process runs the trial and when.
-        keras.utils.set_random_seed(self.spec["seed"])
-        return trainer.build_model(_model_config(self.spec["base_config"], values))
+        keras.utils.set_random_seed(self.training.seed)
+        return trainer.build_model(model_config)
 
     def fit(self, hp, model, *, epochs, callbacks, trial_id, initial_epoch=0):
         """Trains epochs - initial_epoch epochs (Hyperband continues a trial from initial_epoch,
@@ -249,32 +257,24 @@ class StoryHyperModel(keras_tuner.HyperModel):
         bits per character. `callbacks` are KerasTuner's (one saves the best epoch's weights);
         the trial's TensorBoard run joins them."""
         spec = self.spec
-        values = declare(hp, spec["space"])
+        model_config, training = self.trial_configs(hp)
         # Made per trial: KerasTuner cleared the session, which frees an earlier tokenizer.
         tok = tokenizer.make_tokenizer(tokenizer.load_proto(spec["tokenizer_dir"]))
-        shapes = {key: spec["base_config"][key] for key in ("max_prompt_tokens", "max_story_tokens")}
         try:
-            train_data = transform.training_batches(spec["examples_dir"], "train", tok,
-                                                    batch_size=spec["batch_size"], shuffle=True, seed=spec["seed"],
-                                                    **shapes)
-            eval_data = transform.training_batches(spec["examples_dir"], "eval", tok,
-                                                   batch_size=spec["batch_size"], shuffle=False, **shapes)
+            train_data, eval_data, batches_per_epoch = trainer.datasets(spec["examples_dir"], tok, model_config,
+                                                                        training.batch_size, training.seed)
         except UserError as e:
             # Bad data is not a bad trial: KerasTuner ends the search on a FatalError only.
             raise keras_tuner.errors.FatalError(str(e)) from e
         if self.data_counts is None:
-            self.data_counts = (spec["steps_per_epoch"] or transform.batches_per_epoch(spec["examples_dir"], "train",
-                                                                                      spec["batch_size"]),
+            self.data_counts = (self.tuner.tune_steps_per_epoch or batches_per_epoch,
                                 *_token_and_char_counts(eval_data, tok))
         steps_per_epoch, eval_tokens, eval_chars = self.data_counts
         to_bits_per_char = eval_tokens / (max(eval_chars, 1) * math.log(2))  # times a loss in nats per token
         log = TrialLog(os.path.join(spec["output_dir"], LOGS_DIR, trial_id), hp.values, trial_id, initial_epoch,
                        to_bits_per_char)
         epochs -= initial_epoch
-        run = trainer.Trainer(_model_config(spec["base_config"], values), learning_rate=values["learning_rate"],
-                              warmup_steps=values["warmup_steps"], total_steps=epochs * steps_per_epoch,
-                              weight_decay=spec["weight_decay"], lr_schedule=spec["lr_schedule"],
-                              label_smoothing=values["label_smoothing"], clip_norm=spec["clip_norm"], model=model)
+        run = trainer.Trainer(model_config, training, total_steps=epochs * steps_per_epoch, model=model)
         history = run.fit(train_data, eval_data, steps_per_epoch=steps_per_epoch, epochs=epochs,
                           callbacks=[*callbacks, log])
         val_loss = min(history["val_loss"])
@@ -310,24 +310,20 @@ class TrialLog(keras.callbacks.Callback):
 def _search(spec: dict):
     """Runs this process's part of the search: all of it, or the chief's or a worker's (as
     KerasTuner reads KERASTUNER_* from the environment)."""
-    oracles = {"hyperband": (HyperbandOracle, dict(max_epochs=spec["max_epochs_per_trial"], factor=HYPERBAND_FACTOR)),
+    hypermodel = StoryHyperModel(spec)
+    config = hypermodel.tuner
+    oracles = {"hyperband": (HyperbandOracle, dict(max_epochs=config.max_epochs_per_trial, factor=HYPERBAND_FACTOR)),
                # KerasTuner's default, 3 random trials per dimension, would spend a small budget on random trials.
-               "bayesian": (BayesianOracle, dict(max_trials=spec["max_trials"], num_initial_points=min(
-                   3 * len(spec["space"]), max(2, spec["max_trials"] // 2)))),
-               "random": (RandomOracle, dict(max_trials=spec["max_trials"]))}
-    oracle_class, options = oracles[spec["tuner"]]
+               "bayesian": (BayesianOracle, dict(max_trials=config.max_trials, num_initial_points=min(
+                   3 * len(spec["space"]), max(2, config.max_trials // 2)))),
+               "random": (RandomOracle, dict(max_trials=config.max_trials))}
+    oracle_class, options = oracles[config.tuner]
     # KerasTuner takes seed 0 for "no seed".
-    oracle = oracle_class(objective=keras_tuner.Objective("val_loss", direction="min"), seed=spec["seed"] or 1,
-                          time_budget=spec["time_budget"], **options)
-    search = StoryTuner(oracle=oracle, hypermodel=StoryHyperModel(spec),
+    oracle = oracle_class(objective=keras_tuner.Objective("val_loss", direction="min"),
+                          seed=hypermodel.training.seed or 1, time_budget=config.tune_time_budget, **options)
+    search = StoryTuner(oracle=oracle, hypermodel=hypermodel,
                         directory=os.path.join(spec["output_dir"], SEARCH_DIR), project_name=PROJECT)
-    search.search(epochs=spec["max_epochs_per_trial"])
-
-
-def _model_config(base_config: dict, values: dict) -> dict:
-    """StoryTransformer's arguments: the trial's sizes in the base config's vocabulary and token limits."""
-    return dict({key: base_config[key] for key in ("vocab_size", "max_prompt_tokens", "max_story_tokens")},
-                **{key: values[key] for key in MODEL_KEYS})
+    search.search(epochs=config.max_epochs_per_trial)
 
 
 def _token_and_char_counts(eval_data, tok) -> tuple[int, int]:
@@ -365,7 +361,6 @@ def _run_members(spec_path: str, members: dict, search_dir: str, timeout: float)
             logs[name], relayed[name] = os.path.join(search_dir, f"{name}.log"), 0
             env = dict(env, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
                 filter(None, [REPO, env.get("PYTHONPATH")])))
-            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             with open(logs[name], "wb") as log:
                 processes[name] = subprocess.Popen([sys.executable, "-m", "components.tuner", spec_path], cwd=REPO,
                                                    env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -376,10 +371,9 @@ def _run_members(spec_path: str, members: dict, search_dir: str, timeout: float)
             for name, process in processes.items():
                 if process.poll() not in (None, 0):
                     tail = _tail(logs[name])
-                    # A UserError's sentence (main prints it last) says it all; otherwise show the traceback.
-                    last = tail.splitlines()[-1] if tail else ""
-                    reason = f": {last[len('error: '):]}" if last.startswith("error: ") else \
-                        f"; the last lines of {logs[name]}:\n{tail}"
+                    # A UserError's sentence (the CLI prints it last) says it all; otherwise show the traceback.
+                    _, mark, sentence = (tail.splitlines()[-1] if tail else "").partition(cli.ERROR_MARK)
+                    reason = f": {sentence}" if mark else f"; the last lines of {logs[name]}:\n{tail}"
                     raise UserError(f"Tuning process {name} failed (exit status {process.returncode}){reason}")
             chief = processes.get("chief")
             if all(processes[name].poll() == 0 for name in runners) or (chief and chief.poll() == 0):
@@ -457,16 +451,15 @@ def _write_hparams_config(logdir: str, space: dict):
             metrics=[hparams_api.Metric(name) for name in ("val_loss", "val_bits_per_char", "loss")])
 
 
-def main(argv: list[str]):
+def main(args: list[str]):
     """`python -m components.tuner SPEC.json`: one search process (see `tune`)."""
-    with open(argv[1], encoding="utf-8") as f:
+    with open(args[0], encoding="utf-8") as f:
         spec = json.load(f)
     try:
         _search(spec)
-    except (UserError, keras_tuner.errors.FatalError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except keras_tuner.errors.FatalError as e:
+        raise UserError(str(e)) from e
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    cli.run(main, max_args=1, usage="SPEC.json")

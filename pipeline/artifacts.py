@@ -20,6 +20,8 @@ import platform
 import shutil
 import time
 
+from components.config import cache_key
+
 MANIFEST = "manifest.json"
 LIBRARIES = ("tensorflow", "tensorflow-text", "keras", "keras-hub", "sentencepiece", "storygen")
 CODE_DIRS = ("components", "pipeline", "schemas")
@@ -70,13 +72,15 @@ class PipelineRun:
         self._code = code_fingerprint()
         os.makedirs(self.dir, exist_ok=True)
 
-    def step(self, name: str, fn, *, inputs: dict, parameters: dict, describe, cacheable: bool = True) -> dict:
+    def step(self, name: str, fn, *, inputs: dict, parameters, describe, cacheable: bool = True) -> dict:
         """Runs `fn(output_dir) -> metrics` unless a complete equal step exists; returns the manifest.
 
-        inputs: {input name: path}, fingerprinted; parameters: JSON-able values that change the output;
+        inputs: {input name: path}, fingerprinted; parameters: the step's config (or a tuple of
+        configs): the fields that change the output are its cache key (`config.cache_key`);
         describe: metrics -> the progress line's text.
         """
         start = time.time()
+        parameters = _parameters(parameters)
         inputs = {key: {"path": path, "fingerprint": _input_fingerprint(path)} for key, path in inputs.items()}
         cache_key = hashlib.sha256(json.dumps(
             [name, self._code, parameters, {k: v["fingerprint"] for k, v in inputs.items()}],
@@ -147,6 +151,12 @@ class PipelineRun:
                 manifest["reused_from"] = manifest["reused_from"] or folder
             return manifest
         return None
+
+
+def _parameters(configs) -> dict:
+    """A step's configs as {config class name: its cache-key fields}."""
+    configs = configs if isinstance(configs, tuple) else (configs,)
+    return {type(c).__name__: cache_key(c) for c in configs}
 
 
 def _input_fingerprint(path: str) -> str:

@@ -8,12 +8,10 @@ tensorflow and tensorflow_text (for its SentencePiece ops), not storygen.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from absl import flags
 
+from components import cli
 from components.common import UserError
-from pipeline import cli
 from pipeline import flags as storygen_flags
 
 storygen_flags.define_generate_flags()
@@ -49,7 +47,7 @@ def main():
     cli.run(_main)
 
 
-def _main():
+def _main(args):
     path = resolve_saved_model(FLAGS.model_dir)
     stories = generate(path, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                        top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)

@@ -13,16 +13,17 @@ given, in the serving contract's dtypes; a signature that needs one that is miss
 
 import base64
 import json
-import sys
 import urllib.error
 import urllib.request
 
-import grpc
-import tensorflow as tf
-from absl import app, flags
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from absl import flags
+
+from components import cli
+from components.common import UserError
+from components.contract import DEFAULT_SIGNATURE, PARAMETER_DTYPES, SIGNATURES
 
 FLAGS = flags.FLAGS
+
 
 def define_flags():
     """Defines the client's flags (in a function, so importing this module defines none)."""
@@ -31,7 +32,8 @@ def define_flags():
     flags.DEFINE_string("model_name", "storygen", "Model name on the server.")
     flags.DEFINE_integer("model_version", None, "Version to ask for; default: the newest the server has.")
     flags.DEFINE_string("model_version_label", None, "Version label to ask for instead (e.g. stable).")
-    flags.DEFINE_string("signature", "serving_default", "Signature: serving_default, generate, beam_search.")
+    story_writers = [name for name, signature in SIGNATURES.items() if "story" in signature.output_names]
+    flags.DEFINE_enum("signature", DEFAULT_SIGNATURE, story_writers, "Signature to call (one that writes stories).")
     flags.DEFINE_multi_string("prompt", None, "Prompt to continue; repeat the flag for a batch.")
     flags.mark_flag_as_required("prompt")
     flags.DEFINE_integer("max_new_tokens", None, "Most tokens to generate.")
@@ -42,18 +44,19 @@ def define_flags():
     flags.DEFINE_integer("num_beams", None, "Beams, for the beam_search signature.")
     flags.DEFINE_float("timeout", 120, "Seconds to wait for the answer.")
 
-# The serving contract's scalar parameters and their dtypes (schemas/ and DESIGN.md).
-PARAMETER_DTYPES = {"max_new_tokens": tf.int32, "temperature": tf.float32, "top_k": tf.int32, "top_p": tf.float32,
-                    "seed": tf.int64, "num_beams": tf.int32}
 
-
-class ClientError(Exception):
+class ClientError(UserError):
     """The server refused or could not be reached; the message says why."""
 
 
 def predict_grpc(target: str, model_name: str, signature: str, prompts: list[str], parameters: dict, *,
                  version: int | None = None, label: str | None = None, timeout: float = 120) -> list[str]:
     """The stories for `prompts` from the PredictionService at `target`."""
+    cli.import_tensorflow()
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature
@@ -109,16 +112,11 @@ def _b64_text(value: dict) -> str:
     return base64.b64decode(value["b64"]).decode("utf-8", errors="replace")
 
 
-def _run(argv):
-    if len(argv) > 1:
-        sys.exit(f"storygen-client: unexpected arguments {argv[1:]}; pass prompts with --prompt.")
+def _run(args):
     parameters = {name: FLAGS[name].value for name in PARAMETER_DTYPES if FLAGS[name].value is not None}
     predict = predict_rest if FLAGS.rest else predict_grpc
-    try:
-        stories = predict(FLAGS.rest or FLAGS.server, FLAGS.model_name, FLAGS.signature, FLAGS.prompt, parameters,
-                          version=FLAGS.model_version, label=FLAGS.model_version_label, timeout=FLAGS.timeout)
-    except ClientError as e:
-        sys.exit(f"storygen-client: {e}")
+    stories = predict(FLAGS.rest or FLAGS.server, FLAGS.model_name, FLAGS.signature, FLAGS.prompt, parameters,
+                      version=FLAGS.model_version, label=FLAGS.model_version_label, timeout=FLAGS.timeout)
     for story in stories:
         print(story)
 
@@ -126,7 +124,8 @@ def _run(argv):
 def main():
     """Console script entry point (`storygen-client`)."""
     define_flags()
-    app.run(_run)
+    # REST needs no TensorFlow; gRPC imports it when it builds the request.
+    cli.run(_run, uses_tensorflow=False)
 
 
 if __name__ == "__main__":

@@ -9,24 +9,29 @@ Flags that tensorflow_model_server also has keep its names and meanings. The ser
 ones in flight finish (up to --drain_timeout_seconds) and exits 0.
 """
 
+from __future__ import annotations
+
 import os
 import signal
-import sys
 import threading
+import typing
 from concurrent import futures
 
-import grpc
-import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
-from serving.batching import Batcher
-from serving.grpc_service import add_services
-from serving.model_manager import ModelManager, VersionPolicy, parse_labels
-from serving.predictor import Limits, Predictor
-from serving.rest import RestServer
-from serving.stats import Stats
+from components import cli
+from components.common import UserError
+from components.config import ExportConfig
+
+if typing.TYPE_CHECKING:  # names for the annotations; the modules load after the flags are parsed
+    import grpc
+
+    from serving.predictor import Predictor
+    from serving.rest import RestServer
+    from serving.stats import Stats
 
 FLAGS = flags.FLAGS
+
 
 def define_flags():
     """Defines the server's flags (in a function, so importing this module defines none)."""
@@ -61,8 +66,8 @@ def define_flags():
     flags.DEFINE_integer("max_prompt_bytes", 8192, "Longest string (prompt or story) accepted, in UTF-8 bytes.",
                          lower_bound=1)
     flags.DEFINE_integer("max_request_batch_size", 64, "Most rows (prompts) in one request.", lower_bound=1)
-    flags.DEFINE_integer("max_new_tokens_limit", 1024, "Largest max_new_tokens accepted, for signatures that "
-                         "have it.", lower_bound=1)
+    flags.DEFINE_integer("max_new_tokens_limit", ExportConfig().max_new_tokens_limit, "Largest max_new_tokens "
+                         "accepted, for signatures that have it (the model's own limit applies too).", lower_bound=1)
     flags.DEFINE_float("drain_timeout_seconds", 30, "On SIGTERM, longest wait for in-flight requests.",
                        lower_bound=0)
     flags.DEFINE_float("summary_interval_seconds", 60, "Seconds between summary log lines.", lower_bound=0.1)
@@ -71,20 +76,26 @@ def define_flags():
 def main():
     """Console script entry point (`storygen-serve`)."""
     define_flags()
-    app.run(_serve)
+    cli.run(_serve, logs_info=True)
 
 
-def _serve(argv):
-    if len(argv) > 1:
-        sys.exit(f"storygen-serve: unexpected arguments {argv[1:]}; every setting is a --flag.")
+def _serve(args):
+    # Loaded after the flags are parsed, so that --help and flag errors answer at once.
+    import tensorflow as tf
+
+    from serving.batching import Batcher
+    from serving.model_manager import ModelManager, VersionPolicy, parse_labels
+    from serving.predictor import Limits, Predictor
+    from serving.stats import Stats
+
     try:
         policy = VersionPolicy.parse(FLAGS.model_version_policy)
         labels = parse_labels(FLAGS.version_labels)
     except ValueError as e:
-        sys.exit(f"storygen-serve: {e}")
+        raise UserError(str(e)) from None
     if not tf.io.gfile.isdir(FLAGS.model_base_path):
-        sys.exit(f"storygen-serve: --model_base_path {FLAGS.model_base_path} is not a directory; point it at the "
-                 "folder holding the version directories, e.g. saved_models/storygen.")
+        raise UserError(f"--model_base_path {FLAGS.model_base_path} is not a directory; point it at the folder "
+                        "holding the version directories, e.g. saved_models/storygen.")
 
     # Handle SIGTERM from the start, so that one arriving while the model loads also drains cleanly.
     stopping = threading.Event()
@@ -145,6 +156,10 @@ def _serve(argv):
 
 
 def _bind_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:
+    import grpc
+
+    from serving.grpc_service import add_services
+
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=FLAGS.grpc_max_threads, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", FLAGS.max_request_bytes),
@@ -155,18 +170,20 @@ def _bind_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:
     try:
         server.add_insecure_port(f"{host}:{FLAGS.port}")
     except RuntimeError as e:
-        sys.exit(f"storygen-serve: cannot listen for gRPC on {host}:{FLAGS.port} ({e}); is another server using "
-                 "the port?")
+        raise UserError(f"Cannot listen for gRPC on {host}:{FLAGS.port} ({e}); is another server using the "
+                        "port?") from None
     return server
 
 
 def _bind_rest(predictor: Predictor, stats: Stats) -> RestServer:
+    from serving.rest import RestServer
+
     try:
         return RestServer(FLAGS.host, FLAGS.rest_api_port, predictor, stats, max_request_bytes=FLAGS.max_request_bytes,
                           timeout_s=FLAGS.rest_api_timeout_in_ms / 1000, max_connections=FLAGS.rest_api_num_threads)
     except OSError as e:
-        sys.exit(f"storygen-serve: cannot listen for REST on {FLAGS.host}:{FLAGS.rest_api_port} ({e}); is another "
-                 "server using the port?")
+        raise UserError(f"Cannot listen for REST on {FLAGS.host}:{FLAGS.rest_api_port} ({e}); is another server "
+                        "using the port?") from None
 
 
 def _log_summaries(stats: Stats, stopping: threading.Event) -> None:

@@ -1,9 +1,24 @@
+import dataclasses
 import json
 import os
 
 import pytest
 
+from components.config import flag_field
 from pipeline.artifacts import PipelineRun, fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
+class MakeConfig:
+    """A step config: `n` changes the output, `threads` does not (left out of the cache key)."""
+
+    n: int = 1
+    threads: int = flag_field(1, "Threads.", cached=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherConfig:
+    size: int = 8
 
 
 def write(out, name, text):
@@ -17,12 +32,12 @@ def test_step_writes_manifest_and_renames_into_place(tmp_path, capsys):
     source.write_text("stories")
     run = PipelineRun(str(tmp_path / "runs"), "r1")
     manifest = run.step("make", lambda out: write(out, "a.txt", "hello"), inputs={"data": str(source)},
-                        parameters={"n": 1}, describe=lambda m: f"{m['chars']} chars")
+                        parameters=MakeConfig(), describe=lambda m: f"{m['chars']} chars")
     folder = tmp_path / "runs" / "r1" / "make"
     assert json.loads((folder / "manifest.json").read_text()) == manifest
     assert manifest["outputs"] == {"path": str(folder), "files": ["a.txt"], "fingerprint": fingerprint(str(folder))}
     assert manifest["inputs"]["data"] == {"path": str(source), "fingerprint": manifest["inputs"]["data"]["fingerprint"]}
-    assert manifest["parameters"] == {"n": 1} and manifest["metrics"] == {"chars": 5}
+    assert manifest["parameters"] == {"MakeConfig": {"n": 1}} and manifest["metrics"] == {"chars": 5}
     assert manifest["library_versions"]["tensorflow"].startswith("2.")
     assert manifest["wall_time_seconds"] >= 0 and manifest["reused_from"] is None
     assert not (tmp_path / "runs" / "r1" / ".make.partial").exists()
@@ -37,7 +52,7 @@ def test_failed_step_leaves_nothing_that_looks_complete(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        run.step("make", fail, inputs={}, parameters={}, describe=str)
+        run.step("make", fail, inputs={}, parameters=MakeConfig(), describe=str)
     assert not (tmp_path / "r1" / "make").exists()
     assert not (tmp_path / "r1" / ".make.partial" / "manifest.json").exists()
 
@@ -50,22 +65,24 @@ def test_cache_reuses_equal_steps_only(tmp_path):
         return write(out, "a.txt", "x")
 
     step = dict(inputs={}, describe=str)
-    PipelineRun(str(tmp_path), "r1").step("make", make, parameters={"n": 1}, **step)
-    reused = PipelineRun(str(tmp_path), "r2").step("make", make, parameters={"n": 1}, **step)
+    PipelineRun(str(tmp_path), "r1").step("make", make, parameters=MakeConfig(), **step)
+    reused = PipelineRun(str(tmp_path), "r2").step("make", make, parameters=MakeConfig(threads=4), **step)
     assert len(calls) == 1
     assert reused["reused_from"] == str(tmp_path / "r1" / "make") and reused["run_id"] == "r2"
     assert (tmp_path / "r2" / "make" / "a.txt").read_text() == "x"
-    PipelineRun(str(tmp_path), "r3").step("make", make, parameters={"n": 2}, **step)
-    PipelineRun(str(tmp_path), "r4", use_cache=False).step("make", make, parameters={"n": 1}, **step)
-    PipelineRun(str(tmp_path), "r5").step("make", make, parameters={"n": 1}, cacheable=False, **step)
-    assert len(calls) == 4
+    PipelineRun(str(tmp_path), "r3").step("make", make, parameters=MakeConfig(n=2), **step)
+    PipelineRun(str(tmp_path), "r4", use_cache=False).step("make", make, parameters=MakeConfig(), **step)
+    PipelineRun(str(tmp_path), "r5").step("make", make, parameters=MakeConfig(), cacheable=False, **step)
+    # Two configs of one step (the trainer's model and training): both are in the key.
+    PipelineRun(str(tmp_path), "r6").step("make", make, parameters=(MakeConfig(), OtherConfig()), **step)
+    assert len(calls) == 5
 
 
 def test_changed_input_invalidates_the_cache(tmp_path):
     source = tmp_path / "data.txt"
     source.write_text("one")
     calls = []
-    step = dict(inputs={"data": str(source)}, parameters={}, describe=str)
+    step = dict(inputs={"data": str(source)}, parameters=MakeConfig(), describe=str)
     make = lambda out: calls.append(1) or {}
     PipelineRun(str(tmp_path / "runs"), "r1").step("make", make, **step)
     source.write_text("two")

@@ -1,7 +1,10 @@
-"""Tests of the benchmark harness (benchmarks/run.py and its sections): the FLOP counter, the
-row format and ratio orientation, the worker protocol, and the PyTorch peer's cached decoding.
-The PyTorch tests skip when torch is not installed (CI installs only '.[dev]')."""
+"""Tests of the benchmarks (benchmarks/harness.py, the section modules, the `benchmarks.run`
+command): the FLOP counter, the row format and ratio orientation, the worker protocol, the
+command line, and the PyTorch peer's cached decoding. The PyTorch tests skip when torch is not
+installed (CI installs only '.[dev]')."""
 
+import ast
+import glob
 import json
 import os
 import subprocess
@@ -13,7 +16,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # benchmarks/ is not an installed package
 
-from benchmarks import run, training  # noqa: E402
+from benchmarks import harness, training  # noqa: E402
 
 
 def test_forward_flops_hand_computed():
@@ -53,20 +56,20 @@ def test_useful_flops_count_each_story_at_its_own_lengths():
 
 
 def test_rows_are_oriented_so_that_higher_is_better():
-    faster = run.make_row("rate", "tokens/s", run.Stat([90.0, 100.0, 120.0]), "peer", run.Stat([40.0, 50.0, 70.0]),
-                          target=1.5)
-    assert list(faster) == list(run.ROW_KEYS)
+    faster = harness.make_row("rate", "tokens/s", harness.Stat([90.0, 100.0, 120.0]), "peer",
+                              harness.Stat([40.0, 50.0, 70.0]), target=1.5)
+    assert list(faster) == list(harness.ROW_KEYS)
     assert (faster["ours"], faster["peer_value"], faster["ratio"], faster["target"]) == (100.0, 50.0, 2.0, 1.5)
-    assert run.met(faster) is True
+    assert harness.met(faster) is True
     # A latency: lower is better, so the ratio is peer / ours.
-    slower = run.make_row("p50", "ms", 20.0, "peer", 10.0, higher_is_better=False)
-    assert slower["ratio"] == 0.5 and slower["target"] is None and run.met(slower) is None
-    assert run.make_row("alone", "s/MB", 1.0, None, None)["ratio"] is None
+    slower = harness.make_row("p50", "ms", 20.0, "peer", 10.0, higher_is_better=False)
+    assert slower["ratio"] == 0.5 and slower["target"] is None and harness.met(slower) is None
+    assert harness.make_row("alone", "s/MB", 1.0, None, None)["ratio"] is None
 
 
 def test_alternate_rotates_who_goes_first():
     calls = []
-    stats = run.alternate({name: (lambda name=name: calls.append(name) or len(calls)) for name in "abc"}, repeats=3)
+    stats = harness.alternate({name: (lambda name=name: calls.append(name) or len(calls)) for name in "abc"}, repeats=3)
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert stats["a"].values == [1, 6, 8] and stats["a"].median == 6 and stats["a"].spread() == "1-8"
 
@@ -83,18 +86,18 @@ def process_state(pid, wanted, seconds=5.0):
 
 
 def test_worker_protocol_and_json_for_a_fake_section(tmp_path):
-    h = run.Harness(quick=True, repeats=3, work_dir=str(tmp_path))
+    h = harness.Harness(quick=True, repeats=3, work_dir=str(tmp_path))
     try:
-        ours = h.worker("ours", "benchmarks.run:selftest_worker", scale=3.0)
-        peer = h.worker("peer", "benchmarks.run:selftest_worker", scale=2.0)
+        ours = h.worker("ours", "benchmarks.harness:selftest_worker", scale=3.0)
+        peer = h.worker("peer", "benchmarks.harness:selftest_worker", scale=2.0)
         assert ours.call("times", x=2) == 6.0
         # Between calls a worker is stopped, so it cannot take CPU from the peer being timed.
         assert process_state(ours.proc.pid, wanted="T") == "T"
-        stats = run.alternate({"ours": lambda: ours.call("times", x=10), "peer": lambda: peer.call("times", x=10)}, 3)
+        stats = harness.alternate({"ours": lambda: ours.call("times", x=10), "peer": lambda: peer.call("times", x=10)}, 3)
         h.section = "fake"
         h.row("fake: rate", "items/s", stats["ours"], "peer", stats["peer"], target=1.4)
         h.row("fake: latency", "ms", stats["ours"], "peer", stats["peer"], higher_is_better=False)
-        with pytest.raises(run.WorkerError, match="ZeroDivisionError"):
+        with pytest.raises(harness.WorkerError, match="ZeroDivisionError"):
             ours.call("fail")
         assert ours.call("times", x=1) == 3.0  # a failed op leaves the worker usable
     finally:
@@ -103,15 +106,66 @@ def test_worker_protocol_and_json_for_a_fake_section(tmp_path):
     rows = [row for _, row, _, _ in h.rows]
     assert [(r["ours"], r["peer_value"], r["ratio"]) for r in rows] == [(30.0, 20.0, 1.5), (30.0, 20.0, 20.0 / 30.0)]
     assert json.loads(json.dumps(rows)) == rows
-    printed = run.table(h.rows, h.notes)
+    printed = harness.table(h.rows, h.notes)
     assert "fake: rate" in printed and "1.50x" in printed and "yes" in printed
 
 
-def test_cli_rejects_unknown_sections():
-    with pytest.raises(SystemExit):
-        run.parse_args(["--only", "training,nonsense"])
-    args = run.parse_args(["--quick", "--only", "decoding, serving"])
-    assert args.sections == ["decoding", "serving"] and args.repeats == 2
+def test_best_by_omp_keeps_the_faster_setting_and_notes_both(tmp_path):
+    h = harness.Harness(quick=False, repeats=1, work_dir=str(tmp_path))
+    rates = {"storygen": harness.Stat([9.0]), "torch OMP PASSIVE": harness.Stat([3.0]),
+             "torch OMP unset": harness.Stat([4.0])}
+    best = harness.best_by_omp(h, "decoding torch", rates, ["torch OMP PASSIVE", "torch OMP unset"])
+    assert best == "torch OMP unset" and harness.omp_of(best) == "unset"
+    assert h.notes == ["decoding torch: OMP_WAIT_POLICY=PASSIVE 3 tokens/s, OMP_WAIT_POLICY=unset 4 tokens/s -> unset"]
+    # One setting (--quick): nothing to choose, nothing to note.
+    assert harness.best_by_omp(h, "quick", rates, ["torch OMP PASSIVE"]) == "torch OMP PASSIVE" and len(h.notes) == 1
+
+
+def test_timed_adds_the_seconds_of_one_call():
+    def sleep(seconds):
+        time.sleep(seconds)
+        return {"slept": seconds}
+
+    result = harness.timed(sleep)(seconds=0.05)
+    assert result["slept"] == 0.05 and 0.05 <= result["seconds"] < 5
+
+
+def test_sections_import_the_harness_not_the_entry_point():
+    """No import circle: only benchmarks/run.py imports the sections, and nothing imports it."""
+    for path in glob.glob(os.path.join(REPO, "benchmarks", "*.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.ImportFrom):
+                imported |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        assert "benchmarks.run" not in imported, path
+
+
+def benchmarks_command(*args):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_rejects_bad_flags_before_any_work():
+    for args, message in ((["--only", "training,nonsense"], "unknown section(s) nonsense in --only"),
+                          (["--scale_sizes_mb", "10,x"], "positive numbers"),
+                          (["stray"], "unexpected arguments stray")):
+        proc = benchmarks_command(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("python -m benchmarks.run: error: ") and message in proc.stderr
+    usage = benchmarks_command("--help").stdout
+    assert "--only" in usage and "input_pipeline" in usage and "--worker" not in usage  # internal: --helpfull
+    assert "--worker_args" in benchmarks_command("--helpfull").stdout
+
+
+def test_the_command_loads_no_tensorflow_or_torch():
+    """`--help` and the harness process stay light: only worker processes import TensorFlow or torch."""
+    code = "import sys, benchmarks.run; print(sorted({'tensorflow', 'torch', 'keras'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
 
 
 def test_torch_cached_greedy_equals_uncached():
@@ -152,6 +206,7 @@ def test_torch_train_step_matches_the_loss_definition():
     assert any(p is model.decoder_token.weight for p in groups[1]["params"])
 
 
+@pytest.mark.slow
 def test_quick_input_pipeline_end_to_end(tmp_path):
     """The real thing, smallest: `--quick --only input_pipeline --json` (ingest, tokenizer, tf.data, trainer)."""
     out = tmp_path / "rows.json"

@@ -28,9 +28,9 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def run_cli(*args, cwd=REPO, timeout=600):
-    """Runs `python -m ARGS` and returns the CompletedProcess (text mode)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+def run_cli(*args, cwd=REPO, timeout=600, env=None):
+    """Runs `python -m ARGS` and returns the CompletedProcess (text mode); `env` adds variables."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -39,6 +39,7 @@ def run_cli(*args, cwd=REPO, timeout=600):
 def small_examples(tmp_path_factory):
     """An ingest output folder (train/eval/test) made from many copies of STORIES."""
     from components import ingest
+    from components.config import IngestConfig
 
     root = tmp_path_factory.mktemp("small")
     # Vary each copy so that the hash split spreads them over all three splits.
@@ -46,17 +47,17 @@ def small_examples(tmp_path_factory):
     source = write_jsonl(root / "stories.jsonl", records)
     out = root / "examples"
     out.mkdir()
-    ingest.ingest(source, str(out), seed=1, eval_fraction=0.2, test_fraction=0.2, num_shards=2, window_bytes=1024,
-                  max_chars=100_000, max_bad_fraction=0.0, builtin_count=0, builtin_langs=["zh", "en"])
+    ingest.ingest(IngestConfig(data=source, seed=1, eval_fraction=0.2, test_fraction=0.2, max_bad_fraction=0.0), str(out))
     return str(out)
 
 
 @pytest.fixture(scope="session")
 def spm_proto(small_examples, tmp_path_factory):
     from components import tokenizer
+    from components.config import TokenizerConfig
 
     out = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.train_tokenizer(small_examples, str(out), vocab_size=700, seed=1)
+    tokenizer.train_tokenizer(small_examples, str(out), TokenizerConfig(vocab_size=700, seed=1))
     return tokenizer.load_proto(str(out))
 
 

@@ -146,7 +146,10 @@ def test_cli(tmp_path):
     entropy = json.loads(run_cli("components.corpus", "entropy", "--lang", "en", "--n", "200").stdout)
     assert entropy["story"]["bits_per_story"] > 40
     missing = run_cli("components.corpus", "accept", str(tmp_path / "missing.jsonl"))
-    assert missing.returncode == 1 and missing.stderr.startswith("error: cannot read")
+    assert missing.returncode == 1 and missing.stderr.startswith("python -m components.corpus: error: Cannot read")
     (tmp_path / "bad.jsonl").write_text("not json\n")
     bad = run_cli("components.corpus", "accept", str(tmp_path / "bad.jsonl"))
     assert bad.returncode == 1 and "bad.jsonl:1 is not a JSON object" in bad.stderr
+    unknown = run_cli("components.corpus", "shuffle")
+    assert unknown.returncode == 1 and unknown.stderr.strip().endswith("Give a command: sample, entropy, accept (see --help).")
+    assert run_cli("components.corpus", "sample", "--nosuchflag").returncode == 2

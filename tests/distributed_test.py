@@ -17,6 +17,9 @@ import pytest
 from conftest import REPO, TINY_FLAGS
 from serving_fixtures import free_ports
 
+# Each test trains the tiny configuration in new processes and needs the tiny pipeline run.
+pytestmark = pytest.mark.slow
+
 
 def pipeline_root_with_inputs(tiny_pipeline, root):
     """A pipeline root holding copies of the tiny run's ingest and tokenizer steps."""

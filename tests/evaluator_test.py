@@ -19,6 +19,7 @@ def read_json(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_outputs(tiny_pipeline):
     folder = tiny_pipeline.step_dir("first", "evaluator")
     metrics = read_json(os.path.join(folder, "metrics.json"))
@@ -35,13 +36,21 @@ def test_outputs(tiny_pipeline):
     for key in ("bleu", "rouge_1", "rouge_2", "rouge_l", "distinct_1", "distinct_2", "repeated_4gram_rate",
                 "grammar_acceptance_rate", "protagonist_kept_rate"):
         assert 0.0 <= generation["all"][key] <= 1.0, key
-    assert generation["all"]["rouge_1"] > 0.1  # the continuations share words with the references
+    # tiny.flags on 2026-12-01: ROUGE-1 0.304, ROUGE-L 0.201, BLEU 0.076 over the 64 sampled
+    # continuations (the same when rerun). The samples move with rounding: built without oneDNN,
+    # 0.314, 0.210 and 0.0765; with --seed=43, 0.333, 0.217 and 0.085. A one-epoch model gets
+    # 0.063, 0.060 and 0.000. The ROUGE tolerances are five times the oneDNN shift; BLEU, which
+    # barely moved there, gets three times the seed change.
+    assert generation["all"]["rouge_1"] == pytest.approx(0.304, abs=0.05)
+    assert generation["all"]["rouge_l"] == pytest.approx(0.201, abs=0.04)
+    assert generation["all"]["bleu"] == pytest.approx(0.076, abs=0.03)
     assert {lang: len(s) for lang, s in metrics["samples"].items()} == {"zh": 5, "en": 5}
     assert read_json(os.path.join(folder, "blessing.json")) == metrics["blessing"]
     report = open(os.path.join(folder, "eval_report.md"), encoding="utf-8").read()
     assert "| lang:zh |" in report and "## Samples (zh)" in report and metrics["samples"]["en"][0]["prompt"] in report
 
 
+@pytest.mark.slow
 def test_first_model_is_blessed_on_absolute_thresholds_second_against_the_first(tiny_pipeline):
     first = tiny_pipeline.manifest("first", "evaluator")["metrics"]["blessing"]
     assert first["blessed"] and first["baseline_model"] is None
@@ -51,6 +60,7 @@ def test_first_model_is_blessed_on_absolute_thresholds_second_against_the_first(
     assert second["baseline_bits_per_char"] == pytest.approx(second["candidate_bits_per_char"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_a_worse_model_is_not_pushed(tiny_pipeline):
     result = tiny_pipeline.run("worse", "--epochs=1", "--max_bpc_regression=0.0")
     assert "[pusher] not pushed:" in result.stdout
@@ -62,6 +72,7 @@ def test_a_worse_model_is_not_pushed(tiny_pipeline):
     assert sorted(os.listdir(tiny_pipeline.model_base_path)) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_bless_decisions(tiny_pipeline):
     pairs = [("从前有座山，", "山里有座庙。"), ("Once upon a time,", "there was a fox.")]
     baseline = os.path.join(tiny_pipeline.model_base_path, "1")
@@ -88,6 +99,7 @@ def _get(url, data=None):
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_scalars_samples_and_hparams(tiny_pipeline):
     logdir = os.path.join(tiny_pipeline.pipeline_root, "first")
     [port] = free_ports(1)

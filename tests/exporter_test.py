@@ -9,6 +9,8 @@ import tensorflow as tf
 
 from components import exporter
 from components.common import BOS_ID, EOS_ID
+from components.config import ExportConfig
+from components.contract import SIGNATURES
 from components.tokenizer import make_tokenizer
 
 PROMPTS = ["从前有座山，", "Once upon a time", "一只狐狸", "The dragon", "", "老渔夫说：", "A tailor", "山里有座庙。"]
@@ -20,8 +22,8 @@ SENTENCEPIECE_OPS = {"SentencepieceOp", "SentencepieceTokenizeOp", "Sentencepiec
 @pytest.fixture(scope="module")
 def saved_model(tiny_model, spm_proto, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    return exporter.export(tiny_model, make_tokenizer(spm_proto), str(out), temperature=1.0, top_k=0, top_p=1.0,
-                           max_new_tokens_limit=LIMIT)
+    return exporter.export(tiny_model, make_tokenizer(spm_proto), str(out),
+                           ExportConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens_limit=LIMIT))
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +38,15 @@ def generate(loaded, prompts, max_new_tokens=12, temperature=1.0, top_k=0, top_p
     return {key: value.numpy() for key, value in out.items()}
 
 
-def test_signatures(loaded):
-    assert set(loaded.signatures) == {"serving_default", "generate", "beam_search", "score"}
-    default = loaded.signatures["serving_default"]
-    assert {k: (v.dtype, v.shape.as_list()) for k, v in default.structured_input_signature[1].items()} == {
-        "prompt": (tf.string, [None])}
-    out = default(prompt=tf.constant(PROMPTS[:2]))
-    assert set(out) == {"story", "num_tokens"}
+def test_signatures_are_the_serving_contract(loaded):
+    assert set(loaded.signatures) == set(SIGNATURES)
+    for name, signature in SIGNATURES.items():
+        function = loaded.signatures[name]
+        for specs, tensors in ((function.structured_input_signature[1], signature.inputs),
+                               (function.structured_outputs, signature.outputs)):
+            described = {key: (spec.dtype.name, tuple(spec.shape.as_list())) for key, spec in specs.items()}
+            assert described == {t.name: (t.dtype, t.shape) for t in tensors}, name
+    out = loaded.signatures["serving_default"](prompt=tf.constant(PROMPTS[:2]))
     assert out["story"].shape == (2,) and out["num_tokens"].dtype == tf.int32
     assert int(loaded.max_new_tokens_limit.numpy()) == LIMIT
 

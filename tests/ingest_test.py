@@ -9,11 +9,12 @@ import pytest
 import tensorflow as tf
 
 from components import ingest
-from components.common import SPLITS, UserError, detect_lang, iterate_split, normalize_text
+from components.common import SPLITS, UserError, detect_lang, normalize_text
+from components.config import IngestConfig
+from components.records import iterate_split
 from conftest import REPO, STORIES, write_jsonl
 
-OPTIONS = dict(seed=1, eval_fraction=0.2, test_fraction=0.2, num_shards=3, window_bytes=1024, max_chars=100_000,
-               max_bad_fraction=0.0, builtin_count=0, builtin_langs=["zh", "en"])
+OPTIONS = dict(seed=1, eval_fraction=0.2, test_fraction=0.2, num_shards=3, max_chars=100_000, max_bad_fraction=0.0)
 
 
 def read_all(out):
@@ -23,7 +24,7 @@ def read_all(out):
 def run_ingest(tmp_path, source, **overrides):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    stats = ingest.ingest(str(source), str(out), **{**OPTIONS, **overrides})
+    stats = ingest.ingest(IngestConfig(data=str(source), **{**OPTIONS, **overrides}), str(out))
     return stats, read_all(str(out))
 
 
@@ -394,11 +395,11 @@ def test_parallel_and_serial_reading_in_two_processes_write_identical_shards(tmp
     parallel.mkdir()
     options = dict(OPTIONS, max_bad_fraction=0.01)
     # The serial run is in another process, as protobuf could order an Example's features by a per-process hash.
-    code = (f"from components import ingest; "
-            f"ingest.ingest({str(folder)!r}, {str(serial)!r}, num_parallel_reads=1, **{options!r})")
+    code = (f"from components import ingest; from components.config import IngestConfig; "
+            f"ingest.ingest(IngestConfig(data={str(folder)!r}, num_parallel_reads=1, **{options!r}), {str(serial)!r})")
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True)
-    stats = ingest.ingest(str(folder), str(parallel), num_parallel_reads=4, **options)
+    stats = ingest.ingest(IngestConfig(data=str(folder), num_parallel_reads=4, **options), str(parallel))
     assert stats["stories"] == 1200 + 3 + 50 + 1 + 40 and stats["quarantined"] == 3
     outputs = [{p.name: p.read_bytes() for p in out.iterdir() if p.name not in ("logs", "statistics.json")}
                for out in (serial, parallel)]

@@ -49,7 +49,22 @@ def test_encode_decode_equal_call(model):
 
 
 def test_output_is_tied_to_the_decoder_embedding(model):
-    assert model.decoder_embedding.token_embedding.tie_weights
+    """The logits are the final decoder states times the transposed token embedding, and the
+    output projection has no weights of its own (an untied one would add a [d_model, vocab]
+    matrix, and its logits would not be these)."""
+    encoder_ids, decoder_ids = ids([2, 5, 6, 0], [2, 7, 0, 0]), ids([2, 9, 10], [2, 11, 0])
+    states, mask = model.encode(encoder_ids)
+    hidden = keras.ops.convert_to_numpy(model.decoder_states(decoder_ids, states, mask))
+    embeddings = keras.ops.convert_to_numpy(model.output_embeddings)
+    assert embeddings.shape == (CONFIG["vocab_size"], CONFIG["d_model"])
+    np.testing.assert_allclose(model((encoder_ids, decoder_ids)), hidden @ embeddings.T, rtol=1e-5, atol=1e-5)
+    # The projection is the table the decoder looks its input tokens up in ...
+    np.testing.assert_array_equal(model.decoder_embedding.token_embedding(ids([3, 41]))[0], embeddings[[3, 41]])
+    # ... and the only weights with a vocabulary axis are the two input embeddings: no output
+    # kernel, no output bias.
+    vocab_weights = sorted(w.path.split("/", 1)[1] for w in model.weights if CONFIG["vocab_size"] in w.shape)
+    assert vocab_weights == ["decoder_embedding/token_embedding/embeddings",
+                             "encoder_embedding/token_embedding/embeddings"]
     assert len(model.trainable_weights) == len({id(w) for w in model.trainable_weights})
 
 

@@ -14,6 +14,7 @@ ANDERSEN = os.path.join(REPO, "..", "shared", "corpora", "andersen_en.jsonl")
 STEPS = ("ingest", "tokenizer", "trainer", "evaluator", "exporter", "pusher")
 
 
+@pytest.mark.slow
 def test_every_step_has_a_manifest(tiny_pipeline):
     for step in STEPS:
         manifest = tiny_pipeline.manifest("first", step)
@@ -21,10 +22,11 @@ def test_every_step_has_a_manifest(tiny_pipeline):
         assert set(manifest) >= {"inputs", "parameters", "outputs", "metrics", "wall_time_seconds", "library_versions"}
         for name, spec in manifest["inputs"].items():
             assert len(spec["fingerprint"]) == 64, (step, name)
-    assert tiny_pipeline.manifest("first", "trainer")["parameters"]["d_model"] == 64
+    assert tiny_pipeline.manifest("first", "trainer")["parameters"]["ModelConfig"]["d_model"] == 64
     assert tiny_pipeline.manifest("first", "ingest")["inputs"]["data"]["path"] == "builtin:fairy_tales"
 
 
+@pytest.mark.slow
 def test_progress_lines(tiny_pipeline):
     out = tiny_pipeline.results["first"].stdout
     for step in STEPS:
@@ -32,17 +34,32 @@ def test_progress_lines(tiny_pipeline):
     assert "stories ->" in out and "tokens/s" in out and "pushed version 1" in out
 
 
-def test_held_out_perplexity_beats_unigram(tiny_pipeline):
+# What tiny.flags measured on 2026-12-01 (2 CPU cores; the same to every digit when rerun), and
+# the tolerances the tests allow. Held out: perplexity 6.62 (unigram 240.2), 1.522 bits/char,
+# trainer val_loss 1.708 after 305 steps. Built without oneDNN (other kernels, other rounding)
+# it gave 6.62, 1.5225 and 1.708 again; with --seed=43 (another corpus, initialisation and
+# order) 5.17, 1.441 and 1.669; after one epoch instead of five, 86.2, 3.59 and 4.56. Each
+# tolerance covers the seed change with room to spare and fails the one-epoch model.
+TINY_PERPLEXITY, PERPLEXITY_TOLERANCE = 6.62, 0.25  # relative: 5.0 to 8.3
+TINY_BITS_PER_CHAR, BITS_PER_CHAR_TOLERANCE = 1.522, 0.15
+TINY_VAL_LOSS, VAL_LOSS_TOLERANCE = 1.708, 0.15
+
+
+@pytest.mark.slow
+def test_held_out_perplexity_and_bits_per_char_are_the_tiny_figures(tiny_pipeline):
     metrics = tiny_pipeline.manifest("first", "evaluator")["metrics"]["test"]
     with open(os.path.join(tiny_pipeline.step_dir("first", "evaluator"), "metrics.json")) as f:
         assert json.load(f)["test"] == metrics
-    assert metrics["perplexity"] < 0.7 * metrics["unigram_perplexity"]
-    assert 0 < metrics["bits_per_char"] < metrics["unigram_bits_per_char"]
+    assert metrics["perplexity"] == pytest.approx(TINY_PERPLEXITY, rel=PERPLEXITY_TOLERANCE)
+    assert metrics["bits_per_char"] == pytest.approx(TINY_BITS_PER_CHAR, abs=BITS_PER_CHAR_TOLERANCE)
+    trained = tiny_pipeline.manifest("first", "trainer")["metrics"]
+    assert trained["val_loss"] == pytest.approx(TINY_VAL_LOSS, abs=VAL_LOSS_TOLERANCE)
     by_lang = tiny_pipeline.manifest("first", "evaluator")["metrics"]["by_lang"]
     assert set(by_lang) == {"zh", "en"}
     assert sum(v["tokens"] for v in by_lang.values()) == metrics["tokens"]
 
 
+@pytest.mark.slow
 def test_second_run_reuses_steps_and_pushes_version_2(tiny_pipeline):
     assert sorted(os.listdir(tiny_pipeline.model_base_path)) == ["1", "2"]
     assert tiny_pipeline.manifest("second", "trainer")["reused_from"].endswith(os.path.join("first", "trainer"))
@@ -67,15 +84,21 @@ generated = model.signatures["generate"](prompt=prompts, max_new_tokens=tf.const
                                          top_k=tf.constant(20), top_p=tf.constant(0.9), seed=tf.constant(1, tf.int64))
 beams = model.signatures["beam_search"](prompt=prompts, max_new_tokens=tf.constant(30), num_beams=tf.constant(3))
 scored = model.signatures["score"](prompt=prompts, story=generated["story"])
+# Written in the corpus's style, not sampled: its score depends on the model alone.
+written = model.signatures["score"](prompt=prompts, story=tf.constant([
+    "阿福胆子很大，就是有点儿粗心。有一天早上，一只受伤的小鸟落在他的门前。阿福决定送小鸟回到它的家。",
+    "Hans was honest and hard-working. One morning, the old oak on the hill fell sick and lost all its leaves."]))
 own = sorted(m for m in sys.modules if m.split(".")[0] in ("components", "pipeline", "keras_hub"))
 print(json.dumps({"stories": [s.decode() for s in default["story"].numpy()],
                   "num_tokens": default["num_tokens"].numpy().tolist(),
                   "generate": generated["num_tokens"].numpy().tolist(),
                   "beams": [s.decode() for s in beams["story"].numpy()],
-                  "score": scored["bits_per_char"].numpy().tolist(), "own": own}))
+                  "score": scored["bits_per_char"].numpy().tolist(),
+                  "written": written["bits_per_char"].numpy().tolist(), "own": own}))
 """
 
 
+@pytest.mark.slow
 def test_pushed_model_runs_every_signature_with_only_tensorflow_and_tensorflow_text(tiny_pipeline):
     result = subprocess.run([sys.executable, "-c", PLAIN_TF_SCRIPT, os.path.join(tiny_pipeline.model_base_path, "2")],
                             capture_output=True, text=True, cwd="/", env=dict(os.environ, PYTHONPATH=""), timeout=300)
@@ -86,9 +109,17 @@ def test_pushed_model_runs_every_signature_with_only_tensorflow_and_tensorflow_t
     assert all(n > 0 for n in out["num_tokens"] + out["generate"])
     assert sum("\u4e00" <= c <= "\u9fff" for c in zh) > len(zh) / 3  # the model learned to continue in Chinese
     assert sum(c.isascii() for c in en) > 0.9 * len(en)  # ... and in English
-    assert all(beam for beam in out["beams"]) and all(0 < bpc < 20 for bpc in out["score"])
+    assert all(beam for beam in out["beams"])
+    # The written stories' bits per character: 1.914 (zh) and 1.530 (en) measured, 1.913 and
+    # 1.530 without oneDNN, 1.82 and 1.31 with --seed=43, 7.13 and 3.25 after one epoch.
+    assert out["written"] == pytest.approx([1.914, 1.530], abs=0.3)
+    # Sampled stories score 1.98 and 1.44 with this seed, but the sample itself moves with
+    # rounding (the oneDNN-free model, whose written scores agree to 1e-3, drew an English one
+    # scoring 2.99), hence ±2; a one-epoch model's Chinese one scored 5.24.
+    assert all(bpc > 0 for bpc in out["score"]) and out["score"] == pytest.approx([1.98, 1.44], abs=2.0)
 
 
+@pytest.mark.slow
 def test_saved_model_cli_shows_the_signatures(tiny_pipeline):
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     result = subprocess.run([cli, "show", "--all", "--dir", os.path.join(tiny_pipeline.model_base_path, "1")],
@@ -99,6 +130,7 @@ def test_saved_model_cli_shows_the_signatures(tiny_pipeline):
     assert "inputs['max_new_tokens'] tensor_info:\n        dtype: DT_INT32" in result.stdout
 
 
+@pytest.mark.slow
 def test_generated_stories_retokenise_and_score_matches(tiny_pipeline):
     """score() of a generated story equals generate()'s log_prob when the story retokenises to
     the generated ids. Whitespace is kept as written, so what breaks the round trip is only a
@@ -135,6 +167,7 @@ def test_generated_stories_retokenise_and_score_matches(tiny_pipeline):
     assert ended >= 30 and same >= 0.6 * ended
 
 
+@pytest.mark.slow
 def test_generate_cli(tiny_pipeline):
     zh = "从前有座山，山里有座庙，庙里住着一个小和尚，名叫阿福。"
     en = "Once upon a time, in a faraway kingdom, there lived a poor tailor named Hans."
@@ -181,9 +214,12 @@ def test_bad_input_ends_with_one_clear_sentence(tmp_path, args, message):
 def test_generate_without_a_model_is_one_sentence(tmp_path):
     result = run_cli("pipeline.generate", f"--model_dir={tmp_path}", timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: No SavedModel or integer version folder in")
+    assert result.stderr.splitlines() == [f"python -m pipeline.generate: error: No SavedModel or integer version "
+                                          f"folder in '{tmp_path}': run the pipeline first or point --model_dir at "
+                                          "saved_models/<model_name>."]
 
 
+@pytest.mark.slow
 def test_andersen_tales_ingest_cleanly_and_train(tmp_path):
     """156 real fairy tales through the tiny configuration (one epoch, to keep CI short)."""
     if not os.path.exists(ANDERSEN):
@@ -197,4 +233,8 @@ def test_andersen_tales_ingest_cleanly_and_train(tmp_path):
     assert sum(ingested["examples"].values()) > 1000  # long tales become many windows
     with open(tmp_path / "runs" / "andersen" / "evaluator" / "metrics.json") as f:
         test = json.load(f)["test"]
-    assert test["perplexity"] < test["unigram_perplexity"]
+    # Measured on 2026-12-01: perplexity 141.8 (unigram 264.0), 2.548 bits/char (unigram 2.868);
+    # without oneDNN 141.8 and 2.5485, with --seed=43 134.9 and 2.523. The tolerances cover the
+    # seed change; a model no better than the unigram one (2.87 bits/char) fails.
+    assert test["perplexity"] == pytest.approx(141.8, rel=0.15)
+    assert test["bits_per_char"] == pytest.approx(2.548, abs=0.15)

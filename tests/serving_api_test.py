@@ -15,6 +15,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      inference_pb2, model_management_pb2, regression_pb2)
 
+from components.contract import SIGNATURES
 from serving_fixtures import (AVAILABLE, REPO, expected_generation, expected_story, predict_request,
                               serve_stub_versions, stories)
 
@@ -79,21 +80,18 @@ def test_grpc_metadata_lists_the_signatures_with_dtypes_and_shapes(server):
     signature_defs = get_model_metadata_pb2.SignatureDefMap()
     response.metadata["signature_def"].Unpack(signature_defs)
     signatures = signature_defs.signature_def
-    assert set(signatures) == {"serving_default", "generate"}
+    assert set(signatures) == {"serving_default", "generate"}  # the stub's signatures
 
     def described(tensors):
         return {name: (tf.as_dtype(info.dtype).name, [d.size for d in info.tensor_shape.dim])
                 for name, info in tensors.items()}
 
-    assert described(signatures["serving_default"].inputs) == {"prompt": ("string", [-1])}
-    assert described(signatures["serving_default"].outputs) == {"story": ("string", [-1]),
-                                                                "num_tokens": ("int32", [-1])}
-    assert described(signatures["generate"].inputs) == {
-        "prompt": ("string", [-1]), "max_new_tokens": ("int32", []), "temperature": ("float32", []),
-        "top_k": ("int32", []), "top_p": ("float32", []), "seed": ("int64", [])}
-    assert described(signatures["generate"].outputs) == {
-        "story": ("string", [-1]), "num_tokens": ("int32", [-1]), "log_prob": ("float32", [-1]),
-        "token_ids": ("int32", [-1, -1])}
+    def contract(tensors):
+        return {t.name: (t.dtype, [-1 if size is None else size for size in t.shape]) for t in tensors}
+
+    for name in signatures:
+        assert described(signatures[name].inputs) == contract(SIGNATURES[name].inputs), name
+        assert described(signatures[name].outputs) == contract(SIGNATURES[name].outputs), name
 
 
 def test_grpc_model_status_lists_the_available_versions(server):

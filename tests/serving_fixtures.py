@@ -30,10 +30,11 @@ import tensorflow as tf
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
+from components.contract import PARAMETER_DTYPES
+from components.exporter import input_signature
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = "storygen"
-PARAM_DTYPES = {"max_new_tokens": tf.int32, "temperature": tf.float32, "top_k": tf.int32, "top_p": tf.float32,
-                "seed": tf.int64}
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 
 
@@ -62,19 +63,12 @@ class StubStoryModel(tf.Module):
         super().__init__()
         self.version = version
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompt")])
+    @tf.function(input_signature=input_signature("serving_default"))
     def serving_default(self, prompt):
         return {"story": tf.strings.join([prompt, f" v{self.version}"]),
                 "num_tokens": tf.strings.length(prompt, unit="UTF8_CHAR")}
 
-    @tf.function(input_signature=[
-        tf.TensorSpec([None], tf.string, name="prompt"),
-        tf.TensorSpec([], tf.int32, name="max_new_tokens"),
-        tf.TensorSpec([], tf.float32, name="temperature"),
-        tf.TensorSpec([], tf.int32, name="top_k"),
-        tf.TensorSpec([], tf.float32, name="top_p"),
-        tf.TensorSpec([], tf.int64, name="seed"),
-    ])
+    @tf.function(input_signature=input_signature("generate"))
     def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         check = tf.debugging.assert_greater_equal(temperature, 0.0, message="temperature must be >= 0")
         with tf.control_dependencies([check]):
@@ -229,7 +223,7 @@ def predict_request(prompts, signature: str = "", *, model: str = MODEL_NAME, ve
     encoded = [p.encode("utf-8") if isinstance(p, str) else p for p in prompts]
     request.inputs["prompt"].CopyFrom(tf.make_tensor_proto(encoded, dtype=tf.string, shape=[len(encoded)]))
     for name, value in params.items():
-        request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=PARAM_DTYPES[name]))
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=PARAMETER_DTYPES[name]))
     return request
 
 

@@ -27,6 +27,7 @@ def base(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_soak_with_16_clients_has_no_errors_and_bounded_memory(tmp_path, base):
     server = ServerProcess(base, tmp_path / "server.log", "--enable_batching", "--summary_interval_seconds=5")
     try:
@@ -76,6 +77,7 @@ def test_soak_with_16_clients_has_no_errors_and_bounded_memory(tmp_path, base):
 SLOW_MS = 3000
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, base):
     server = ServerProcess(base, tmp_path / "server.log", "--max_new_tokens_limit=4000")
     try:

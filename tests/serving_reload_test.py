@@ -117,6 +117,7 @@ def test_labels_and_versions_resolve_or_give_not_found(base):
 
 # ---------------------------------------------------------------------------------- hot reload
 
+@pytest.mark.slow
 def test_hot_reload_under_load_drops_no_request(tmp_path, saved):
     path = str(tmp_path / "storygen")
     os.makedirs(path)

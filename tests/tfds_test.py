@@ -7,10 +7,12 @@ import tensorflow_datasets as tfds
 
 import components.corpus.tfds_builder  # noqa: F401  (registers storygen_fairy_tales)
 from components import corpus, ingest
-from components.common import SPLITS, UserError, iterate_split, normalize_text
+from components.common import SPLITS, UserError, normalize_text
+from components.config import IngestConfig
+from components.records import iterate_split
 
-OPTIONS = dict(seed=1, eval_fraction=0.0, test_fraction=0.0, num_shards=2, window_bytes=100_000, max_chars=100_000,
-               max_bad_fraction=0.0, builtin_count=0, builtin_langs=["zh", "en"])
+OPTIONS = dict(seed=1, eval_fraction=0.0, test_fraction=0.0, window_bytes=100_000, max_chars=100_000,
+               max_bad_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def prepared(tmp_path_factory):
 def run_ingest(tmp_path, spec, **overrides):
     out = tmp_path / "out"
     out.mkdir()
-    stats = ingest.ingest(spec, str(out), **{**OPTIONS, **overrides})
+    stats = ingest.ingest(IngestConfig(data=spec, **{**OPTIONS, **overrides}), str(out))
     records = [r for split in SPLITS if glob.glob(f"{out}/{split}-*") for r in iterate_split(str(out), split)]
     return stats, records
 

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from components import tokenizer
 from components.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
+from components.config import TokenizerConfig
 
 
 def test_special_ids_and_byte_fallback(spm_proto):
@@ -37,7 +38,7 @@ def test_chinese_needs_no_segmentation(spm_proto):
 
 
 def test_report_and_files(small_examples, tmp_path):
-    report = tokenizer.train_tokenizer(small_examples, str(tmp_path), vocab_size=700, seed=1)
+    report = tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=700, seed=1))
     assert json.loads((tmp_path / "vocab_report.json").read_text()) == report
     assert 400 < report["vocab_size"] <= 700  # the small corpus supports fewer than asked for
     assert report["eval_unknown_rate"] == 0.0
@@ -46,10 +47,10 @@ def test_report_and_files(small_examples, tmp_path):
     # The same seed trains the same model.
     again = tmp_path / "again"
     again.mkdir()
-    tokenizer.train_tokenizer(small_examples, str(again), vocab_size=700, seed=1)
+    tokenizer.train_tokenizer(small_examples, str(again), TokenizerConfig(vocab_size=700, seed=1))
     assert (again / "spm.model").read_bytes() == (tmp_path / "spm.model").read_bytes()
 
 
 def test_vocab_too_small_is_a_user_error(small_examples, tmp_path):
     with pytest.raises(UserError, match="--vocab_size=260 is too small"):
-        tokenizer.train_tokenizer(small_examples, str(tmp_path), vocab_size=260, seed=1)
+        tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=260, seed=1))

@@ -1,7 +1,7 @@
+import dataclasses
 import glob
 import json
 import math
-import os
 
 import keras
 import numpy as np
@@ -10,9 +10,12 @@ import tensorflow as tf
 
 from components import trainer, transform
 from components.common import UserError
+from components.config import ModelConfig, TrainingConfig
 from components.tokenizer import make_tokenizer
 
 SHAPES = dict(max_prompt_tokens=16, max_story_tokens=64)
+TRAINING = TrainingConfig(batch_size=8, epochs=2, learning_rate=3e-3, warmup_steps=5, checkpoint_every_steps=5,
+                          profile_steps=(2, 3), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +28,8 @@ def data(small_examples, spm_proto):
 
     keras.utils.set_random_seed(3)
     tok = make_tokenizer(spm_proto)
-    config = dict(vocab_size=spm.SentencePieceProcessor(model_proto=spm_proto).get_piece_size(), d_model=32,
-                  num_layers=1, num_heads=2, ff_dim=64, **SHAPES)
+    config = ModelConfig(vocab_size=spm.SentencePieceProcessor(model_proto=spm_proto).get_piece_size(), d_model=32,
+                         num_layers=1, num_heads=2, ff_dim=64, dropout=0.0, **SHAPES)
     train_data, eval_data = fresh_data(small_examples, tok)
     initial_weights = trainer.build_model(config).get_weights()
     return train_data, eval_data, transform.batches_per_epoch(small_examples, "train", 8), config, tok, initial_weights, small_examples
@@ -39,11 +42,9 @@ def fresh_data(examples, tok):
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
-    train_data, eval_data, steps, config, tok, _, _ = data
+    _, _, steps, config, tok, _, examples = data
     out = tmp_path_factory.mktemp("trainer")
-    metrics = trainer.train(train_data, eval_data, str(out), model_config=config, steps_per_epoch=steps, epochs=2,
-                            learning_rate=3e-3, warmup_steps=5, weight_decay=0.01, tokenizer=tok,
-                            checkpoint_every_steps=5, profile_steps=(2, 3))
+    metrics = trainer.train(examples, tok, str(out), config, TRAINING)
     return out, metrics, steps
 
 
@@ -51,8 +52,8 @@ def short_fit(data, steps=3, epochs=1, strategy=None, callbacks=(), time_budget=
     """A Trainer from the same initial weights, and its history after `epochs` epochs of `steps` steps."""
     _, _, _, config, tok, initial_weights, examples = data
     train_data, eval_data = fresh_data(examples, tok)
-    model = trainer.Trainer(config, strategy=strategy, learning_rate=3e-3, warmup_steps=1, total_steps=steps * epochs,
-                            **options)
+    training = TrainingConfig(learning_rate=3e-3, warmup_steps=1, **options)
+    model = trainer.Trainer(config, training, total_steps=steps * epochs, strategy=strategy)
     model.model.set_weights(initial_weights)
     return model, model.fit(train_data, eval_data, steps_per_epoch=steps, epochs=epochs, callbacks=callbacks,
                              time_budget=time_budget)
@@ -61,7 +62,12 @@ def short_fit(data, steps=3, epochs=1, strategy=None, callbacks=(), time_budget=
 def test_metrics_history_and_checkpoints(trained):
     out, metrics, steps = trained
     assert metrics["steps"] == 2 * steps and metrics["epochs"] == 2 and metrics["stopped"] == "completed"
-    assert metrics["loss"] < 7 and metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
+    # Measured on 2026-12-01: loss 4.981 (first epoch 5.763), val_loss 4.825, the same without
+    # oneDNN to 1e-8; two other seeds (of TrainingConfig and keras) gave 5.006/4.849 and 4.982/4.850.
+    # ±0.1 is three times the seed spread; a model that stops learning stays near its first
+    # epoch's 5.76 or the uniform ln(451 pieces) = 6.11.
+    assert metrics["loss"] == pytest.approx(4.981, abs=0.1) and metrics["val_loss"] == pytest.approx(4.825, abs=0.1)
+    assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
     assert {"tokens_per_second", "learning_rate", "gradient_norm", "perplexity", "replicas"} <= set(metrics)
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == 2 and history["loss"][1] < history["loss"][0]
@@ -80,9 +86,8 @@ def test_profiler_trace_is_written(trained):
 def test_rerun_resumes_from_the_last_checkpoint(trained, data, capsys):
     """A finished run's output folder resumes at its last step: nothing is trained again."""
     out, metrics, steps = trained
-    train_data, eval_data, _, config, _, _, _ = data
-    again = trainer.train(train_data, eval_data, str(out), model_config=config, steps_per_epoch=steps, epochs=2,
-                          learning_rate=3e-3, warmup_steps=5, weight_decay=0.01, checkpoint_every_steps=5)
+    _, _, _, config, tok, _, examples = data
+    again = trainer.train(examples, tok, str(out), config, dataclasses.replace(TRAINING, profile_steps=None))
     assert f"resumed from {out / 'checkpoints' / f'ckpt-{2 * steps}'} at step {2 * steps}" in capsys.readouterr().out
     assert again["loss"] == metrics["loss"] and again["steps"] == metrics["steps"]
 
@@ -165,6 +170,9 @@ def test_strategy_names_and_chief(monkeypatch):
     assert not trainer.is_chief("multi_worker_mirrored")
 
 
+# The training loop under another execution path (MirroredStrategy, bf16, XLA) must match the
+# plain one. Each builds and traces one or two Trainers (5-15 s on 2 cores): the full tier's.
+@pytest.mark.slow
 def test_mirrored_strategy_trains_like_the_default_one(data):
     _, default = short_fit(data)
     _, mirrored = short_fit(data, strategy=trainer.make_strategy("mirrored"))
@@ -172,6 +180,7 @@ def test_mirrored_strategy_trains_like_the_default_one(data):
     assert mirrored["val_loss"] == pytest.approx(default["val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not trainer.bf16_supported(), reason="no bf16 on this machine")
 def test_mixed_precision_trains_in_bf16_and_saves_float32(data):
     model, history = short_fit(data, mixed_precision=True)
@@ -182,6 +191,7 @@ def test_mixed_precision_trains_in_bf16_and_saves_float32(data):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(bf16), keras.ops.convert_to_numpy(fp32))
 
 
+@pytest.mark.slow
 def test_jit_compiled_step_matches_the_plain_one(data):
     _, plain = short_fit(data, steps=2)
     _, jit = short_fit(data, steps=2, jit_compile=True)

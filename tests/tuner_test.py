@@ -16,7 +16,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from components import tokenizer, tuner
 from components.common import UserError
+from components.config import ModelConfig, TrainingConfig, TunerConfig
 
+TRAINING = TrainingConfig(batch_size=8, seed=1)
 # A space that trains in seconds: every trial is a one-layer model a few dozen wide.
 TINY_SPACE = {
     "d_model": {"values": [16, 32]},
@@ -32,20 +34,20 @@ TINY_SPACE = {
 
 @pytest.fixture(scope="module")
 def inputs(small_examples, spm_proto, tmp_path_factory):
-    """(examples dir, tokenizer dir, base config) as the pipeline passes them."""
+    """(examples dir, tokenizer dir, model config) as the pipeline passes them."""
     tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
     (tokenizer_dir / tokenizer.MODEL_FILE).write_bytes(spm_proto)
-    base_config = dict(vocab_size=spm.SentencePieceProcessor(model_proto=spm_proto).get_piece_size(),
-                       max_prompt_tokens=16, max_story_tokens=64, d_model=32, num_layers=1, num_heads=2, ff_dim=64,
-                       dropout=0.0, learning_rate=1e-3, warmup_steps=0, label_smoothing=0.0)
-    return small_examples, str(tokenizer_dir), base_config
+    model_config = ModelConfig(vocab_size=spm.SentencePieceProcessor(model_proto=spm_proto).get_piece_size(),
+                               max_prompt_tokens=16, max_story_tokens=64)
+    return small_examples, str(tokenizer_dir), model_config
 
 
-def run_tune(inputs, output_dir, **options):
-    examples, tokenizer_dir, base_config = inputs
-    arguments = dict(base_config=base_config, tuner="random", max_trials=3, max_epochs_per_trial=1, steps_per_epoch=3,
-                     time_budget=0, workers=0, batch_size=8, weight_decay=0.01, seed=1, space=TINY_SPACE)
-    return tuner.tune(examples, tokenizer_dir, str(output_dir), **dict(arguments, **options))
+def run_tune(inputs, output_dir, space=TINY_SPACE, **options):
+    """A search of `space` with a tiny default config; `options` override TunerConfig's fields."""
+    examples, tokenizer_dir, model_config = inputs
+    config = TunerConfig(**dict(dict(tuner="random", max_trials=3, max_epochs_per_trial=1, tune_steps_per_epoch=3),
+                                **options))
+    return tuner.tune(examples, tokenizer_dir, str(output_dir), config, model_config, TRAINING, space=space)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,7 @@ def in_space(name, value, space=TINY_SPACE):
     return options["min_value"] <= value <= options["max_value"]
 
 
+@pytest.mark.slow
 def test_best_hparams_are_the_best_trials(random_search, inputs):
     out, metrics = random_search
     trials = metrics["trials"]
@@ -68,7 +71,7 @@ def test_best_hparams_are_the_best_trials(random_search, inputs):
     assert metrics["completed_trials"] == 3 and all(t["status"] == "COMPLETED" for t in trials)
     assert metrics["tuner"] == "random" and metrics["workers"] == 0
     best = min(trials, key=lambda t: t["val_loss"])
-    assert metrics["best_val_loss"] == best["val_loss"] and 0 < best["val_loss"] < math.log(inputs[2]["vocab_size"])
+    assert metrics["best_val_loss"] == best["val_loss"] and 0 < best["val_loss"] < math.log(inputs[2].vocab_size)
     written = json.loads((out / tuner.BEST_HPARAMS_FILE).read_text())
     assert written == metrics["best_hparams"] == {key: best["hyperparameters"][key] for key in TINY_SPACE}
     assert all(in_space(name, value) for name, value in written.items())
@@ -94,6 +97,7 @@ def read_events(folder):
     return scalars, hparams
 
 
+@pytest.mark.slow
 def test_tensorboard_has_every_trials_hparams_and_score(random_search):
     out, metrics = random_search
     logs = out / tuner.LOGS_DIR
@@ -113,8 +117,9 @@ def test_tensorboard_has_every_trials_hparams_and_score(random_search):
         assert scalars["val_bits_per_char"][0][1] == pytest.approx(trial["val_bits_per_char"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_hyperband_continues_the_better_trial_from_its_weights(inputs, tmp_path):
-    metrics = run_tune(inputs, tmp_path, tuner="hyperband", max_epochs_per_trial=2, steps_per_epoch=2)
+    metrics = run_tune(inputs, tmp_path, tuner="hyperband", max_epochs_per_trial=2, tune_steps_per_epoch=2)
     trials = {t["trial_id"]: t for t in metrics["trials"]}
     # max_epochs 2, factor 2: two 1-epoch trials, the better one continued to epoch 2, two 2-epoch trials.
     assert len(trials) == 5 and all(t["status"] == "COMPLETED" for t in trials.values())
@@ -135,6 +140,7 @@ def test_hyperband_continues_the_better_trial_from_its_weights(inputs, tmp_path)
 HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_SCIPY, reason="KerasTuner's Bayesian oracle needs scipy")
 def test_bayesian_search_proposes_after_its_random_start(inputs, tmp_path):
     # 3 trials: 2 random initial points, then one from the Gaussian process.
@@ -156,8 +162,9 @@ def logged_trials(search_dir, member):
         return [line.split()[4].rstrip(":") for line in f if line.startswith(f"[tuner] {member} runs trial ")]
 
 
+@pytest.mark.slow
 def test_distributed_search_runs_every_trial_once(inputs, random_search, tmp_path):
-    metrics = run_tune(inputs, tmp_path, max_trials=4, workers=2)
+    metrics = run_tune(inputs, tmp_path, max_trials=4, tune_workers=2)
     assert metrics["workers"] == 2 and metrics["completed_trials"] == 4
     ids = [t["trial_id"] for t in metrics["trials"]]
     assert sorted(ids) == ["0", "1", "2", "3"] and all(t["status"] == "COMPLETED" for t in metrics["trials"])
@@ -187,6 +194,7 @@ def running_processes_with(text):
     return pids
 
 
+@pytest.mark.slow
 def test_a_crashing_worker_ends_the_search_with_its_error(inputs, tmp_path):
     # Workers read the data in their first trial; without an eval split they fail there.
     examples = tmp_path / "examples"
@@ -194,15 +202,16 @@ def test_a_crashing_worker_ends_the_search_with_its_error(inputs, tmp_path):
     for path in glob.glob(os.path.join(inputs[0], "train-*.tfrecord")):
         shutil.copy(path, examples)
     start = time.time()
-    with pytest.raises(UserError, match=r"Tuning process tuner[01] failed \(exit status 2\): No eval examples in "):
-        run_tune((str(examples), *inputs[1:]), tmp_path / "out", workers=2)
+    with pytest.raises(UserError, match=r"Tuning process tuner[01] failed \(exit status 1\): No eval examples in "):
+        run_tune((str(examples), *inputs[1:]), tmp_path / "out", tune_workers=2)
     assert time.time() - start < 90
     # The chief, which would have waited for the failed trial for ever, and the other worker are gone.
     assert running_processes_with(str(tmp_path / "out" / tuner.SEARCH_DIR / tuner.SPEC_FILE)) == []
 
 
+@pytest.mark.slow
 def test_time_budget_stops_starting_trials(inputs, tmp_path):
-    metrics = run_tune(inputs, tmp_path, max_trials=5, time_budget=1)
+    metrics = run_tune(inputs, tmp_path, max_trials=5, tune_time_budget=1)
     # The first trial always runs; it outlasts the budget, so no second one starts.
     assert [t["trial_id"] for t in metrics["trials"]] == ["0"] and metrics["completed_trials"] == 1
     log = (tmp_path / tuner.SEARCH_DIR / "tuner.log").read_text()

@@ -1,17 +1,18 @@
 """Command line of the built-in corpus.
 
-    python -m components.corpus sample --lang zh --n 5 --seed 1 [--format text]
-    python -m components.corpus entropy --lang zh --n 20000
+    python -m components.corpus sample [--lang zh] [--n 5] [--seed 1] [--format text]
+    python -m components.corpus entropy --lang zh [--n 20000]
     python -m components.corpus accept FILE.jsonl
 """
 
-import argparse
 import collections
 import json
 import math
-import sys
 
-from components import corpus
+from absl import flags
+
+from components import cli, corpus
+from components.common import UserError
 
 LN2 = math.log(2)
 
@@ -53,7 +54,7 @@ def accept_file(path: str) -> dict:
                 record = json.loads(line)
                 prompt, story, lang = record["prompt"], record["story"], record.get("lang")
             except (ValueError, KeyError, TypeError):
-                raise SystemExit(f"error: {path}:{number} is not a JSON object with 'prompt' and 'story'.")
+                raise UserError(f"{path}:{number} is not a JSON object with 'prompt' and 'story'.") from None
             total += 1
             result = corpus.accept(prompt, story, lang)
             if result.accepted:
@@ -65,41 +66,48 @@ def accept_file(path: str) -> dict:
             "rejected_by_reason": dict(reasons.most_common())}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m components.corpus", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    sample = commands.add_parser("sample", help="print sampled stories")
-    sample.add_argument("--lang", choices=corpus.LANGS, default=None, help="one language (default: both, alternating)")
-    sample.add_argument("--n", type=int, default=5)
-    sample.add_argument("--seed", type=int, default=1)
-    sample.add_argument("--format", choices=("json", "text"), default="json")
-    estimate = commands.add_parser("entropy", help="estimate the entropy per story and per character")
-    estimate.add_argument("--lang", choices=corpus.LANGS, required=True)
-    estimate.add_argument("--n", type=int, default=20000)
-    estimate.add_argument("--seed", type=int, default=12345)
-    check = commands.add_parser("accept", help="the fraction of a JSONL file's records that the grammar accepts")
-    check.add_argument("file")
-    args = parser.parse_args(argv)
+COMMANDS = ("sample", "entropy", "accept")
+# Each command's default sample size and seed (an entropy estimate needs many samples).
+DEFAULT_N = {"sample": 5, "entropy": 20000}
+DEFAULT_SEED = {"sample": 1, "entropy": 12345}
 
-    if args.command == "sample":
-        for story in corpus.sample(args.n, seed=args.seed, langs=(args.lang,) if args.lang else corpus.LANGS):
-            if args.format == "json":
+
+def define_flags():
+    flags.DEFINE_enum("lang", None, corpus.LANGS, "One language (sample: default both, alternating; entropy: "
+                      "required).")
+    flags.DEFINE_integer("n", None, "Stories to sample (default: sample 5, entropy 20000).", lower_bound=1)
+    flags.DEFINE_integer("seed", None, "Sampling seed (default: sample 1, entropy 12345).")
+    flags.DEFINE_enum("format", "json", ("json", "text"), "sample: one JSON object per line, or readable text.")
+
+
+def main(args: list[str]):
+    if not args or args[0] not in COMMANDS:
+        raise UserError(f"Give a command: {', '.join(COMMANDS)} (see --help).")
+    command, rest = args[0], args[1:]
+    if (command == "accept") != bool(rest):
+        raise UserError("accept takes one FILE.jsonl; sample and entropy take only flags.")
+    options = flags.FLAGS
+    n = options.n if options.n is not None else DEFAULT_N.get(command)
+    seed = options.seed if options.seed is not None else DEFAULT_SEED.get(command)
+    if command == "sample":
+        for story in corpus.sample(n, seed=seed, langs=(options.lang,) if options.lang else corpus.LANGS):
+            if options.format == "json":
                 record = {k: story[k] for k in ("prompt", "story", "lang", "tags", "log_prob")}
                 print(json.dumps(record, ensure_ascii=False))
             else:
                 print(f"[{story['id']}] {' '.join(story['tags'])}, log p = {story['log_prob']:.2f}\n"
                       f"{story['prompt']}{corpus.SEPARATORS[story['lang']]}{story['story']}\n")
-    elif args.command == "entropy":
-        if args.n < 2:
-            parser.error("--n must be at least 2")
-        print(json.dumps(entropy(args.lang, args.n, args.seed), indent=2))
+    elif command == "entropy":
+        if options.lang is None or n < 2:
+            raise UserError("entropy needs --lang and --n of at least 2.")
+        print(json.dumps(entropy(options.lang, n, seed), indent=2))
     else:
         try:
-            print(json.dumps(accept_file(args.file), ensure_ascii=False, indent=2))
+            print(json.dumps(accept_file(rest[0]), ensure_ascii=False, indent=2))
         except OSError as e:
-            sys.exit(f"error: cannot read {args.file}: {e.strerror}.")
+            raise UserError(f"Cannot read {rest[0]}: {e.strerror}.") from None
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    cli.run(main, max_args=2, usage="COMMAND [FILE]", uses_tensorflow=False)

@@ -1,0 +1,257 @@
+"""One frozen config per pipeline step, with every default and choice in one place.
+
+This module imports nothing heavy (no TensorFlow, Keras or absl), so that flag parsing and
+`--help` stay fast. `pipeline/flags.py` makes one command-line flag per field name: a field
+that several steps share (`seed`, `batch_size`, `vocab_size`) is one flag feeding them all,
+declared once below. A step's config is its cache key (`cache_key`), less the fields marked
+as not changing the output.
+
+>>> TrainingConfig(epochs=2).epochs
+2
+>>> dataclasses.replace(ModelConfig(), d_model=64).d_model
+64
+>>> "num_parallel_reads" in cache_key(IngestConfig())
+False
+"""
+
+import dataclasses
+import typing
+
+BUILTIN_PREFIX = "builtin:"
+TFDS_PREFIX = "tfds:"
+BUILTIN_CORPORA = ("fairy_tales",)
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+SCHEDULES = ("cosine", "inverse_sqrt")
+TUNERS = ("hyperband", "bayesian", "random")
+
+
+def flag_field(default, help: str, *, lower=None, upper=None, choices=None, cached=True):
+    """A config field with what its flag needs: help text, bounds, choices. `cached=False`
+    marks a field that does not change the step's output (left out of its cache key)."""
+    metadata = {"help": help, "lower": lower, "upper": upper, "choices": choices, "cached": cached}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# Fields that several steps have: one flag feeds them all.
+def _seed():
+    return flag_field(42, "Seed for the built-in corpus, the tokenizer, initialisation, shuffling and sampling.")
+
+
+def _batch_size():
+    return flag_field(32, "Examples per batch, in training and evaluation.", lower=1)
+
+
+def _vocab_size():
+    # The model's is the trained tokenizer's actual size, which the pipeline sets.
+    return flag_field(4000, "SentencePiece vocabulary size (includes 256 byte pieces).", lower=300)
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    """ExampleGen: which stories to read, how to read them and how to split them."""
+
+    data: str = flag_field(BUILTIN_PREFIX + "fairy_tales",
+                           "Story source: builtin:fairy_tales, tfds:NAME[/CONFIG][:SPLIT], or .jsonl/.json/.csv/.tsv/"
+                           ".txt/.tfrecord(s) files (optionally .gz): a file, a directory or a glob, local or any "
+                           "tf.io.gfile path.")
+    seed: int = _seed()
+    builtin_count: int = flag_field(6000, "Stories to sample from the built-in corpus.", lower=1)
+    builtin_langs: tuple[str, ...] = flag_field(("zh", "en"), "Languages of the built-in corpus.")
+    eval_fraction: float = flag_field(0.05, "Fraction of stories in the eval split.", lower=0.0, upper=0.5)
+    test_fraction: float = flag_field(0.05, "Fraction of stories in the test split.", lower=0.0, upper=0.5)
+    num_shards: int = flag_field(2, "TFRecord shards per split.", lower=1)
+    window_bytes: int = flag_field(1024, "Longest story window in UTF-8 bytes; longer stories become several windows, "
+                                  "each prompted by the text before it.", lower=64)
+    max_chars: int = flag_field(1_000_000, "Records with a longer field are quarantined.", lower=1)
+    max_bad_fraction: float = flag_field(0.01, "Stop when more than this fraction of records is bad.",
+                                         lower=0.0, upper=1.0)
+    encoding: str = flag_field("utf-8", "Text encoding of the input files (e.g. gbk).")
+    text_key: str | None = flag_field(None, "JSON key, CSV/TSV column or TFRecord feature that holds the story "
+                                     "(default: 'story', or else 'text').")
+    prompt_key: str = flag_field("prompt", "Key, column or feature of the prompt (optional: without one, the story's "
+                                "opening becomes the prompt).")
+    title_key: str = flag_field("title", "Key, column or feature of the title (optional).")
+    lang_key: str = flag_field("lang", "Key, column or feature of the language: zh, en or other (optional: detected "
+                              "from the script when absent).")
+    tags_key: str = flag_field("tags", "Key, column or feature of the tags: a list, or one comma-separated string "
+                              "(optional).")
+    text_separator: str | None = flag_field(None, "Separator between stories in a .txt file, e.g. '\\n\\n' (a blank "
+                                           "line) or '<|endoftext|>'; \\n, \\t and \\r are understood (default: one "
+                                           "story per file).")
+    tfds_text_key: str | None = flag_field(None, "Feature that holds the story in a tfds:NAME source (default: as "
+                                          "--text_key).")
+    tfds_data_dir: str | None = flag_field(None, "Where tfds:NAME datasets are prepared (default: $TFDS_DATA_DIR or "
+                                          "~/tensorflow_datasets); ingest never downloads one.")
+    num_parallel_reads: int = flag_field(1, "Input files read ahead in parallel threads (1 = one after another); the "
+                                        "output is the same either way.", lower=1, cached=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """The SentencePiece model trained on the training split."""
+
+    vocab_size: int = _vocab_size()
+    seed: int = _seed()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The StoryTransformer's shape; `vocab_size` is the trained tokenizer's, set by the pipeline."""
+
+    max_prompt_tokens: int = flag_field(64, "Longest prompt the encoder reads (its last tokens are kept).", lower=2)
+    max_story_tokens: int = flag_field(384, "The decoder's window: longest story window it learns to write (a "
+                                      "built-in English story is about 330 tokens).", lower=2)
+    d_model: int = flag_field(128, "Width of the Transformer.", lower=8)
+    num_layers: int = flag_field(2, "Encoder layers, and as many decoder layers.", lower=1)
+    num_heads: int = flag_field(4, "Attention heads.", lower=1)
+    ff_dim: int = flag_field(512, "Width of the feed-forward blocks.", lower=8)
+    dropout: float = flag_field(0.1, "Dropout rate.", lower=0.0, upper=0.9)
+    vocab_size: int = _vocab_size()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """The training loop: optimizer, schedule, stopping, precision, strategy, checkpoints."""
+
+    batch_size: int = _batch_size()
+    epochs: int = flag_field(4, "Passes over the training split.", lower=1)
+    steps: int = flag_field(0, "Train this many optimizer steps in all (0 = --epochs epochs, each drawing as many "
+                           "stories as the training split holds).", lower=0)
+    learning_rate: float = flag_field(2e-3, "Peak AdamW learning rate.", lower=0.0)
+    warmup_steps: int = flag_field(100, "Linear warm-up steps before the decay.", lower=0)
+    weight_decay: float = flag_field(0.01, "AdamW weight decay.", lower=0.0)
+    lr_schedule: str = flag_field("cosine", "After warm-up: cosine decay to 10% of the peak at the last step, or "
+                                 "inverse-square-root decay.", choices=SCHEDULES)
+    clip_norm: float = flag_field(1.0, "Clip gradients to this global norm (0 = off).", lower=0.0)
+    label_smoothing: float = flag_field(0.0, "Label smoothing of the training loss.", lower=0.0, upper=0.5)
+    early_stopping_patience: int = flag_field(0, "Stop when validation loss has not improved for this many epochs "
+                                             "(0 = off).", lower=0)
+    time_budget: float = flag_field(0.0, "Stop training after this many seconds, at the end of a step, and evaluate "
+                                   "(0 = no limit).", lower=0.0)
+    mixed_precision: bool = flag_field(False, "Train with mixed_bfloat16 where the hardware has bf16 (a CPU with "
+                                      "AVX512-BF16 or AMX, a GPU, a TPU); the saved model computes in float32.")
+    jit_compile: bool = flag_field(False, "XLA-compile the training step (recompiles for every batch shape).")
+    checkpoint_every_steps: int = flag_field(100, "Checkpoint every this many steps (and at each epoch's end); a rerun "
+                                            "of a killed run resumes from the newest.", lower=1, cached=False)
+    distribution_strategy: str = flag_field("default", "tf.distribute strategy to train under; multi_worker_mirrored "
+                                           "reads the cluster from TF_CONFIG (see README).", choices=STRATEGIES)
+    tpu: str = flag_field("", "TPU name or grpc:// address for --distribution_strategy=tpu ('' = local).", cached=False)
+    profile_steps: tuple[int, ...] | None = flag_field(None, "Two step numbers FIRST,LAST: record a TensorBoard "
+                                                      "profiler trace of those training steps.")
+    seed: int = _seed()
+
+
+# What the tuner searches: these fields of ModelConfig and TrainingConfig (ranges in components/tuner.py).
+TUNED_MODEL_FIELDS = ("d_model", "num_layers", "num_heads", "ff_dim", "dropout")
+TUNED_TRAINING_FIELDS = ("learning_rate", "warmup_steps", "label_smoothing")
+
+
+@dataclasses.dataclass(frozen=True)
+class TunerConfig:
+    """The KerasTuner search that, with `tune`, runs before training."""
+
+    tune: bool = flag_field(False, "Search model and training hyperparameters with KerasTuner before training; the "
+                           "trainer then uses the best ones (best_hparams.json) instead of their flags.")
+    tuner: str = flag_field("hyperband", "KerasTuner search algorithm; Hyperband's trial count follows from "
+                           "--max_epochs_per_trial (2: 5 trials, 3: 8, 4: 15).", choices=TUNERS)
+    max_trials: int = flag_field(8, "Most trials to run (bayesian, random).", lower=1)
+    max_epochs_per_trial: int = flag_field(2, "Most epochs one trial trains.", lower=1)
+    tune_steps_per_epoch: int = flag_field(0, "Batches in a trial's epoch (0 = the whole training split).", lower=0)
+    tune_time_budget: float = flag_field(0.0, "Start no new trial after this many seconds (0 = no limit).", lower=0.0)
+    tune_workers: int = flag_field(0, "0: trials run in this process; N: a KerasTuner chief (the oracle) and N worker "
+                                  "processes on this machine, over loopback.", lower=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """The evaluator's metrics and the blessing that gates the push."""
+
+    batch_size: int = _batch_size()
+    eval_generate_count: int = flag_field(64, "Test prompts to continue for the generation metrics.", lower=1)
+    max_bits_per_char: float = flag_field(4.0, "Blessing: the candidate's test bits per character must not exceed "
+                                         "this.", lower=0.0)
+    max_bpc_regression: float = flag_field(0.01, "Blessing: how much worse than the pushed model's bits per character "
+                                          "the candidate may be.", lower=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """The SavedModel's sampling defaults (serving_default) and request limit."""
+
+    max_new_tokens_limit: int = flag_field(2048, "Most tokens one generate request may ask for; beyond "
+                                          "--max_story_tokens the decoder continues with a sliding window.", lower=1)
+    temperature: float = flag_field(0.8, "Sampling temperature of serving_default (0 = greedy).", lower=0.0)
+    top_k: int = flag_field(40, "Top-k filter of serving_default (0 = off).", lower=0)
+    top_p: float = flag_field(0.95, "Top-p (nucleus) filter of serving_default (1 = off).", lower=0.0, upper=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PushConfig:
+    """Where the pusher puts versions, and whether an unblessed model may go."""
+
+    serving_model_dir: str = flag_field("saved_models", "Where the pusher puts <model_name>/<version>/.")
+    model_name: str = flag_field("storygen", "Model name under --serving_model_dir (as TF Serving sees it).")
+    force_push: bool = flag_field(False, "Push even a model the evaluator did not bless (with a warning).")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The run itself: where its artifacts go and whether earlier steps are reused."""
+
+    pipeline_root: str = flag_field("runs", "Directory that holds every run's artifacts.")
+    run_id: str | None = flag_field(None, "Name of this run's folder under --pipeline_root (default: a timestamp). "
+                                   "Rerunning an id resumes it: finished steps are kept.")
+    cache: bool = flag_field(True, "Reuse a step's outputs from an earlier run with the same inputs and parameters "
+                            "(--nocache recomputes everything).")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Every step's config: what `python -m pipeline.run` runs with."""
+
+    run: RunConfig = RunConfig()
+    ingest: IngestConfig = IngestConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    tuner: TunerConfig = TunerConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    export: ExportConfig = ExportConfig()
+    push: PushConfig = PushConfig()
+
+    @classmethod
+    def from_values(cls, values: dict) -> "PipelineConfig":
+        """Each step's config from {field name: value} (the flags' values); missing names keep their defaults."""
+        steps = {}
+        for step in dataclasses.fields(cls):
+            names = {f.name for f in dataclasses.fields(step.type)} & set(values)
+            steps[step.name] = step.type(**{name: _typed(step.type, name, values[name]) for name in names})
+        return cls(**steps)
+
+
+def flag_fields() -> dict[str, tuple[dataclasses.Field, typing.Any]]:
+    """{name: (field, type hint)} of every field that is a command-line flag, in step order
+    (a name that several steps share is one flag: `_seed`, `_batch_size`, `_vocab_size`)."""
+    found = {}
+    for step in dataclasses.fields(PipelineConfig):
+        hints = typing.get_type_hints(step.type)
+        for field in dataclasses.fields(step.type):
+            if "help" in field.metadata:
+                found.setdefault(field.name, (field, hints[field.name]))
+    return found
+
+
+def _typed(config_class, name: str, value):
+    """A flag value as the field's type: lists become tuples (configs are frozen and hashable)."""
+    if isinstance(value, list):
+        hint = typing.get_type_hints(config_class)[name]
+        item = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        kind = (typing.get_args(item) or (str,))[0]
+        return tuple(kind(v) for v in value)
+    return value
+
+
+def cache_key(config) -> dict:
+    """The fields of a step's config that change its output, as plain JSON values."""
+    return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
+            if field.metadata.get("cached", True)}

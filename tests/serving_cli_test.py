@@ -1,0 +1,49 @@
+"""storygen-serve's and storygen-client's command lines: light imports, one-sentence errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from components.cli import EXIT_USAGE, EXIT_USER_ERROR
+from conftest import REPO, run_cli
+
+PROGRAMS = ["serving.server", "serving.client"]
+
+
+@pytest.mark.parametrize("module", PROGRAMS)
+def test_defining_the_flags_imports_no_tensorflow(module):
+    code = (f"import sys, {module} as m; m.define_flags(); "
+            "print(sorted(name for name in ('tensorflow', 'keras', 'keras_tuner', 'grpc') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", PROGRAMS)
+def test_help_answers_without_tensorflow(module, tmp_path):
+    # A `tensorflow` that cannot be imported, first on the path: --help must not need it.
+    (tmp_path / "tensorflow").mkdir()
+    (tmp_path / "tensorflow" / "__init__.py").write_text("raise ImportError('--help imported tensorflow')\n")
+    result = run_cli(module, "--help", env={"PYTHONPATH": f"{tmp_path}:{REPO}"}, timeout=60)
+    assert result.returncode == 1 and not result.stderr, result.stderr  # absl's --help: usage on stdout, status 1
+    assert "--model_name" in result.stdout
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["serving.server", "--model_base_path=/nonexistent"], EXIT_USER_ERROR,
+     "python -m serving.server: error: --model_base_path /nonexistent is not a directory"),
+    (["serving.server", "--model_base_path=/tmp", "--model_version_policy=newest"], EXIT_USER_ERROR,
+     "python -m serving.server: error: "),
+    (["serving.server", "--model_base_path=/tmp", "--no_such_flag=1"], EXIT_USAGE,
+     "error: Unknown command line flag 'no_such_flag'"),
+    (["serving.server", "--model_base_path=/tmp", "--port=0"], EXIT_USAGE, "error: flag --port=0"),
+    (["serving.server", "--model_base_path=/tmp", "stray"], EXIT_USAGE, "error: unexpected arguments stray"),
+    (["serving.client"], EXIT_USAGE, "error: flag --prompt=None"),
+    (["serving.client", "--prompt=x", "--signature=score"], EXIT_USAGE, "error: flag --signature=score"),
+    (["serving.client", "--prompt=x", "--rest=http://127.0.0.1:9", "--timeout=5"], EXIT_USER_ERROR,
+     "python -m serving.client: error: Cannot reach http://127.0.0.1:9/v1/models/storygen"),
+])
+def test_mistakes_are_one_line_with_their_exit_status(args, status, message):
+    result = run_cli(*args)
+    assert result.returncode == status and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
