@@ -36,7 +36,6 @@ def run(main, *, max_args: int = 0, usage: str = "", uses_tensorflow: bool = Tru
     TensorFlow is imported (quietly) before `main` runs. `logs_info` keeps absl's INFO lines
     (a server's request and summary lines); otherwise only warnings are logged."""
     program = _program_name()
-    _quiet_native_logs(sys.argv)
 
     def parse(argv):
         try:
@@ -49,9 +48,13 @@ def run(main, *, max_args: int = 0, usage: str = "", uses_tensorflow: bool = Tru
         return args
 
     def absl_main(args):
+        verbose = flags.FLAGS["verbosity"].present
+        if not verbose:
+            # TensorFlow's C++ logging reads it when TensorFlow loads, which is after this.
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # fatal only: the rest is `cuInit` noise on CPUs
         if uses_tensorflow:
             import_tensorflow()
-        if not flags.FLAGS["verbosity"].present:
+        if not verbose:
             _quiet_python_logs(logs_info)
         try:
             main(args)
@@ -72,18 +75,6 @@ def _program_name() -> str:
 def _fail(program: str, message: str, status: int):
     print(f"{program}: {ERROR_MARK}{message}", file=sys.stderr, flush=True)
     sys.exit(status)
-
-
-def verbose_requested(argv) -> bool:
-    """Whether the command line sets absl's --verbosity (or -v)."""
-    return any(arg.split("=")[0] in ("--verbosity", "-v") for arg in argv[1:])
-
-
-def _quiet_native_logs(argv):
-    """TensorFlow's C++ logging reads TF_CPP_MIN_LOG_LEVEL once, when it loads: set it first.
-    Level 3 keeps only fatal lines: on a CPU machine TF's start-up errors are `cuInit` noise."""
-    if not verbose_requested(argv):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def import_tensorflow():

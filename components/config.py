@@ -15,6 +15,7 @@ False
 """
 
 import dataclasses
+import types
 import typing
 
 BUILTIN_PREFIX = "builtin:"
@@ -224,8 +225,9 @@ class PipelineConfig:
         """Each step's config from {field name: value} (the flags' values); missing names keep their defaults."""
         steps = {}
         for step in dataclasses.fields(cls):
+            hints = typing.get_type_hints(step.type)
             names = {f.name for f in dataclasses.fields(step.type)} & set(values)
-            steps[step.name] = step.type(**{name: _typed(step.type, name, values[name]) for name in names})
+            steps[step.name] = step.type(**{name: _typed(hints[name], values[name]) for name in names})
         return cls(**steps)
 
 
@@ -241,13 +243,17 @@ def flag_fields() -> dict[str, tuple[dataclasses.Field, typing.Any]]:
     return found
 
 
-def _typed(config_class, name: str, value):
+def value_type(hint):
+    """The type a field holds when it is set: `int` for `int | None`, `tuple[str, ...]` for itself."""
+    return next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint) \
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+
+
+def _typed(hint, value):
     """A flag value as the field's type: lists become tuples (configs are frozen and hashable)."""
     if isinstance(value, list):
-        hint = typing.get_type_hints(config_class)[name]
-        item = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-        kind = (typing.get_args(item) or (str,))[0]
-        return tuple(kind(v) for v in value)
+        item = (typing.get_args(value_type(hint)) or (str,))[0]
+        return tuple(item(v) for v in value)
     return value
 
 

@@ -45,14 +45,33 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
 
     model = io.BytesIO()
     spm.set_random_generator_seed(config.seed)  # sentence sampling is the trainer's only randomness
-    scratch = tempfile.TemporaryDirectory()
-    rules = os.path.join(scratch.name, "rules.tsv")
-    with open(rules, "w", encoding="utf-8") as f:
-        f.write(NO_NORMALIZATION_RULES)
     try:
+        _train_sentencepiece(texts(), model, vocab_size, max_sentences)
+    except RuntimeError as e:
+        needed = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+        if needed is None:
+            raise
+        raise UserError(f"--vocab_size={vocab_size} is too small for this corpus: it needs at least "
+                        f"{needed.group(1)} pieces (its characters plus 256 byte pieces).") from None
+    proto = _without_rule_path(model.getvalue())
+    with tf.io.gfile.GFile(f"{output_dir}/{MODEL_FILE}", "wb") as f:
+        f.write(proto)
+    report = vocab_report(proto, examples_dir)
+    report["seconds"] = time.time() - start
+    with tf.io.gfile.GFile(f"{output_dir}/{REPORT_FILE}", "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def _train_sentencepiece(sentences, model_writer, vocab_size: int, max_sentences: int):
+    """SentencePiece's trainer with storygen's settings, its rules file in a scratch folder."""
+    with tempfile.TemporaryDirectory() as scratch:
+        rules = os.path.join(scratch, "rules.tsv")
+        with open(rules, "w", encoding="utf-8") as f:
+            f.write(NO_NORMALIZATION_RULES)
         spm.SentencePieceTrainer.train(
-            sentence_iterator=texts(),
-            model_writer=model,
+            sentence_iterator=sentences,
+            model_writer=model_writer,
             model_type="unigram",
             vocab_size=vocab_size,
             # Not a hard limit: a small corpus may not support the asked-for vocabulary.
@@ -72,22 +91,6 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
             num_threads=2,
             minloglevel=2,
         )
-    except RuntimeError as e:
-        needed = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
-        if needed is None:
-            raise
-        raise UserError(f"--vocab_size={vocab_size} is too small for this corpus: it needs at least "
-                        f"{needed.group(1)} pieces (its characters plus 256 byte pieces).") from None
-    finally:
-        scratch.cleanup()
-    proto = _without_rule_path(model.getvalue())
-    with tf.io.gfile.GFile(f"{output_dir}/{MODEL_FILE}", "wb") as f:
-        f.write(proto)
-    report = vocab_report(proto, examples_dir)
-    report["seconds"] = time.time() - start
-    with tf.io.gfile.GFile(f"{output_dir}/{REPORT_FILE}", "w") as f:
-        json.dump(report, f, indent=2)
-    return report
 
 
 def _without_rule_path(proto: bytes) -> bytes:

@@ -5,7 +5,6 @@ field that several steps share is one flag. `pipeline/configs/*.flags` hold othe
 configurations (--flagfile). Nothing here imports TensorFlow.
 """
 
-import types
 import typing
 
 from absl import flags
@@ -35,7 +34,7 @@ def _define(name: str, field, hint, flag_values: flags.FlagValues):
     common = dict(flag_values=flag_values)
     bounds = {key: meta[short] for key, short in (("lower_bound", "lower"), ("upper_bound", "upper"))
               if meta[short] is not None}
-    kind = _plain_type(hint)
+    kind = typing.get_origin(config.value_type(hint)) or config.value_type(hint)
     if meta["choices"]:
         flags.DEFINE_enum(name, default, meta["choices"], meta["help"], **common)
     elif kind is tuple:
@@ -48,13 +47,6 @@ def _define(name: str, field, hint, flag_values: flags.FlagValues):
         flags.DEFINE_float(name, default, meta["help"], **bounds, **common)
     else:
         flags.DEFINE_string(name, default, meta["help"], **common)
-
-
-def _plain_type(hint):
-    """int for `int`, str for `str | None`, tuple for `tuple[str, ...]`."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return typing.get_origin(hint) or hint
 
 
 def define_generate_flags():
