@@ -8,12 +8,24 @@ new tokens (--quick: 32) after an 8-token prompt, at batch 1 and 16:
   TF Serving would (measured as fast as the same generator called in process);
 - recompute: the same Keras model, a tf.function that re-runs the decoder over the whole
   prefix at every step (no cache);
-- keras-hub: `BartSeq2SeqLM.generate()` (its cached sampler, XLA-compiled as keras-hub does
-  by default on the TensorFlow backend), built without presets;
+- keras-hub: `BartSeq2SeqLM.generate()` (its cached sampler in a tf.function; `compile`'s
+  default jit_compile="auto" turns XLA off on a machine without accelerators), built without
+  presets;
 - torch: the PyTorch model of the same size, greedy with a key/value cache, eager, fp32
   (benchmarks/torch_peers.py), with OMP_WAIT_POLICY=PASSIVE and unset, the faster kept.
 The TensorFlow peers share one worker process, each torch setting has its own; each peer is
 warmed up once (tracing, XLA compilation), then timed in turns with the others.
+
+Section `decoding_t5` decodes a pretrained architecture instead: a T5 v1.0 of keras-hub's
+`t5_small_multi` shape (6+6 layers, d_model 512, 8 heads of 64, ReLU feed-forward 2048, tied
+embeddings, vocab 32128; --quick: a tiny one) with random weights, saved as a keras-hub preset
+and loaded back with `presets.load`, greedy, 128 new tokens (--quick: 16), batch 1 and 16:
+- storygen: the exported `generate` signature of the T5 adapter (`components/model/t5.py`);
+- keras-hub: `T5Seq2SeqLM.generate()` on the same preset, greedy, in a tf.function without
+  XLA (jit_compile=False, `compile`'s default on CPU) and with it (jit_compile=True).
+keras-hub never stops at EOS (stop_token_ids=None) and writes exactly 128 tokens per row;
+storygen's rate counts only the tokens a row wrote before EOS (a note says when one stopped
+early), so storygen is never credited with work it did not do.
 """
 
 import dataclasses
@@ -30,6 +42,19 @@ PROMPT_TOKENS = 8
 PROMPT_TOKEN_ID = 5
 BATCH_SIZES = (1, 16)
 TARGETS = {"keras-hub": 1.0, "recompute": 5.0}
+# storygen's prompt, as text: the exported signature tokenizes it.
+PROMPT_TEXT = "abc defg hij klmno pq"
+
+# T5 v1.0 as keras-hub's t5_small_multi preset has it, and the tiny shape of --quick.
+T5_SMALL_MULTI = dict(vocabulary_size=32128, num_layers=6, num_heads=8, hidden_dim=512, intermediate_dim=2048,
+                      key_value_dim=64)
+T5_QUICK = dict(vocabulary_size=512, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64, key_value_dim=16)
+T5_V1_0 = dict(activation="relu", use_gated_activation=False, tie_embedding_weights=True, dropout=0.0)
+# SentencePiece's special ids as T5's tokenizer has them: pad (also the decoder's start), EOS, unknown, no BOS.
+T5_SPECIAL_IDS = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+T5_PROMPT_WINDOW = 16
+T5_PEERS = {"keras-hub graph": False, "keras-hub XLA": True}  # peer -> keras-hub's jit_compile
+T5_TARGET = 1.5
 
 
 def model_config(new_tokens: int) -> ModelConfig:
@@ -37,22 +62,39 @@ def model_config(new_tokens: int) -> ModelConfig:
     return dataclasses.replace(training.MODEL, max_story_tokens=new_tokens + 1)
 
 
-def make_tokenizer_proto(vocab_size: int) -> bytes:
-    """A SentencePiece model of the wanted size, trained on synthetic words (the benchmark
-    times decoding, not text quality)."""
+def make_tokenizer_proto(vocab_size: int, num_sentences: int = 30000, **special_ids) -> bytes:
+    """A SentencePiece model of the wanted size, trained on `num_sentences` of synthetic words
+    (the benchmark times decoding, not text quality); `special_ids` (pad_id, unk_id, bos_id,
+    eos_id) default to storygen's. A large vocabulary gets more distinct words, so that there
+    are enough pieces."""
     import random
 
     import sentencepiece as spm
 
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(20000)]
-    sentences = (" ".join(rng.choice(words) for _ in range(30)) for _ in range(30000))
+    num_words = max(20000, 2 * vocab_size)
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(num_words)]
+    sentences = (" ".join(rng.choice(words) for _ in range(30)) for _ in range(num_sentences))
+    ids = {"pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID, **special_ids}
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size,
-                                   byte_fallback=True, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                                   minloglevel=2)
+                                   byte_fallback=True, minloglevel=2, **ids)
     return model.getvalue()
+
+
+def greedy_generate(generate, new_tokens: int):
+    """`run(batch) -> tokens generated` of an exported `generate` signature: greedy, PROMPT_TEXT
+    in every row; the tokens counted are those before each row's EOS."""
+    import tensorflow as tf
+
+    def run(batch):
+        out = generate(prompt=tf.constant([PROMPT_TEXT] * batch), max_new_tokens=tf.constant(new_tokens),
+                       temperature=tf.constant(0.0), top_k=tf.constant(0), top_p=tf.constant(1.0),
+                       seed=tf.constant(0, tf.int64))
+        return int(tf.reduce_sum(out["num_tokens"]))
+
+    return run
 
 
 def storygen_peers(new_tokens: int) -> dict:
@@ -64,7 +106,7 @@ def storygen_peers(new_tokens: int) -> dict:
 
     from components import exporter
     from components.tokenizer import make_tokenizer
-    from components.trainer import build_model
+    from components.model import build_model
 
     config = model_config(new_tokens)
     keras.utils.set_random_seed(0)
@@ -72,14 +114,7 @@ def storygen_peers(new_tokens: int) -> dict:
     tokenizer = make_tokenizer(make_tokenizer_proto(config.vocab_size))
     # serving_default's sampling settings do not matter: the benchmark calls `generate`, greedy.
     path = exporter.export(model, tokenizer, tempfile.mkdtemp(), ExportConfig(max_new_tokens_limit=new_tokens))
-    generate = tf.saved_model.load(path).signatures["generate"]
-    prompt = "abc defg hij klmno pq"
-
-    def run_storygen(batch):
-        out = generate(prompt=tf.constant([prompt] * batch), max_new_tokens=tf.constant(new_tokens),
-                       temperature=tf.constant(0.0), top_k=tf.constant(0), top_p=tf.constant(1.0),
-                       seed=tf.constant(0, tf.int64))
-        return int(tf.reduce_sum(out["num_tokens"]))
+    run_storygen = greedy_generate(tf.saved_model.load(path).signatures["generate"], new_tokens)
 
     @tf.function(reduce_retracing=True)
     def recompute(encoder_ids):
@@ -163,7 +198,8 @@ def run_section(h):
     h.note(f"decoding: greedy, {new_tokens} new tokens after an {PROMPT_TOKENS}-token prompt, random weights, "
            f"{config.num_layers}+{config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads, "
            f"ff {config.ff_dim}, vocab {config.vocab_size}; storygen = the exported `generate` signature "
-           "(SavedModel, tf.while_loop + KV cache, no XLA); keras-hub = BartSeq2SeqLM.generate (XLA, its default); "
+           "(SavedModel, tf.while_loop + KV cache, no XLA); keras-hub = BartSeq2SeqLM.generate (compile's default "
+           "jit_compile: XLA only where there is an accelerator); "
            "torch = eager fp32 KV-cache decoder (benchmarks/torch_peers.py)")
     for batch in BATCH_SIZES:
         runs = {name: (lambda name=name, w=w: w.call("run", peer=name.split(" OMP ")[0], batch=batch))
@@ -181,3 +217,103 @@ def run_section(h):
               f"torch KV cache, eager fp32, OMP {omp_of(best_torch)}", rates[best_torch])
     for w in set(peers.values()):
         w.close()
+
+
+# ---------------------------------------------------------------------- section decoding_t5
+
+
+def save_t5_preset(directory: str, quick: bool, new_tokens: int) -> str:
+    """A T5Seq2SeqLM of t5_small_multi's shape (--quick: T5_QUICK) with random weights, saved as a
+    keras-hub preset. Its SentencePiece tokenizer has exactly as many pieces as the model's
+    vocabulary: the exported `generate` detokenizes in the graph, and tensorflow-text rejects an
+    id past the tokenizer's last piece ("Invalid id"), which random weights do emit."""
+    import keras
+    import keras_hub
+
+    shape = T5_QUICK if quick else T5_SMALL_MULTI
+    keras.utils.set_random_seed(0)
+    proto = make_tokenizer_proto(shape["vocabulary_size"], num_sentences=3000 if quick else 30000, **T5_SPECIAL_IDS)
+    tokenizer = keras_hub.models.T5Tokenizer(proto=proto)
+    backbone = keras_hub.models.T5Backbone(**shape, **T5_V1_0)
+    preprocessor = keras_hub.models.T5Seq2SeqLMPreprocessor(
+        tokenizer=tokenizer, encoder_sequence_length=T5_PROMPT_WINDOW, decoder_sequence_length=new_tokens + 1)
+    keras_hub.models.T5Seq2SeqLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(directory)
+    return directory
+
+
+def t5_storygen_peer(preset_dir: str, new_tokens: int):
+    """The preset through storygen: presets.load, exporter.export, the loaded `generate` signature."""
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  registers the SentencePiece ops of the SavedModel
+
+    from components import exporter
+    from components.model import presets
+    from components.tokenizer import Tokenizer
+
+    model = presets.load(preset_dir, ModelConfig(init_from=preset_dir, max_prompt_tokens=T5_PROMPT_WINDOW,
+                                                 max_story_tokens=new_tokens + 1))
+    tokenizer = Tokenizer(model.lm.preprocessor.tokenizer, model.special)
+    path = exporter.export(model, tokenizer, tempfile.mkdtemp(), ExportConfig(max_new_tokens_limit=new_tokens))
+    return greedy_generate(tf.saved_model.load(path).signatures["generate"], new_tokens)
+
+
+def t5_keras_hub_peer(preset_dir: str, new_tokens: int, jit_compile: bool):
+    """keras-hub's own T5Seq2SeqLM.generate on the preset, greedy, on storygen's prompt ids
+    (PROMPT_TEXT, then EOS), with the decoder's start id followed by room for exactly `new_tokens`."""
+    import keras_hub
+    import numpy as np
+
+    lm = keras_hub.models.Seq2SeqLM.from_preset(preset_dir)
+    tokenizer = lm.preprocessor.tokenizer
+    prompt_ids = np.append(np.asarray(tokenizer.tokenize(PROMPT_TEXT)), tokenizer.end_token_id).astype("int32")
+    lm.preprocessor = None  # generate() takes and returns token ids
+    lm.compile(sampler="greedy", jit_compile=jit_compile)
+
+    def run(batch):
+        decoder_ids = np.full((batch, new_tokens + 1), tokenizer.pad_token_id, "int32")  # T5 starts from pad
+        decoder_mask = np.zeros(decoder_ids.shape, bool)
+        decoder_mask[:, 0] = True
+        inputs = {"encoder_token_ids": np.tile(prompt_ids, (batch, 1)),
+                  "encoder_padding_mask": np.ones((batch, len(prompt_ids)), bool),
+                  "decoder_token_ids": decoder_ids, "decoder_padding_mask": decoder_mask}
+        lm.generate(inputs, stop_token_ids=None)
+        return batch * new_tokens
+
+    return run
+
+
+def t5_decoding_worker(new_tokens: int, quick: bool):
+    """Worker: storygen and keras-hub (tf.function, XLA) on one T5 preset; `run(peer, batch)` times one batch."""
+    preset_dir = save_t5_preset(tempfile.mkdtemp(), quick, new_tokens)
+    peers = {"storygen": t5_storygen_peer(preset_dir, new_tokens)}
+    for name, jit_compile in T5_PEERS.items():
+        peers[name] = t5_keras_hub_peer(preset_dir, new_tokens, jit_compile)
+    return {"run": timed(lambda peer, batch: {"tokens": peers[peer](batch)}), "peers": lambda: list(peers)}
+
+
+def run_t5_section(h):
+    """Section `decoding_t5`: storygen's exported `generate` on a T5 preset against keras-hub's generate."""
+    new_tokens = 16 if h.quick else 128
+    shape = T5_QUICK if h.quick else T5_SMALL_MULTI
+    worker = h.worker("decoding-t5", "benchmarks.decoding:t5_decoding_worker", new_tokens=new_tokens, quick=h.quick)
+    h.note(f"decoding_t5: greedy, {new_tokens} new tokens, random weights, T5 v1.0 "
+           f"{'(--quick shape)' if h.quick else '(t5_small_multi shape)'}: {shape['num_layers']}+{shape['num_layers']} "
+           f"layers, d_model {shape['hidden_dim']}, {shape['num_heads']} heads of {shape['key_value_dim']}, "
+           f"ReLU ff {shape['intermediate_dim']}, tied embeddings, vocab {shape['vocabulary_size']}; storygen = the "
+           "exported `generate` of presets.load(preset); keras-hub = T5Seq2SeqLM.generate on the same preset, "
+           "stop_token_ids=None, in a tf.function (graph: jit_compile=False) or XLA-compiled (jit_compile=True)")
+    peers = worker.call("peers")
+    for batch in BATCH_SIZES:
+        runs = {name: (lambda name=name: worker.call("run", peer=name, batch=batch)) for name in peers}
+        for run in runs.values():
+            run()  # warm-up: tracing, XLA compilation
+        stats = alternate(runs, h.repeats)
+        rates = {name: s.map(lambda r: r["tokens"] / r["seconds"]) for name, s in stats.items()}
+        generated = min(r["tokens"] for r in stats["storygen"].values)
+        if generated < batch * new_tokens:
+            h.note(f"decoding_t5 batch {batch}: storygen stopped at EOS after {generated} of {batch * new_tokens} "
+                   "tokens (its rate counts the tokens generated)")
+        for peer in T5_PEERS:
+            h.row(f"T5 batch {batch}: tokens/s vs {peer}", "tokens/s", rates["storygen"], peer, rates[peer],
+                  target=T5_TARGET)
+    worker.close()

@@ -9,6 +9,8 @@ Sections (all by default; `--only` picks some), one module each:
                                                                            (benchmarks/input_pipeline.py)
   decoding        the exported `generate` signature vs recompute, keras-hub's BartSeq2SeqLM.generate
                   and a PyTorch greedy decoder with a KV cache            (benchmarks/decoding.py)
+  decoding_t5     the exported `generate` of a T5 preset (t5_small_multi's shape) vs keras-hub's
+                  T5Seq2SeqLM.generate, in a tf.function and XLA-compiled  (benchmarks/decoding.py)
   serving         TF Serving-compatible servers: throughput, p50/p99, batching on vs off
                                                                            (benchmarks/serving.py)
   scale           ingest + tokenizer time and peak memory for 10 MB, 100 MB and 1 GB corpora
@@ -29,7 +31,7 @@ from benchmarks import decoding, harness, input_pipeline, scale, serving, traini
 from components import cli
 from components.common import UserError
 
-SECTIONS = ("training", "input_pipeline", "decoding", "serving", "scale")
+SECTIONS = ("training", "input_pipeline", "decoding", "decoding_t5", "serving", "scale")
 
 
 def _known_sections(sections) -> bool:
@@ -77,6 +79,8 @@ def run_sections(h: harness.Harness, sections) -> None:
             input_pipeline.run_section(h, prepared, consumption)
         elif section == "decoding":
             decoding.run_section(h)
+        elif section == "decoding_t5":
+            decoding.run_t5_section(h)
         elif section == "serving":
             serving.run_section(h, FLAGS.serving_model_base_path)
         elif section == "scale":

@@ -6,6 +6,7 @@ user can make. No TensorFlow here: the stored example format is `components.reco
 
 import re
 import unicodedata
+from typing import NamedTuple
 
 # SentencePiece ids of the special pieces; the tokenizer is trained to put them here.
 PAD_ID = 0
@@ -14,6 +15,33 @@ BOS_ID = 2
 EOS_ID = 3
 
 SPLITS = ("train", "eval", "test")
+
+
+class SpecialIds(NamedTuple):
+    """How a model frames its ids: the padding id, the id the decoder starts from, the id that
+    ends a story, the ids before and after a prompt, and an id that opens every story window
+    as its first target (BART's <s> after the decoder's start </s>); None: no such id."""
+
+    pad: int
+    start: int
+    eos: int
+    prompt_start: int | None
+    prompt_end: int | None
+    story_start: int | None = None
+
+    @property
+    def opening(self) -> list[int]:
+        """The ids every story window's targets begin with."""
+        return [] if self.story_start is None else [self.story_start]
+
+    @property
+    def decoder_prefix(self) -> list[int]:
+        """The decoder's inputs before the first generated token."""
+        return [self.start] + self.opening
+
+
+# storygen's own tokenizer and model: BOS opens the prompt and the story, EOS ends the story.
+STORYGEN_IDS = SpecialIds(pad=PAD_ID, start=BOS_ID, eos=EOS_ID, prompt_start=BOS_ID, prompt_end=None)
 
 # Added to the logits or attention scores of what must not be chosen: exp gives 0 in float32.
 NEG_INF = -1e9

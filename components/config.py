@@ -42,6 +42,12 @@ def _batch_size():
     return flag_field(32, "Examples per batch, in training and evaluation.", lower=1)
 
 
+def _init_from():
+    return flag_field(None, "Fine-tune a pretrained keras-hub preset instead of training storygen's own model: a "
+                      "handle (t5_small_multi, flan_small_multi, bart_base_en, kaggle://..., hf://...) or a directory "
+                      "that save_to_preset wrote. The preset's tokenizer and shape are used.")
+
+
 def _vocab_size():
     # The model's is the trained tokenizer's actual size, which the pipeline sets.
     return flag_field(4000, "SentencePiece vocabulary size (includes 256 byte pieces).", lower=300)
@@ -93,11 +99,13 @@ class TokenizerConfig:
 
     vocab_size: int = _vocab_size()
     seed: int = _seed()
+    init_from: str | None = _init_from()
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The StoryTransformer's shape; `vocab_size` is the trained tokenizer's, set by the pipeline."""
+    """The StoryTransformer's shape (`vocab_size` is the trained tokenizer's, set by the
+    pipeline), or the pretrained preset to fine-tune (`init_from`), whose shape is its own."""
 
     max_prompt_tokens: int = flag_field(64, "Longest prompt the encoder reads (its last tokens are kept).", lower=2)
     max_story_tokens: int = flag_field(384, "The decoder's window: longest story window it learns to write (a "
@@ -108,6 +116,14 @@ class ModelConfig:
     ff_dim: int = flag_field(512, "Width of the feed-forward blocks.", lower=8)
     dropout: float = flag_field(0.1, "Dropout rate.", lower=0.0, upper=0.9)
     vocab_size: int = _vocab_size()
+    init_from: str | None = _init_from()
+    lora_rank: int = flag_field(0, "With --init_from: fine-tune rank-N LoRA factors of the attention's query and value "
+                                "projections instead of all weights (keras-hub's enable_lora; the export merges "
+                                "them); 0 = all weights.", lower=0)
+
+    def story_transformer_args(self) -> dict:
+        """StoryTransformer's constructor arguments (the fields that are its shape)."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in ("init_from", "lora_rank")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +159,7 @@ class TrainingConfig:
 
 
 # What the tuner searches: these fields of ModelConfig and TrainingConfig (ranges in components/tuner.py).
-TUNED_MODEL_FIELDS = ("d_model", "num_layers", "num_heads", "ff_dim", "dropout")
+TUNED_MODEL_FIELDS = ("d_model", "num_layers", "num_heads", "ff_dim", "dropout", "lora_rank")
 TUNED_TRAINING_FIELDS = ("learning_rate", "warmup_steps", "label_smoothing")
 
 

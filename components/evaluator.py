@@ -30,12 +30,11 @@ import tensorflow as tf
 
 from components import corpus
 from components.char_ngram import CharNGramModel
-from components.common import PAD_ID
 from components.config import EvaluationConfig
 from components.records import iterate_split, read_split
-from components.exporter import StoryGenerator
+from components.model.decoding import StoryGenerator
 from components.text_metrics import generation_metrics
-from components.transform import example_features
+from components.transform import example_features, spelled
 
 METRICS_FILE = "metrics.json"
 BLESSING_FILE = "blessing.json"
@@ -116,26 +115,29 @@ def _likelihood(model, tokenizer, examples_dir, *, batch_size, max_prompt_tokens
     unigram = token_counts(example_features(examples_dir, "train", tokenizer, **options), model.vocab_size) + 1.0
     unigram_log_prob = np.log(unigram / unigram.sum())
     ngram = train_char_ngram(examples_dir)
+    special = tokenizer.special
 
     @tf.function(reduce_retracing=True)
     def score(encoder_ids, decoder_ids, targets):
         logits = model((encoder_ids, decoder_ids), training=False)
         nll = tf.keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
-        mask = tf.not_equal(targets, PAD_ID)
+        mask = tf.not_equal(targets, special.pad)
         # The text the scored tokens spell (EOS spells none).
-        text = tokenizer.detokenize(tf.ragged.boolean_mask(targets, mask))
+        text = tokenizer.detokenize(spelled(targets, special))
         return tf.reduce_sum(tf.where(mask, nll, 0.0), axis=1), text
 
     # Per slice: nll, unigram nll, n-gram nll, tokens, chars; and for the stories the grammar
     # knows: their model nll, exact nll and chars.
     totals = collections.defaultdict(lambda: np.zeros(8))
     scored = []
-    features = example_features(examples_dir, "test", tokenizer, **options).padded_batch(batch_size)
+    padding = {key: tf.constant(special.pad) for key in ("encoder_ids", "decoder_ids", "targets")}
+    features = example_features(examples_dir, "test", tokenizer, **options).padded_batch(
+        batch_size, padding_values=dict(padding, lang=tf.constant("")))
     raw = read_split(examples_dir, "test").padded_batch(batch_size)  # tags vary in number: pad with ""
     for batch, records in tf.data.Dataset.zip(features, raw):
         nll, texts = score(batch["encoder_ids"], batch["decoder_ids"], batch["targets"])
         targets = batch["targets"].numpy()
-        mask = targets != PAD_ID
+        mask = targets != special.pad
         unigram_nll = -np.where(mask, unigram_log_prob[targets], 0.0).sum(axis=1)
         for row in range(len(targets)):
             prompt, story, lang = (records[k][row].numpy().decode("utf-8") for k in ("prompt", "story", "lang"))

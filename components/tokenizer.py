@@ -1,8 +1,11 @@
-"""Trains the SentencePiece model on the training split; builds the in-graph tokenizer.
+"""Trains the SentencePiece model on the training split, or records a pretrained preset's
+tokenizer; builds the in-graph tokenizer.
 
 Training uses the sentencepiece library directly (keras-hub's `compute_sentence_piece_proto`
 wraps the same trainer but cannot turn on byte fallback, which keeps every character).
-The same model is used in tf.data and in the exported graph through tensorflow-text.
+The same model is used in tf.data and in the exported graph through tensorflow-text. With
+`--init_from` the step saves the preset's own keras-hub tokenizer instead (`save_to_preset`),
+which the model's vocabulary was trained with.
 """
 
 import io
@@ -17,7 +20,7 @@ from sentencepiece import sentencepiece_model_pb2
 import tensorflow as tf
 import tensorflow_text as tf_text
 
-from components.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
+from components.common import BOS_ID, EOS_ID, PAD_ID, STORYGEN_IDS, UNK_ID, SpecialIds, UserError
 from components.config import TokenizerConfig
 from components.records import iterate_split
 
@@ -31,9 +34,42 @@ REPORT_FILE = "vocab_report.json"
 NO_NORMALIZATION_RULES = "1\t\n"
 
 
+class Tokenizer(tf.Module):
+    """Strings <-> ragged int32 ids in the graph, and the special ids its model frames them with.
+
+    `layer` is tensorflow-text's SentencepieceTokenizer (storygen's own model) or a pretrained
+    preset's keras-hub tokenizer; both have `tokenize` and `detokenize`. A tf.Module, so that
+    the layer's resources are saved with a SavedModel that holds it.
+    """
+
+    def __init__(self, layer, special: SpecialIds):
+        super().__init__(name="tokenizer")
+        self.layer = layer
+        self.special = special
+
+    def tokenize(self, texts):
+        return _as_tensor(self.layer.tokenize(texts), tf.int32)
+
+    def detokenize(self, ids):
+        return _as_tensor(self.layer.detokenize(ids), tf.string)
+
+
+def _as_tensor(value, dtype):
+    """keras-hub's tokenizers called eagerly answer with Python lists or NumPy (in a graph,
+    tensors); storygen works with tensors either way."""
+    if isinstance(value, (tf.Tensor, tf.RaggedTensor)):
+        return value
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return tf.ragged.constant(value, dtype=dtype, ragged_rank=1)
+    return tf.constant(value, dtype=dtype)
+
+
 def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
                     max_sentences: int = 200_000) -> dict:
-    """Writes spm.model and vocab_report.json; returns the report."""
+    """Writes spm.model and vocab_report.json; returns the report. With `config.init_from`
+    it saves the preset's tokenizer instead (see `record_preset_tokenizer`)."""
+    if config.init_from:
+        return record_preset_tokenizer(examples_dir, output_dir, config.init_from)
     vocab_size = config.vocab_size
     start = time.time()
 
@@ -57,6 +93,47 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
     with tf.io.gfile.GFile(f"{output_dir}/{MODEL_FILE}", "wb") as f:
         f.write(proto)
     report = vocab_report(proto, examples_dir)
+    return _write_report(report, output_dir, start)
+
+
+def record_preset_tokenizer(examples_dir: str, output_dir: str, init_from: str) -> dict:
+    """Saves the preset's tokenizer into `output_dir` (keras-hub's preset layout) and writes
+    vocab_report.json; returns the report."""
+    from components.model import presets
+
+    start = time.time()
+    layer = presets.load_tokenizer(init_from)
+    layer.save_to_preset(output_dir)
+    # keras-hub loads a tokenizer through its preset's config.json (the backbone's, which names the class).
+    from components.model import internals
+
+    with tf.io.gfile.GFile(f"{output_dir}/config.json", "w") as f:
+        json.dump(internals.preset_config(init_from), f, indent=2)
+    tokens = unknown = chars = 0
+    tok = Tokenizer(layer, presets.special_ids(layer))
+    unk = getattr(layer, "unk_token_id", None)
+    for batch in _batched((record["story"] for record in iterate_split(examples_dir, "eval")), 256):
+        ids = tok.tokenize(tf.constant(batch)).flat_values.numpy()
+        tokens += len(ids)
+        unknown += int((ids == unk).sum()) if unk is not None else 0
+        chars += sum(len(text) for text in batch)
+    report = {"vocab_size": int(layer.vocabulary_size()), "preset": init_from, "eval_tokens": tokens,
+              "eval_chars_per_token": chars / max(tokens, 1), "eval_unknown_rate": unknown / max(tokens, 1)}
+    return _write_report(report, output_dir, start)
+
+
+def _batched(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write_report(report: dict, output_dir: str, start: float) -> dict:
     report["seconds"] = time.time() - start
     with tf.io.gfile.GFile(f"{output_dir}/{REPORT_FILE}", "w") as f:
         json.dump(report, f, indent=2)
@@ -103,8 +180,10 @@ def _without_rule_path(proto: bytes) -> bytes:
 
 def describe(report: dict) -> str:
     """The pipeline's one-line summary of the tokenizer step."""
-    return (f"{report['vocab_size']} pieces, {report['eval_chars_per_token']:.2f} chars/token, "
-            f"byte fallback {report['eval_byte_fallback_rate']:.2%} of eval tokens")
+    text = f"{report['vocab_size']} pieces, {report['eval_chars_per_token']:.2f} chars/token"
+    if "preset" in report:
+        return f"{text}, the preset's tokenizer ({report['preset']})"
+    return f"{text}, byte fallback {report['eval_byte_fallback_rate']:.2%} of eval tokens"
 
 
 def vocab_report(proto: bytes, examples_dir: str) -> dict:
@@ -134,6 +213,17 @@ def load_proto(tokenizer_dir: str) -> bytes:
         return f.read()
 
 
-def make_tokenizer(proto: bytes) -> tf_text.SentencepieceTokenizer:
-    """The in-graph tokenizer (string -> ragged int32 ids, and back)."""
-    return tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32)
+def make_tokenizer(proto: bytes) -> Tokenizer:
+    """The in-graph tokenizer of a storygen SentencePiece model (string -> ragged int32 ids, and back)."""
+    return Tokenizer(tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32), STORYGEN_IDS)
+
+
+def load_tokenizer(tokenizer_dir: str) -> Tokenizer:
+    """The in-graph tokenizer that the tokenizer step wrote into `tokenizer_dir`: storygen's
+    SentencePiece model, or a preset's keras-hub tokenizer."""
+    if tf.io.gfile.exists(f"{tokenizer_dir}/{MODEL_FILE}"):
+        return make_tokenizer(load_proto(tokenizer_dir))
+    from components.model import presets
+
+    layer = presets.load_tokenizer(tokenizer_dir)
+    return Tokenizer(layer, presets.special_ids(layer))

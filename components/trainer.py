@@ -31,10 +31,9 @@ from tensorboard.plugins.hparams import api as hparams_api
 from components import transform
 from components.common import PAD_ID, UserError
 from components.config import SCHEDULES, STRATEGIES, ModelConfig, TrainingConfig
-from components.exporter import StoryGenerator
-from components.model import StoryTransformer
+from components.model import build_model, presets, save_model
+from components.model.decoding import StoryGenerator
 
-MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLE_PROMPTS = ("从前有座山，山里有座庙，庙里住着一个小和尚，名叫阿福。",
@@ -122,27 +121,20 @@ def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, we
     return optimizer
 
 
-def build_model(model_config: ModelConfig) -> StoryTransformer:
-    """A StoryTransformer with its variables created (checkpoints restore into them)."""
-    model = StoryTransformer(**dataclasses.asdict(model_config))
-    model((tf.zeros([1, 1], tf.int32), tf.zeros([1, 1], tf.int32)))
-    return model
-
-
 # Target positions per chunk of `output_loss_sum`: 256 x an 8000-piece vocabulary of float32 logits
 # is 8 MB. On this project's 2-core Xeon, training steps were fastest with 256 of 128, 256 and 512
 # (fp32 and bf16); 1024 and 2048 were slower again in a test of the loss alone.
 LOSS_CHUNK_ROWS = 256
 
 
-def token_loss_sum(targets, logits, label_smoothing: float = 0.0):
+def token_loss_sum(targets, logits, label_smoothing: float = 0.0, pad_id: int = PAD_ID):
     """Summed cross-entropy over the non-padding targets, and their count (float32).
 
     With label smoothing the target distribution puts `label_smoothing` evenly on the whole
     vocabulary and the rest on the true token.
     """
     logits = tf.cast(logits, tf.float32)
-    mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
+    mask = tf.cast(tf.not_equal(targets, pad_id), tf.float32)
     # The fused kernel makes the loss and its gradient in one pass over the [B, T, V] logits,
     # without keeping log-probabilities: this loss reads the largest tensor of the step.
     nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
@@ -153,7 +145,8 @@ def token_loss_sum(targets, logits, label_smoothing: float = 0.0):
     return tf.reduce_sum(nll * mask), tf.reduce_sum(mask)
 
 
-def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, chunk_rows: int = LOSS_CHUNK_ROWS):
+def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, chunk_rows: int = LOSS_CHUNK_ROWS,
+                    pad_id: int = PAD_ID):
     """`token_loss_sum(targets, states @ embeddings^T)` and its gradients, computed
     `chunk_rows` target positions at a time.
 
@@ -168,7 +161,7 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
     d_model = tf.shape(states)[-1]
     rows = tf.reshape(states, [-1, d_model])
     labels = tf.reshape(targets, [-1])
-    mask = tf.cast(tf.not_equal(labels, PAD_ID), tf.float32)
+    mask = tf.cast(tf.not_equal(labels, pad_id), tf.float32)
 
     @tf.custom_gradient
     def loss_sum(rows, weights):
@@ -237,7 +230,7 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig, training: TrainingConfig, *, total_steps: int,
                  strategy: tf.distribute.Strategy | None = None, chief: bool = True,
-                 model: StoryTransformer | None = None):
+                 model: keras.Model | None = None):
         """training: the optimizer, schedule, clipping, label smoothing and precision (the loop's
         own settings are `fit`'s arguments); strategy: made by `make_strategy` (multi-worker: at
         program start, before other TensorFlow work); chief: whether this process writes logs
@@ -293,9 +286,9 @@ class Trainer:
         context = tf.distribute.get_replica_context()
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            encoder_states, encoder_mask = self.model.encode(encoder_ids, training=True)
-            states = self.model.decoder_states(decoder_ids, encoder_states, encoder_mask, training=True)
-            loss_sum, tokens = output_loss_sum(targets, states, self.model.output_embeddings, self.label_smoothing)
+            states = self.model.final_states(encoder_ids, decoder_ids, training=True)
+            loss_sum, tokens = output_loss_sum(targets, states, self.model.output_embeddings, self.label_smoothing,
+                                               pad_id=self.model.special.pad)
             global_tokens = context.all_reduce(tf.distribute.ReduceOp.SUM, tokens)
             loss = loss_sum / tf.maximum(global_tokens, 1.0)
         gradients = tape.gradient(loss, variables)
@@ -311,7 +304,8 @@ class Trainer:
     def _distributed_eval_step(self, batch):
         def replica_step(batch):
             (encoder_ids, decoder_ids), targets = batch
-            return token_loss_sum(targets, self.model((encoder_ids, decoder_ids), training=False))
+            return token_loss_sum(targets, self.model((encoder_ids, decoder_ids), training=False),
+                                  pad_id=self.model.special.pad)
 
         loss_sum, tokens = self.strategy.run(replica_step, (batch,))
         return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, None),
@@ -536,8 +530,10 @@ def train(examples_dir: str, tokenizer, output_dir: str, model_config: ModelConf
     trainer = Trainer(model_config, training, total_steps=total_steps, strategy=strategy,
                       chief=is_chief(training.distribution_strategy))
     if trainer.chief:
+        shape = dataclasses.asdict(model_config) if not model_config.init_from else dict(
+            presets.preset_shape(trainer.model), init_from=model_config.init_from, lora_rank=model_config.lora_rank)
         log_hparams(os.path.join(output_dir, "logs"), {
-            **dataclasses.asdict(model_config), "steps": total_steps, "mixed_precision": trainer.mixed_precision,
+            **{key: value for key, value in shape.items() if value is not None}, "steps": total_steps, "mixed_precision": trainer.mixed_precision,
             **{key: getattr(training, key) for key in ("epochs", "learning_rate", "warmup_steps", "weight_decay",
                                                       "lr_schedule", "label_smoothing", "clip_norm",
                                                       "distribution_strategy")}})
@@ -547,7 +543,7 @@ def train(examples_dir: str, tokenizer, output_dir: str, model_config: ModelConf
                           early_stopping_patience=training.early_stopping_patience,
                           time_budget=training.time_budget or None, tokenizer=tokenizer,
                           profile_steps=training.profile_steps)
-    trainer.float32_model.save(os.path.join(output_dir, MODEL_FILE))
+    save_model(trainer.float32_model, output_dir)
     _write_json(os.path.join(output_dir, HISTORY_FILE), history)
     metrics = {key: values[-1] for key, values in history.items() if isinstance(values, list) and values}
     return dict(metrics, epochs=len(history.get("loss", [])), steps=history["steps"], stopped=history["stopped"],
@@ -559,7 +555,3 @@ def describe(metrics: dict) -> str:
     return (f"{metrics['steps']} steps, loss {metrics['loss']:.3f}, val_loss {metrics['val_loss']:.3f} "
             f"(val perplexity {metrics['val_perplexity']:.1f}), {metrics['tokens_per_second']:.0f} tokens/s"
             + ("" if metrics["stopped"] == "completed" else f", stopped: {metrics['stopped']}"))
-
-
-def load_model(trainer_dir: str) -> StoryTransformer:
-    return keras.saving.load_model(os.path.join(trainer_dir, MODEL_FILE))

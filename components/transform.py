@@ -7,26 +7,45 @@ short stories are not padded to the longest one in the corpus.
 
 import tensorflow as tf
 
-from components.common import BOS_ID, EOS_ID
 from components.records import ENDS_STORY, read_split
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_tokens: int) -> tf.RaggedTensor:
-    """Encoder ids of a batch of prompts: BOS, then the prompt's last `max_prompt_tokens - 1`
-    ids (the text nearest the story matters most). BOS keeps an empty prompt non-empty."""
-    ids = tokenizer.tokenize(prompts)[:, -(max_prompt_tokens - 1):]
-    bos = tf.fill(tf.stack([ids.nrows(), 1]), BOS_ID)
-    return tf.concat([bos, ids], axis=1)
+    """Encoder ids of a batch of prompt strings (see `frame_prompts`)."""
+    return frame_prompts(tokenizer.tokenize(prompts), tokenizer.special, max_prompt_tokens)
+
+
+def frame_prompts(ids: tf.RaggedTensor, special, max_prompt_tokens: int) -> tf.RaggedTensor:
+    """Encoder ids of a batch of prompt ids: each prompt's last ids (the text nearest the story
+    matters most) between the model's prompt start and end ids (storygen's: BOS before; T5's:
+    EOS after; BART's: both), `max_prompt_tokens` in all. The framing ids keep an empty prompt
+    non-empty."""
+    before = [special.prompt_start] if special.prompt_start is not None else []
+    after = [special.prompt_end] if special.prompt_end is not None else []
+    ids = ids[:, -(max_prompt_tokens - len(before) - len(after)):]
+    rows = tf.stack([ids.nrows(), 1])
+    return tf.concat([tf.tile(tf.constant([before], tf.int32), rows), ids,
+                      tf.tile(tf.constant([after], tf.int32), rows)], axis=1)
 
 
 def encode_story(tokenizer, story, max_story_tokens: int, ends_story=True):
     """(decoder inputs, targets) of one story window: targets are its ids, then EOS if the
-    window ends the story, cut to `max_story_tokens` (a story cut short has no EOS, so the
-    model never learns to stop mid-story); decoder inputs are the targets shifted right
-    behind BOS."""
-    eos = tf.repeat([EOS_ID], tf.cast(ends_story, tf.int32))
-    targets = tf.concat([tokenizer.tokenize(story), eos], axis=0)[:max_story_tokens]
-    return tf.concat([[BOS_ID], targets[:-1]], axis=0), targets
+    window ends the story, after the story opening id if the model has one, cut to
+    `max_story_tokens` (a story cut short has no EOS, so the model never learns to stop
+    mid-story); decoder inputs are the targets shifted right behind the decoder's start id."""
+    special = tokenizer.special
+    eos = tf.repeat([special.eos], tf.cast(ends_story, tf.int32))
+    targets = tf.concat([tf.constant(special.opening, tf.int32), tokenizer.tokenize(story), eos], axis=0)
+    targets = targets[:max_story_tokens]
+    return tf.concat([[special.start], targets[:-1]], axis=0), targets
+
+
+def spelled(targets, special) -> tf.RaggedTensor:
+    """The ids of targets [B, T] that spell text: not padding, EOS or the story opening."""
+    keep = tf.not_equal(targets, special.pad) & tf.not_equal(targets, special.eos)
+    if special.story_start is not None:
+        keep &= tf.not_equal(targets, special.story_start)
+    return tf.ragged.boolean_mask(targets, keep)
 
 
 def example_features(examples_dir: str, split: str, tokenizer, *, max_prompt_tokens: int,
@@ -71,13 +90,14 @@ def training_batches(examples_dir: str, split: str, tokenizer, *, batch_size: in
     features = example_features(examples_dir, split, tokenizer, max_prompt_tokens=max_prompt_tokens,
                                 max_story_tokens=max_story_tokens, shuffle=shuffle, seed=seed)
     features = features.map(lambda f: {k: f[k] for k in ("encoder_ids", "decoder_ids", "targets")})
+    padding = {key: tf.constant(tokenizer.special.pad, tf.int32) for key in ("encoder_ids", "decoder_ids", "targets")}
     if shuffle:
         bounds = bucket_boundaries(max_story_tokens)
         batches = features.repeat().bucket_by_sequence_length(
             lambda f: tf.shape(f["targets"])[0], bucket_boundaries=bounds,
-            bucket_batch_sizes=[batch_size] * (len(bounds) + 1))
+            bucket_batch_sizes=[batch_size] * (len(bounds) + 1), padding_values=padding)
     else:
-        batches = features.padded_batch(batch_size)
+        batches = features.padded_batch(batch_size, padding_values=padding)
     return batches.map(lambda b: ((b["encoder_ids"], b["decoder_ids"]), b["targets"])).prefetch(tf.data.AUTOTUNE)
 
 

@@ -1,4 +1,5 @@
-"""KerasTuner search over the model's size and its training hyperparameters.
+"""KerasTuner search over the model's size and its training hyperparameters (or, when
+fine-tuning a pretrained preset, over the learning rate, warm-up and LoRA rank).
 
 `tune` is the pipeline's tuner step: it writes best_hparams.json, which the trainer then uses
 instead of its flags. Every trial trains with the project's own loop (`trainer.Trainer`), not
@@ -37,8 +38,9 @@ import tensorflow as tf
 from keras_tuner.engine.trial import Trial, TrialStatus
 from tensorboard.plugins.hparams import api as hparams_api
 
-from components import cli, tokenizer, trainer
-from components.common import PAD_ID, UserError
+from components import cli, tokenizer, trainer, transform
+from components.model import build_model
+from components.common import UserError
 from components.config import (TUNED_MODEL_FIELDS, TUNED_TRAINING_FIELDS, TUNERS, ModelConfig, TrainingConfig,
                                TunerConfig)
 
@@ -53,6 +55,12 @@ SEARCH_SPACE = {
     "learning_rate": {"min_value": 3e-4, "max_value": 5e-3, "sampling": "log"},
     "warmup_steps": {"values": [0, 50, 100, 200]},
     "label_smoothing": {"values": [0.0, 0.05, 0.1]},
+}
+# With --init_from the preset fixes the shape: the search is over how to fine-tune it.
+FINE_TUNING_SPACE = {
+    "learning_rate": {"min_value": 1e-5, "max_value": 1e-3, "sampling": "log"},
+    "warmup_steps": {"values": [0, 50, 100, 200]},
+    "lora_rank": {"values": [0, 4, 8, 16]},
 }
 
 BEST_HPARAMS_FILE = "best_hparams.json"
@@ -71,7 +79,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tune(examples_dir: str, tokenizer_dir: str, output_dir: str, config: TunerConfig, model: ModelConfig,
          training: TrainingConfig, *, space: dict | None = None) -> dict:
-    """The pipeline's tuner step: searches `space` (default SEARCH_SPACE) with the `config.tuner`
+    """The pipeline's tuner step: searches `space` (default SEARCH_SPACE, or FINE_TUNING_SPACE
+    when `model.init_from` names a preset) with the `config.tuner`
     algorithm, writes best_hparams.json and returns the manifest's metrics.
 
     model, training: what a trial trains with, less the searched fields (TUNED_MODEL_FIELDS,
@@ -87,7 +96,7 @@ def tune(examples_dir: str, tokenizer_dir: str, output_dir: str, config: TunerCo
     if tuner == "bayesian" and importlib.util.find_spec("scipy") is None:
         raise UserError("--tuner=bayesian needs scipy: install it (pip install 'keras-tuner[bayesian]') or use "
                         "--tuner=hyperband or --tuner=random.")
-    space = space or SEARCH_SPACE
+    space = space or (FINE_TUNING_SPACE if model.init_from else SEARCH_SPACE)
     check_space(space)
     role = cluster_role()
     if role and workers:
@@ -138,8 +147,8 @@ def describe(metrics: dict) -> str:
 
 def with_best(values: dict, model: ModelConfig, training: TrainingConfig) -> tuple[ModelConfig, TrainingConfig]:
     """The model and training configs with `values` (a trial's, or the best) of the searched fields."""
-    return (dataclasses.replace(model, **{key: values[key] for key in TUNED_MODEL_FIELDS}),
-            dataclasses.replace(training, **{key: values[key] for key in TUNED_TRAINING_FIELDS}))
+    return (dataclasses.replace(model, **{key: values[key] for key in TUNED_MODEL_FIELDS if key in values}),
+            dataclasses.replace(training, **{key: values[key] for key in TUNED_TRAINING_FIELDS if key in values}))
 
 
 def cluster_role() -> str | None:
@@ -155,10 +164,13 @@ def is_cluster_worker() -> bool:
 
 
 def check_space(space: dict):
-    """A search space must cover exactly SEARCH_SPACE's keys, and every head count must divide
-    every model width (keras-hub splits d_model evenly between the heads)."""
+    """A search space must cover exactly SEARCH_SPACE's or FINE_TUNING_SPACE's keys, and every
+    head count must divide every model width (keras-hub splits d_model evenly between the heads)."""
+    if set(space) == set(FINE_TUNING_SPACE):
+        return
     if set(space) != set(SEARCH_SPACE):
-        raise UserError(f"A search space needs exactly the keys {', '.join(SEARCH_SPACE)}; got {', '.join(space)}.")
+        raise UserError(f"A search space needs exactly the keys {', '.join(SEARCH_SPACE)} (or, fine-tuning a preset, "
+                        f"{', '.join(FINE_TUNING_SPACE)}); got {', '.join(space)}.")
     widths, heads = space["d_model"].get("values"), space["num_heads"].get("values")
     if not widths or not heads or any(width % h for width in widths for h in heads):
         raise UserError(f"Search space: d_model and num_heads must be lists of choices, each num_heads dividing "
@@ -249,7 +261,7 @@ class StoryHyperModel(keras_tuner.HyperModel):
         model_config, _ = self.trial_configs(hp)
         # The same initial weights for the same values, whichever process runs the trial and when.
         keras.utils.set_random_seed(self.training.seed)
-        return trainer.build_model(model_config)
+        return build_model(model_config)
 
     def fit(self, hp, model, *, epochs, callbacks, trial_id, initial_epoch=0):
         """Trains epochs - initial_epoch epochs (Hyperband continues a trial from initial_epoch,
@@ -259,7 +271,7 @@ class StoryHyperModel(keras_tuner.HyperModel):
         spec = self.spec
         model_config, training = self.trial_configs(hp)
         # Made per trial: KerasTuner cleared the session, which frees an earlier tokenizer.
-        tok = tokenizer.make_tokenizer(tokenizer.load_proto(spec["tokenizer_dir"]))
+        tok = tokenizer.load_tokenizer(spec["tokenizer_dir"])
         try:
             train_data, eval_data, batches_per_epoch = trainer.datasets(spec["examples_dir"], tok, model_config,
                                                                         training.batch_size, training.seed)
@@ -331,9 +343,9 @@ def _token_and_char_counts(eval_data, tok) -> tuple[int, int]:
     which turn a loss in nats per token into bits per character."""
     tokens = chars = 0
     for _, targets in eval_data:
-        mask = tf.not_equal(targets, PAD_ID)
+        mask = tf.not_equal(targets, tok.special.pad)
         tokens += int(tf.math.count_nonzero(mask))
-        texts = tok.detokenize(tf.ragged.boolean_mask(targets, mask)).numpy()
+        texts = tok.detokenize(transform.spelled(targets, tok.special)).numpy()
         chars += sum(len(text.decode("utf-8")) for text in texts)
     return tokens, chars
 

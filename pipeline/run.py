@@ -29,8 +29,13 @@ def run_pipeline(config: PipelineConfig) -> dict:
     import keras
 
     from components import evaluator, exporter, ingest, pusher, tokenizer, trainer, tuner
+    from components.model import load_model, presets
 
     training = config.training
+    init_from = config.model.init_from
+    if init_from:
+        # Before anything is written: a preset that cannot be read or is not supported stops the run here.
+        presets.resolve(init_from, config.model)
     if config.tuner.tune and training.distribution_strategy == "multi_worker_mirrored":
         raise UserError("--tune runs on one host: tune first, then train multi-worker with the best values "
                         "(best_hparams.json) as flags.")
@@ -47,13 +52,19 @@ def run_pipeline(config: PipelineConfig) -> dict:
                         parameters=config.ingest, describe=ingest.describe)
     examples = ingested["outputs"]["path"]
 
-    # Tokenizer: train SentencePiece on the training split; the model's vocabulary is its size.
+    # A local preset's files are an input of the steps that read it (a hub handle is a parameter).
+    preset = {"preset": init_from} if init_from and os.path.isdir(init_from) else {}
+
+    # Tokenizer: train SentencePiece on the training split (its size is the model's vocabulary),
+    # or record the preset's tokenizer.
     tokenized = run.step("tokenizer", lambda out: tokenizer.train_tokenizer(examples, out, config.tokenizer),
-                         inputs={"examples": examples}, parameters=config.tokenizer, describe=tokenizer.describe)
+                         inputs={"examples": examples, **preset}, parameters=config.tokenizer,
+                         describe=tokenizer.describe)
     tokenizer_dir = tokenized["outputs"]["path"]
-    tok = tokenizer.make_tokenizer(tokenizer.load_proto(tokenizer_dir))
-    model_config = dataclasses.replace(config.model, vocab_size=tokenized["metrics"]["vocab_size"])
-    data = {"examples": examples, "tokenizer": tokenizer_dir}
+    tok = tokenizer.load_tokenizer(tokenizer_dir)
+    model_config = config.model if init_from else dataclasses.replace(
+        config.model, vocab_size=tokenized["metrics"]["vocab_size"])
+    data = {"examples": examples, "tokenizer": tokenizer_dir, **preset}
 
     # Tuner (--tune): KerasTuner search; its best values replace the flags' for the trainer.
     if config.tuner.tune:
@@ -74,8 +85,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if not trainer.is_chief(training.distribution_strategy):
         print("[pipeline] trained as a worker; the chief evaluates, exports and pushes.", flush=True)
         return trained
-    model = trainer.load_model(trained["outputs"]["path"])
-    data["model"] = trained["outputs"]["path"]
+    model = load_model(trained["outputs"]["path"], model_config)
+    data = {"examples": examples, "tokenizer": tokenizer_dir, "model": trained["outputs"]["path"]}
 
     # Evaluator: test-split metrics, and the blessing against the newest pushed version.
     baseline = pusher.newest_version(os.path.join(config.push.serving_model_dir, config.push.model_name))

@@ -206,17 +206,38 @@ def test_torch_train_step_matches_the_loss_definition():
     assert any(p is model.decoder_token.weight for p in groups[1]["params"])
 
 
-@pytest.mark.slow
-def test_quick_input_pipeline_end_to_end(tmp_path):
-    """The real thing, smallest: `--quick --only input_pipeline --json` (ingest, tokenizer, tf.data, trainer)."""
+def run_quick_section(tmp_path, section):
+    """`python -m benchmarks.run --quick --only SECTION --repeats 1 --json`: the process and its rows."""
     out = tmp_path / "rows.json"
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--only", "input_pipeline",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--only", section,
                            "--repeats", "1", "--json", str(out), "--work_dir", str(tmp_path / "work")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_quick_input_pipeline_end_to_end(tmp_path):
+    """The real thing, smallest: `--quick --only input_pipeline --json` (ingest, tokenizer, tf.data, trainer)."""
+    proc, (row,) = run_quick_section(tmp_path, "input_pipeline")
     assert row["name"] == "input pipeline: examples/s vs trainer" and row["target"] == 10.0
     assert row["ours"] > 0 and row["peer_value"] > 0
     assert row["ratio"] == pytest.approx(row["ours"] / row["peer_value"])
     assert "input pipeline: examples/s vs trainer" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_t5_decoding_rows(tmp_path):
+    """`--quick --only decoding_t5`: a tiny random T5 preset, exported by storygen and decoded by
+    keras-hub in a tf.function and with XLA; one row per keras-hub peer and batch size. Checks the
+    rows' structure, not their speed (the export alone takes about 20 s on 2 CPUs)."""
+    proc, rows = run_quick_section(tmp_path, "decoding_t5")
+    peers = ("keras-hub graph", "keras-hub XLA")
+    assert [row["name"] for row in rows] == [f"T5 batch {batch}: tokens/s vs {peer}" for batch in (1, 16)
+                                             for peer in peers]
+    for row in rows:
+        assert row["peer"] in peers and row["unit"] == "tokens/s" and row["target"] == 1.5
+        assert row["ours"] > 0 and row["peer_value"] > 0
+        assert row["ratio"] == pytest.approx(row["ours"] / row["peer_value"])
+    assert "decoding_t5: greedy, 16 new tokens" in proc.stdout and "T5 batch 16: tokens/s vs keras-hub XLA" in proc.stdout

@@ -70,7 +70,11 @@ def test_cache_key_leaves_out_what_does_not_change_the_output():
 def test_the_tuner_searches_exactly_the_tuned_fields():
     from components import tuner
 
-    assert set(tuner.SEARCH_SPACE) == set(config.TUNED_MODEL_FIELDS) | set(config.TUNED_TRAINING_FIELDS)
+    assert set(tuner.SEARCH_SPACE) | set(tuner.FINE_TUNING_SPACE) == (set(config.TUNED_MODEL_FIELDS)
+                                                                       | set(config.TUNED_TRAINING_FIELDS))
+    fine_tuned, _ = tuner.with_best({"learning_rate": 1e-4, "warmup_steps": 0, "lora_rank": 8}, ModelConfig(),
+                                    TrainingConfig())
+    assert fine_tuned == dataclasses.replace(ModelConfig(), lora_rank=8)
     model, training = tuner.with_best({"d_model": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64, "dropout": 0.0,
                                        "learning_rate": 1e-3, "warmup_steps": 5, "label_smoothing": 0.1},
                                       ModelConfig(), TrainingConfig())

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from components.model import load_model
+
 from conftest import REPO, TINY_FLAGS
 from serving_fixtures import free_ports
 
@@ -48,7 +50,7 @@ def trainer_manifest(runs):
 def weights(trainer_dir):
     from components import trainer
 
-    return trainer.load_model(trainer_dir).get_weights()
+    return load_model(trainer_dir).get_weights()
 
 
 def test_two_workers_train_together_like_one_process(tiny_pipeline, tmp_path):

@@ -208,10 +208,9 @@ def test_invalid_parameters_fail_in_the_graph(loaded, overrides, message):
         generate(loaded, prompts, **overrides)
 
 
-def test_graph_has_only_core_and_sentencepiece_ops(saved_model):
-    """Stock TF Serving can run the graph: every op is a TensorFlow core op or one of
-    tf-text's SentencePiece ops, and none is an XLA op. Checked in a process that does not
-    import tensorflow_text, so its registry holds only core ops."""
+def graph_ops(saved_model: str) -> dict:
+    """The SavedModel's ops, and those a process that does not import tensorflow_text does not
+    know (its registry holds only core ops): {"ops": [...], "unknown": [...]}."""
     script = f"""
 import json, sys
 import tensorflow as tf
@@ -225,7 +224,13 @@ functions = {{f.signature.name for f in graph.library.function}}
 print(json.dumps({{"ops": sorted(ops - functions), "unknown": sorted(o for o in ops - functions if op_def_registry.get(o) is None)}}))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_graph_has_only_core_and_sentencepiece_ops(saved_model):
+    """Stock TF Serving can run the graph: every op is a TensorFlow core op or one of
+    tf-text's SentencePiece ops, and none is an XLA op."""
+    report = graph_ops(saved_model)
     assert set(report["unknown"]) == SENTENCEPIECE_OPS
     assert not [op for op in report["ops"] if op.startswith("Xla")]
     assert "While" in report["ops"] or "StatelessWhile" in report["ops"]

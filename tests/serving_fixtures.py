@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grp
                                      prediction_service_pb2_grpc)
 
 from components.contract import PARAMETER_DTYPES
-from components.exporter import input_signature
+from components.model.decoding import input_signature
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = "storygen"

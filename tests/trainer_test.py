@@ -11,6 +11,7 @@ import tensorflow as tf
 from components import trainer, transform
 from components.common import UserError
 from components.config import ModelConfig, TrainingConfig
+from components.model import build_model, load_model
 from components.tokenizer import make_tokenizer
 
 SHAPES = dict(max_prompt_tokens=16, max_story_tokens=64)
@@ -31,7 +32,7 @@ def data(small_examples, spm_proto):
     config = ModelConfig(vocab_size=spm.SentencePieceProcessor(model_proto=spm_proto).get_piece_size(), d_model=32,
                          num_layers=1, num_heads=2, ff_dim=64, dropout=0.0, **SHAPES)
     train_data, eval_data = fresh_data(small_examples, tok)
-    initial_weights = trainer.build_model(config).get_weights()
+    initial_weights = build_model(config).get_weights()
     return train_data, eval_data, transform.batches_per_epoch(small_examples, "train", 8), config, tok, initial_weights, small_examples
 
 
@@ -75,7 +76,7 @@ def test_metrics_history_and_checkpoints(trained):
     checkpoints = tf.train.get_checkpoint_state(str(out / "checkpoints"))
     assert checkpoints.model_checkpoint_path.endswith(f"ckpt-{2 * steps}")
     assert len(checkpoints.all_model_checkpoint_paths) == 2
-    assert trainer.load_model(str(out)).count_params() > 0
+    assert load_model(str(out)).count_params() > 0
 
 
 def test_profiler_trace_is_written(trained):

@@ -1,0 +1,111 @@
+"""keras-hub's `TransformerDecoder` block computed one token at a time with plain TensorFlow ops.
+
+storygen's own model (pre-layer-norm blocks) and BART (post-layer-norm) decode with the same
+block, read once per generation into plain tensors (`decoder_block_weights`): each block's
+query, key and value kernels fused into one matrix, the query's scaled by 1/sqrt(head_dim) as
+keras's MultiHeadAttention scales it. The Keras layers, their einsums and oneDNN's small-matrix
+kernels cost several times more per token, which is what a decoding loop pays for.
+"""
+
+import math
+
+import tensorflow as tf
+
+from components.model.decoding import DecoderCache, attend, dense, padding_bias, position_major, write_row
+
+
+def dense_weights(layer, inputs: int):
+    """A Dense or EinsumDense layer's kernel as an [inputs, outputs] matrix (LoRA factors merged,
+    as the layer's `kernel` gives it), and its bias [outputs] (None without one)."""
+    bias = tf.reshape(tf.convert_to_tensor(layer.bias), [-1]) if layer.bias is not None else None
+    return tf.reshape(tf.convert_to_tensor(layer.kernel), [inputs, -1]), bias
+
+
+def norm_weights(layer):
+    return tf.convert_to_tensor(layer.gamma), tf.convert_to_tensor(layer.beta), layer.epsilon
+
+
+def layer_norm(x, weights):
+    """Layer normalisation over the last axis, as keras.layers.LayerNormalization computes it."""
+    gamma, beta, epsilon = weights
+    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+    return (x - mean) * tf.math.rsqrt(variance + epsilon) * gamma + beta
+
+
+def decoder_block_weights(parts, d_model: int, ff_dim: int) -> dict:
+    """One block's weights for `decoder_blocks_step` (`parts`: `internals.decoder_block_parts`)."""
+    attention, cross = parts.self_attention, parts.cross_attention
+    scale = 1.0 / math.sqrt(attention.key_dim)
+    heads = attention.num_heads * attention.key_dim  # the attention outputs' width
+    query, key, value = (dense_weights(layer, d_model) for layer in
+                         (attention.query_dense, attention.key_dense, attention.value_dense))
+    cross_query = dense_weights(cross.query_dense, d_model)
+    return {
+        "self_norm": norm_weights(parts.self_norm),
+        "qkv": (tf.concat([query[0] * scale, key[0], value[0]], axis=1),
+                tf.concat([query[1] * scale, key[1], value[1]], axis=0)),
+        "self_output": dense_weights(attention.output_dense, heads),
+        "cross_norm": norm_weights(parts.cross_norm),
+        "cross_query": (cross_query[0] * scale, cross_query[1] * scale),
+        "cross_key": dense_weights(cross.key_dense, d_model),
+        "cross_value": dense_weights(cross.value_dense, d_model),
+        "cross_output": dense_weights(cross.output_dense, heads),
+        "feedforward_norm": norm_weights(parts.feedforward_norm),
+        "intermediate": dense_weights(parts.intermediate, d_model),
+        "activation": parts.intermediate.activation,
+        "output": dense_weights(parts.output, ff_dim),
+    }
+
+
+def start_cache(blocks, encoder_states, encoder_mask, num_heads: int, cache_size: int) -> DecoderCache:
+    """An empty self-attention cache with room for `cache_size` positions, and the
+    cross-attention keys and values of the encoder states [B, S, d]."""
+    batch = tf.shape(encoder_states)[0]
+
+    def heads(x):
+        return position_major(tf.reshape(x, [batch, tf.shape(x)[1], num_heads, -1]))
+
+    cross_keys = [heads(dense(encoder_states, block["cross_key"])) for block in blocks]
+    cross_values = [heads(dense(encoder_states, block["cross_value"])) for block in blocks]
+    empty = [tf.zeros([cache_size, batch, num_heads, tf.shape(keys)[-1]]) for keys in cross_keys]
+    # Each buffer its own tensor: decode_step writes into them in place.
+    return DecoderCache([tf.identity(e) for e in empty], [tf.zeros_like(e) for e in empty], cross_keys,
+                        cross_values, padding_bias(encoder_mask))
+
+
+def decoder_blocks_step(x, position, cache, blocks, num_heads: int, normalize_first: bool):
+    """Runs one position's input x [B, d] through the blocks, writing its keys and values at
+    `position` of `cache`; returns the last block's output and the cache. The cache passed in
+    must not be used again, only the one returned (`write_row` writes in place).
+
+    normalize_first: pre-layer-norm blocks (storygen's) normalise each sublayer's input;
+    post-layer-norm blocks (BART's) normalise the residual sum."""
+    keys, values = [], []
+    for i, block in enumerate(blocks):
+        def sublayer(x, norm, compute):
+            if normalize_first:
+                return x + compute(layer_norm(x, block[norm]))
+            return layer_norm(x + compute(x), block[norm])
+
+        def self_attention(h):
+            qkv = dense(h, block["qkv"])
+            query, key, value = tf.split(tf.reshape(qkv, [1, tf.shape(h)[0], 3 * num_heads, -1]), 3, axis=2)
+            keys.append(write_row(cache.keys[i], position, key))
+            values.append(write_row(cache.values[i], position, value))
+            # Rows after `position` hold no keys of this window yet: attend to the rows up to it.
+            attended = attend(query[0], keys[i][: position + 1], values[i][: position + 1])
+            return dense(tf.reshape(attended, [tf.shape(h)[0], -1]), block["self_output"])
+
+        def cross_attention(h):
+            query = dense(h, block["cross_query"])
+            attended = attend(tf.reshape(query, tf.shape(cache.cross_keys[i])[1:]), cache.cross_keys[i],
+                              cache.cross_values[i], cache.cross_bias)
+            return dense(tf.reshape(attended, [tf.shape(h)[0], -1]), block["cross_output"])
+
+        def feedforward(h):
+            return dense(block["activation"](dense(h, block["intermediate"])), block["output"])
+
+        x = sublayer(x, "self_norm", self_attention)
+        x = sublayer(x, "cross_norm", cross_attention)
+        x = sublayer(x, "feedforward_norm", feedforward)
+    return x, cache._replace(keys=keys, values=values)

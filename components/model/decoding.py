@@ -1,0 +1,323 @@
+"""Decoding: a story from a prompt, in the graph, for any model with storygen's decoding interface.
+
+`StoryGenerator` is the tf.Module that the exporter saves and the trainer and evaluator use:
+signatures serving_default, generate, beam_search and score, with tokenisation, the decoding
+loop (a tf.while_loop over a key/value cache) and detokenisation inside the graph, using only
+TensorFlow core ops and tf-text's tokenizer ops: no XLA, no Python.
+
+The decoding interface a model gives it (`StoryTransformer`, and each pretrained adapter):
+`encode(encoder_ids) -> (states, mask)`; `prefill(decoder_ids, states, mask, cache_size,
+weights) -> (logits [B, T, V], DecoderCache)`; `decoding_weights()`, read once per call;
+`decode_step(token_ids, position, cache, weights) -> (logits [B, V], cache)`; a forward call
+on (encoder ids, decoder ids) for `score`; and `vocab_size`, `max_prompt_tokens`,
+`max_story_tokens`. The tokenizer gives the special ids (`tokenizer.special`).
+
+Sampling is batch-invariant: at step t a row's Gumbel noise comes from one stateless stream
+seeded by (seed, t), rotated by a hash of the row's prompt, so a prompt's story for a given
+seed does not depend on what else is in the batch or at which row, while different prompts
+draw different noise.
+
+Stories longer than the decoder's window continue with a sliding window: when the window is
+full, its newer half is kept as the decoder's prefix and the text just before it becomes the
+prompt, as ingest's windows are prompted in training. Models with learned positions (storygen's,
+BART's) never see a position past their window; T5's relative positions are the same either way.
+"""
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from components.common import NEG_INF
+from components.contract import SIGNATURES
+from components.transform import encode_prompts, frame_prompts, spelled
+
+
+def input_signature(name: str) -> list[tf.TensorSpec]:
+    """The TensorSpecs of a signature's inputs, as the serving contract defines them."""
+    return [tf.TensorSpec(tensor.shape, tensor.dtype, name=tensor.name) for tensor in SIGNATURES[name].inputs]
+
+
+class DecoderCache(NamedTuple):
+    """What decoding a prefix leaves for the next tokens, position-major so that one
+    position's row can be written in place: per block the self-attention keys and values
+    [window, B, heads, head_dim] (rows past the decoded ones are free), the cross-attention
+    keys and values [S, B, heads, head_dim], and the prompt's padding as an additive
+    attention bias [S, B, 1]."""
+
+    keys: list
+    values: list
+    cross_keys: list
+    cross_values: list
+    cross_bias: tf.Tensor
+
+
+def position_major(x):
+    """[B, T, heads, head_dim] -> [T, B, heads, head_dim]."""
+    return tf.transpose(x, [1, 0, 2, 3])
+
+
+def padding_bias(encoder_mask):
+    """The prompt's padding mask [B, S] as the additive cross-attention bias [S, B, 1]."""
+    return tf.where(tf.transpose(encoder_mask)[:, :, None], 0.0, NEG_INF)
+
+
+def write_row(cache, position, row):
+    """Writes row [1, B, heads, head_dim] at `position` of cache [window, B, heads, head_dim].
+
+    InplaceUpdate is a core op that writes into its input's buffer without copying it
+    (concatenating, or tensor_scatter_nd_update, copies the whole cache at every token). So
+    the buffer must have one owner: `prefill` allocates each cache, and each is passed to
+    one decode_step only.
+    """
+    return tf.raw_ops.InplaceUpdate(x=cache, i=tf.reshape(position, [1]), v=row)
+
+
+def attend(query, keys, values, bias=None):
+    """One query per row and head [B, heads, head_dim] (already scaled) attends to keys and
+    values [T, B, heads, head_dim]; returns [B, heads, head_dim]. `bias` broadcasts to the
+    scores [T, B, heads]. Products and sums rather than batch matmuls: the position-major
+    layout is not a batch matmul's, and for one query per row they cost less than oneDNN's
+    batch-matmul and softmax kernels, whose per-call overhead dominates at small batches."""
+    scores = tf.reduce_sum(keys * query, axis=-1)  # [T, B, heads]
+    if bias is not None:
+        scores += bias
+    weights = tf.exp(scores - tf.reduce_max(scores, axis=0))
+    weights /= tf.reduce_sum(weights, axis=0)
+    return tf.reduce_sum(weights[..., None] * values, axis=0)
+
+
+def dense(x, weights):
+    """x @ kernel (+ bias): `weights` is (kernel [in, out], bias [out] or None)."""
+    kernel, bias = weights
+    y = tf.matmul(x, kernel)
+    return y if bias is None else tf.nn.bias_add(y, bias)
+
+
+def unknown_shapes(loop_vars):
+    """Shape invariants for loop variables whose every dimension may change (the batch, the
+    token count, a new prompt's length after a slide)."""
+    return tf.nest.map_structure(lambda x: tf.TensorShape([None] * x.shape.rank), loop_vars)
+
+
+class StoryGenerator(tf.Module):
+    """The exported module: signatures serving_default, generate, beam_search and score."""
+
+    def __init__(self, model, tokenizer, *, temperature: float, top_k: int, top_p: float,
+                 max_new_tokens_limit: int, length_penalty: float = 1.0):
+        super().__init__(name="story_generator")
+        self.model = model
+        # An attribute, so the tokenizer's resource is tracked and saved with the graph.
+        self.tokenizer = tokenizer
+        self.special = tokenizer.special
+        self.window = model.max_story_tokens
+        self.limit = max_new_tokens_limit
+        # Saved with the model so that clients can read them: `loaded.max_new_tokens_limit`, `loaded.decoder_window`.
+        self.max_new_tokens_limit = tf.Variable(max_new_tokens_limit, trainable=False, dtype=tf.int32)
+        self.decoder_window = tf.Variable(self.window, trainable=False, dtype=tf.int32)
+        self.default_sampling = (float(temperature), int(top_k), float(top_p))
+        self.length_penalty = float(length_penalty)
+
+    # ------------------------------------------------------------------ signatures
+
+    @tf.function(input_signature=input_signature("serving_default"))
+    def serving_default(self, prompt):
+        temperature, top_k, top_p = self.default_sampling
+        out = self.generate(prompt, tf.constant(min(self.window, self.limit)), tf.constant(temperature),
+                            tf.constant(top_k), tf.constant(top_p), tf.constant(0, tf.int64))
+        return {"story": out["story"], "num_tokens": out["num_tokens"]}
+
+    @tf.function(input_signature=input_signature("generate"))
+    def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+        """Samples a story per prompt: temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
+        checks = self._check_request(prompt, max_new_tokens, self.limit) + [
+            tf.debugging.assert_greater_equal(temperature, 0.0, message="temperature must be >= 0"),
+            tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0"),
+            tf.debugging.assert_greater(top_p, 0.0, message="top_p must be in (0, 1]"),
+            tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
+        ]
+        special = self.special
+        with tf.control_dependencies(checks):
+            encoder_ids = encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(special.pad)
+        batch = tf.shape(prompt)[0]
+        noise_offsets = tf.cast(tf.strings.to_hash_bucket_fast(prompt, self.model.vocab_size), tf.int32)
+        states, mask = self.model.encode(encoder_ids)
+        weights = self.model.decoding_weights()
+        prefix = len(special.decoder_prefix)  # the start id (and story opening), then one column per generated token
+        tokens = tf.tile(tf.constant([special.decoder_prefix], tf.int32), [batch, 1])
+        logits, cache = self.model.prefill(tokens, states, mask, self.window, weights)
+        logits = logits[:, -1, :]
+
+        def step(t, tokens, done, num_tokens, log_prob, logits, length, cache):
+            next_token = sample(logits, temperature, top_k, top_p, tf.stack([seed, tf.cast(t, tf.int64)]),
+                                noise_offsets)
+            next_token = tf.where(done, special.pad, next_token)
+            log_prob += tf.where(done, 0.0, tf.gather(tf.nn.log_softmax(logits), next_token, batch_dims=1))
+            tokens = tf.concat([tokens, next_token[:, None]], axis=1)
+            done |= tf.equal(next_token, special.eos)
+            num_tokens += tf.cast(~done, tf.int32)
+            logits, length, cache = self._feed(tokens, length, cache, weights)
+            return t + 1, tokens, done, num_tokens, log_prob, logits, length, cache
+
+        # The window holds the prefix so far.
+        initial = (tf.constant(0), tokens, tf.zeros([batch], tf.bool), tf.zeros([batch], tf.int32), tf.zeros([batch]),
+                   logits, tf.constant(prefix), cache)
+        _, tokens, _, num_tokens, log_prob, *_ = tf.while_loop(
+            lambda t, tokens, done, *_: (t < max_new_tokens) & ~tf.reduce_all(done), step, initial,
+            shape_invariants=unknown_shapes(initial))
+        story = self._detokenize(tokens[:, prefix:], num_tokens)
+        return {"story": story, "num_tokens": num_tokens, "log_prob": log_prob, "token_ids": tokens[:, prefix:]}
+
+    @tf.function(input_signature=input_signature("beam_search"))
+    def beam_search(self, prompt, max_new_tokens, num_beams):
+        """The most likely story per prompt among `num_beams` hypotheses, ranked at the end by
+        log-probability / length ** length_penalty. Stays within the decoder's window."""
+        special = self.special
+        checks = self._check_request(prompt, max_new_tokens, min(self.limit, self.window - 1)) + [
+            tf.debugging.assert_positive(num_beams, message="num_beams must be >= 1"),
+            tf.debugging.assert_less_equal(num_beams, 16, message="num_beams must be <= 16"),
+        ]
+        with tf.control_dependencies(checks):
+            encoder_ids = encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(special.pad)
+            num_beams = tf.identity(num_beams)  # everything below waits for the checks
+        batch = tf.shape(prompt)[0]
+        rows = batch * num_beams
+        # Every prompt is repeated num_beams times: row b * num_beams + k is beam k of prompt b.
+        encoder_ids = tf.repeat(encoder_ids, num_beams, axis=0)
+        states, mask = self.model.encode(encoder_ids)
+        weights = self.model.decoding_weights()
+        prefix = len(special.decoder_prefix)
+        tokens = tf.tile(tf.constant([special.decoder_prefix], tf.int32), [rows, 1])
+        logits, cache = self.model.prefill(tokens, states, mask, self.window, weights)
+        logits = logits[:, -1, :]
+        vocab = self.model.vocab_size
+        # Only beam 0 is live at first, so the first step does not pick one token num_beams times.
+        scores = tf.tile(tf.concat([[0.0], tf.fill([num_beams - 1], NEG_INF)], 0), [batch])
+
+        def step(t, tokens, done, scores, logits, cache):
+            log_probs = tf.nn.log_softmax(logits)
+            # A finished beam can only be extended by PAD, at no cost.
+            finished = tf.one_hot(tf.fill([rows], special.pad), vocab, on_value=0.0, off_value=NEG_INF)
+            log_probs = tf.where(done[:, None], finished, log_probs)
+            candidates = tf.reshape(scores[:, None] + log_probs, [batch, num_beams * vocab])
+            top_scores, top_index = tf.math.top_k(candidates, k=num_beams)
+            parent = tf.reshape(top_index // vocab + tf.range(batch)[:, None] * num_beams, [rows])
+            next_token = tf.reshape(top_index % vocab, [rows])
+            tokens = tf.concat([tf.gather(tokens, parent), next_token[:, None]], axis=1)
+            done = tf.gather(done, parent) | tf.equal(next_token, special.eos) | tf.equal(next_token, special.pad)
+            # Each beam continues its parent's cache (gathering also gives decode_step buffers of its own).
+            cache = cache._replace(keys=[tf.gather(k, parent, axis=1) for k in cache.keys],
+                                   values=[tf.gather(v, parent, axis=1) for v in cache.values])
+            logits, cache = self.model.decode_step(next_token, t + prefix, cache, weights)
+            return t + 1, tokens, done, tf.reshape(top_scores, [rows]), logits, cache
+
+        initial = (tf.constant(0), tokens, tf.zeros([rows], tf.bool), scores, logits, cache)
+        _, tokens, _, scores, _, _ = tf.while_loop(
+            lambda t, tokens, done, *_: (t < max_new_tokens) & ~tf.reduce_all(done), step, initial,
+            shape_invariants=unknown_shapes(initial))
+        generated = tokens[:, prefix:]
+        ended_at = tf.equal(generated, special.eos) | tf.equal(generated, special.pad)
+        num_tokens = tf.reduce_sum(tf.cast(tf.equal(tf.cumsum(tf.cast(ended_at, tf.int32), axis=1), 0), tf.int32),
+                                   axis=1)
+        story = self._detokenize(generated, num_tokens)
+        # Length counts the EOS when one was written, so an ended story is not favoured for brevity.
+        ended = tf.reduce_any(tf.equal(generated, special.eos), axis=1)
+        length = tf.cast(num_tokens + tf.cast(ended, tf.int32), tf.float32)
+        normalized = tf.reshape(scores / tf.maximum(length, 1.0) ** self.length_penalty, [batch, num_beams])
+        best = tf.argmax(normalized, axis=1, output_type=tf.int32) + tf.range(batch) * num_beams
+        return {"story": tf.gather(story, best), "num_tokens": tf.gather(num_tokens, best),
+                "log_prob": tf.gather(scores, best)}
+
+    @tf.function(input_signature=input_signature("score"))
+    def score(self, prompt, story):
+        """Log-likelihood of each story (then EOS) after its prompt, in nats; stories longer than
+        the decoder's window are scored on their first window, and bits per character count
+        the characters of the scored tokens."""
+        checks = [
+            tf.debugging.assert_positive(tf.size(prompt), message="prompt must hold at least one string"),
+            tf.debugging.assert_equal(tf.size(prompt), tf.size(story), message="prompt and story must have the same length"),
+        ]
+        special = self.special
+        with tf.control_dependencies(checks):
+            encoder_ids = encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(special.pad)
+        ids = self.tokenizer.tokenize(story)
+        rows = tf.stack([ids.nrows(), 1])
+        opening = tf.tile(tf.constant([special.opening], tf.int32), rows)
+        targets = tf.concat([opening, ids, tf.fill(rows, special.eos)], axis=1)[:, : self.window]
+        decoder_ids = tf.concat([tf.fill(rows, special.start), targets[:, :-1]], axis=1).to_tensor(special.pad)
+        # Scored positions: each story's targets (a pad id inside a story is scored too).
+        mask = tf.sequence_mask(targets.row_lengths(), tf.shape(decoder_ids)[1])
+        targets = targets.to_tensor(special.pad)
+        logits = self.model((encoder_ids, decoder_ids))
+        token_log_probs = tf.gather(tf.nn.log_softmax(logits), targets, batch_dims=2)
+        log_likelihood = tf.reduce_sum(tf.where(mask, token_log_probs, 0.0), axis=1)
+        scored_text = self.tokenizer.detokenize(spelled(targets, special))
+        chars = tf.cast(tf.strings.length(scored_text, unit="UTF8_CHAR"), tf.float32)
+        bits_per_char = -log_likelihood / tf.math.log(2.0) / tf.maximum(chars, 1.0)
+        return {"log_likelihood": log_likelihood, "num_tokens": tf.reduce_sum(tf.cast(mask, tf.int32), axis=1),
+                "bits_per_char": bits_per_char}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_request(self, prompt, max_new_tokens, limit):
+        return [
+            tf.debugging.assert_positive(tf.size(prompt), message="prompt must hold at least one string"),
+            tf.debugging.assert_positive(max_new_tokens, message="max_new_tokens must be >= 1"),
+            tf.debugging.assert_less_equal(max_new_tokens, limit, message=f"max_new_tokens must be <= {limit}"),
+        ]
+
+    def _feed(self, tokens, length, cache, weights):
+        """Feeds the newest token to a window holding `length` positions; when the window is
+        full, slides it first (see module doc). Returns its logits, the new length and cache."""
+
+        def step():
+            logits, grown = self.model.decode_step(tokens[:, -1], length, cache, weights)
+            return logits, length + 1, grown
+
+        def slide():
+            keep = self.window // 2
+            prefix = self.special.decoder_prefix
+            kept = tokens[:, -keep:]
+            before = frame_prompts(tf.RaggedTensor.from_tensor(tokens[:, len(prefix):-keep]), self.special,
+                                   self.model.max_prompt_tokens).to_tensor()
+            states, mask = self.model.encode(before)
+            window = tf.concat([tf.tile(tf.constant([prefix], tf.int32), [tf.shape(tokens)[0], 1]), kept], axis=1)
+            logits, new_cache = self.model.prefill(window, states, mask, self.window, weights)
+            return logits[:, -1, :], tf.constant(keep + len(prefix)), new_cache
+
+        return tf.cond(length >= self.window, slide, step)
+
+    def _detokenize(self, token_ids, num_tokens):
+        """Story strings: each row's first `num_tokens` ids."""
+        return self.tokenizer.detokenize(tf.RaggedTensor.from_tensor(token_ids, lengths=num_tokens))
+
+
+def sample(logits, temperature, top_k, top_p, seed, noise_offsets):
+    """Next token ids [B] from logits [B, V]: greedy at temperature 0, else a Gumbel-max draw
+    from the tempered, top-k and top-p filtered distribution, with row i's noise rotated by
+    noise_offsets[i]. Filters that are off cost nothing (each sorts the vocabulary)."""
+
+    def draw():
+        vocab = tf.shape(logits)[-1]
+        scaled = logits / temperature
+        scaled = tf.cond(top_k > 0, lambda: _top_k_filter(scaled, tf.minimum(top_k, vocab)), lambda: scaled)
+        scaled = tf.cond(top_p < 1.0, lambda: _top_p_filter(scaled, top_p), lambda: scaled)
+        # One noise vector per (seed, step), rotated per row: the draw never depends on the batch.
+        uniform = tf.random.stateless_uniform([vocab], seed=seed, minval=1e-20, maxval=1.0)
+        uniform = tf.gather(uniform, (tf.range(vocab)[None, :] + noise_offsets[:, None]) % vocab)
+        return tf.argmax(scaled - tf.math.log(-tf.math.log(uniform)), axis=-1, output_type=tf.int32)
+
+    return tf.cond(temperature > 0.0, draw, lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
+
+
+def _top_k_filter(logits, k):
+    """Drops logits below the k-th largest."""
+    kth = tf.math.top_k(logits, k=k).values[:, -1:]
+    return tf.where(logits < kth, NEG_INF, logits)
+
+
+def _top_p_filter(logits, top_p):
+    """Keeps the most likely tokens until their probability reaches top_p."""
+    sorted_logits = tf.sort(logits, direction="DESCENDING")
+    cumulative = tf.cumsum(tf.nn.softmax(sorted_logits), axis=-1, exclusive=True)
+    cutoff = tf.reduce_min(tf.where(cumulative < top_p, sorted_logits, -NEG_INF), axis=-1, keepdims=True)
+    return tf.where(logits < cutoff, NEG_INF, logits)

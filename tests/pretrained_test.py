@@ -1,0 +1,172 @@
+"""Pretrained keras-hub presets (T5 v1.0, T5 1.1 / Flan-T5, BART) fine-tuned and exported:
+exported greedy decoding writes exactly keras-hub's own greedy tokens, before and after
+fine-tuning (all weights and LoRA), `score` is keras-hub's log-likelihood, and the preset
+checks refuse what they must with one sentence."""
+
+import os
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import preset_fixtures
+from components import exporter, trainer, transform
+from components.common import UserError
+from components.config import ExportConfig, ModelConfig, TrainingConfig
+from components.model import PRESET_DIR, build_model, load_model, presets, save_model
+from components.tokenizer import Tokenizer
+
+PROMPTS = ["从前有座山，山里有座庙，", "Once upon a time", "一只狐狸", "The dragon slept under the castle and",
+           "小姑娘提着灯笼", "A tailor"]
+STORIES = ["庙里住着一个小和尚。", "there lived a fox.", "走进了葡萄园。", " nobody dared to wake him.", "走进山洞。",
+           " sewed all night."]
+NEW_TOKENS = 12
+PROMPT_TOKENS = 48  # every prompt fits whole: keras-hub cuts a long prompt's end, storygen its start
+ARCHITECTURES = {
+    "t5": lambda d: preset_fixtures.save_t5_preset(d, gated=False),
+    "t5_gated": lambda d: preset_fixtures.save_t5_preset(d, gated=True),
+    "bart": preset_fixtures.save_bart_preset,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def preset(request, tmp_path_factory):
+    return ARCHITECTURES[request.param](str(tmp_path_factory.mktemp(request.param)))
+
+
+def model_config(preset, **overrides):
+    return ModelConfig(init_from=preset, max_prompt_tokens=PROMPT_TOKENS, max_story_tokens=32, **overrides)
+
+
+def exported_greedy(model, tmp_path):
+    tok = Tokenizer(model.lm.preprocessor.tokenizer, model.special)
+    loaded = tf.saved_model.load(exporter.export(model, tok, str(tmp_path), ExportConfig(max_new_tokens_limit=64)))
+    out = loaded.signatures["generate"](
+        prompt=tf.constant(PROMPTS), max_new_tokens=tf.constant(NEW_TOKENS), temperature=tf.constant(1.0),
+        top_k=tf.constant(1), top_p=tf.constant(1.0), seed=tf.constant(0, tf.int64))
+    return loaded, [list(ids[:n]) for ids, n in zip(out["token_ids"].numpy(), out["num_tokens"].numpy())]
+
+
+def keras_hub_greedy(preset_dir):
+    """keras-hub's own generate(sampler="greedy") on the preset, as token ids up to EOS."""
+    lm = keras_hub.models.Seq2SeqLM.from_preset(preset_dir)
+    prefix = len(presets.special_ids(lm.preprocessor.tokenizer).decoder_prefix)
+    eos = lm.preprocessor.tokenizer.end_token_id
+    inputs = lm.preprocessor.generate_preprocess(PROMPTS, encoder_sequence_length=PROMPT_TOKENS,
+                                                 sequence_length=prefix + NEW_TOKENS)
+    lm.preprocessor = None  # generate on the ids, so the comparison is of tokens
+    lm.compile(sampler="greedy")
+    generated = np.asarray(lm.generate(inputs, stop_token_ids=[eos])["decoder_token_ids"])[:, prefix:]
+    return [list(row[: list(row).index(eos)]) if eos in row else list(row) for row in generated]
+
+
+def fine_tune(preset, out, steps=6, **overrides):
+    """A few training steps on the Chinese and English prompts and stories; returns the saved preset."""
+    config = model_config(preset, **overrides)
+    model = build_model(config)
+    tok = Tokenizer(model.lm.preprocessor.tokenizer, model.special)
+    prompts = transform.encode_prompts(tok, tf.constant(PROMPTS), PROMPT_TOKENS).to_tensor(model.special.pad)
+    stories = [transform.encode_story(tok, tf.constant(s), 32) for s in STORIES]
+    decoder_ids = tf.ragged.stack([d for d, _ in stories]).to_tensor(model.special.pad)
+    targets = tf.ragged.stack([t for _, t in stories]).to_tensor(model.special.pad)
+    batches = tf.data.Dataset.from_tensors(((prompts, decoder_ids), targets)).repeat()
+    run = trainer.Trainer(config, TrainingConfig(learning_rate=1e-2, warmup_steps=0), total_steps=steps, model=model)
+    history = run.fit(batches, batches.take(1), steps_per_epoch=steps, epochs=1)
+    save_model(run.model, str(out))
+    return str(out / PRESET_DIR), history
+
+
+def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, tmp_path):
+    model = build_model(model_config(preset))
+    _, exported = exported_greedy(model, tmp_path)
+    expected = keras_hub_greedy(preset)
+    assert exported == expected
+    assert len({tuple(ids) for ids in expected}) > 1  # the prompts lead to different stories
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_fine_tuned_preset_loads_in_keras_hub_and_exports_the_same_tokens(preset, tmp_path, lora_rank):
+    before = build_model(model_config(preset)).get_weights()
+    saved, history = fine_tune(preset, tmp_path, lora_rank=lora_rank)
+    assert history["loss"][0] < 20 and history["steps"] == 6
+    tuned = load_model(str(tmp_path), model_config(preset))
+    changed = [not np.allclose(a, b) for a, b in zip(before, tuned.get_weights())]
+    # Full fine-tuning changes most weights; LoRA only the attention projections it targets
+    # (merged into the saved kernels).
+    assert (sum(changed) > len(changed) / 2) if lora_rank == 0 else (0 < sum(changed) < len(changed) / 2)
+    _, exported = exported_greedy(tuned, tmp_path / "export")
+    assert exported == keras_hub_greedy(saved)
+
+
+def test_lora_trains_only_the_lora_factors(preset):
+    model = build_model(model_config(preset, lora_rank=4))
+    names = [v.path for v in model.trainable_variables]
+    assert names and all("lora" in name for name in names)
+
+
+def test_score_is_keras_hubs_log_likelihood(preset, tmp_path):
+    model = build_model(model_config(preset))
+    loaded, _ = exported_greedy(model, tmp_path)
+    scored = loaded.signatures["score"](prompt=tf.constant(PROMPTS), story=tf.constant(STORIES))
+    lm = keras_hub.models.Seq2SeqLM.from_preset(preset)
+    lm.preprocessor.encoder_sequence_length, lm.preprocessor.decoder_sequence_length = PROMPT_TOKENS, 34
+    x, y, weights = lm.preprocessor({"encoder_text": tf.constant(PROMPTS), "decoder_text": tf.constant(STORIES)})
+    log_probs = tf.nn.log_softmax(lm(x))
+    expected = tf.reduce_sum(tf.gather(log_probs, y, batch_dims=2) * tf.cast(weights, tf.float32), axis=1)
+    np.testing.assert_allclose(scored["log_likelihood"].numpy(), expected.numpy(), atol=1e-3, rtol=1e-5)
+
+
+def test_private_keras_hub_reads_are_where_they_were():
+    from components.model import internals
+
+    block = keras_hub.layers.TransformerDecoder(intermediate_dim=8, num_heads=2)
+    block(keras.ops.ones((1, 3, 4)), keras.ops.ones((1, 2, 4)))
+    parts = internals.decoder_block_parts(block)
+    assert isinstance(parts.self_attention, keras.layers.MultiHeadAttention) and parts.output.units == 4
+    del block._feedforward_output_dense
+    with pytest.raises(AttributeError, match="_feedforward_output_dense"):
+        internals.decoder_block_parts(block)
+
+
+def test_a_hub_handle_without_network_is_one_sentence():
+    with pytest.raises(UserError) as raised:
+        presets.resolve("t5_small_multi")
+    message = str(raised.value)
+    assert "'t5_small_multi'" in message and "--init_from=DIR" in message and "\n" not in message
+
+
+def test_other_architectures_are_refused_with_the_supported_list(tmp_path):
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=10, num_layers=1, num_heads=2, hidden_dim=8,
+                                             intermediate_dim=8, max_sequence_length=8)
+    backbone.save_to_preset(str(tmp_path))
+    with pytest.raises(UserError, match=r"GPT2Backbone preset; storygen fine-tunes T5 \(T5Backbone\), BART"):
+        presets.resolve(str(tmp_path))
+
+
+def test_shape_flags_that_contradict_the_preset_are_refused(preset):
+    presets.resolve(preset, model_config(preset, d_model=ModelConfig().d_model))  # a default is not a contradiction
+    with pytest.raises(UserError, match=r"--d_model=48 contradicts the preset .*hidden_dim=16"):
+        presets.resolve(preset, model_config(preset, d_model=48))
+    with pytest.raises(UserError, match="--vocab_size=5000 contradicts"):
+        presets.resolve(preset, model_config(preset, vocab_size=5000))
+
+
+def test_a_missing_directory_is_refused():
+    with pytest.raises(UserError, match="no such preset directory"):
+        presets.resolve(os.path.join("no", "such", "preset"))
+
+
+# tf-text's ops that a byte-level BPE tokenizer (keras-hub's BytePairTokenizer, BART's) adds.
+BYTE_PAIR_OPS = {"RegexSplitWithOffsets"}
+
+
+def test_graph_has_only_core_and_tokenizer_ops(preset, tmp_path):
+    from exporter_test import SENTENCEPIECE_OPS, graph_ops
+
+    model = build_model(model_config(preset))
+    tok = Tokenizer(model.lm.preprocessor.tokenizer, model.special)
+    report = graph_ops(exporter.export(model, tok, str(tmp_path), ExportConfig(max_new_tokens_limit=64)))
+    assert set(report["unknown"]) <= SENTENCEPIECE_OPS | BYTE_PAIR_OPS and report["unknown"]
+    assert not [op for op in report["ops"] if op.startswith("Xla")]
