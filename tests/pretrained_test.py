@@ -86,7 +86,6 @@ def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, tmp_path
     assert len({tuple(ids) for ids in expected}) > 1  # the prompts lead to different stories
 
 
-@pytest.mark.xfail(reason="not yet seen passing for every architecture: see the #15 stop note", strict=False)
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_fine_tuned_preset_loads_in_keras_hub_and_exports_the_same_tokens(preset, tmp_path, lora_rank):
     before = build_model(model_config(preset)).get_weights()
@@ -104,7 +103,10 @@ def test_fine_tuned_preset_loads_in_keras_hub_and_exports_the_same_tokens(preset
 def test_lora_trains_only_the_lora_factors(preset):
     model = build_model(model_config(preset, lora_rank=4))
     names = [v.path for v in model.trainable_variables]
-    assert names and all("lora" in name for name in names)
+    lora = [name for name in names if "lora_kernel" in name]
+    # Keras's enable_lora freezes a layer's kernel and keeps its bias trainable (BART's projections have one).
+    assert lora and all(name.endswith("/bias") and name.rsplit("/", 2)[1] in ("query", "value")
+                        for name in set(names) - set(lora))
 
 
 def test_score_is_keras_hubs_log_likelihood(preset, tmp_path):
