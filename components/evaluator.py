@@ -34,7 +34,7 @@ from components.config import EvaluationConfig
 from components.records import iterate_split, read_split
 from components.model.decoding import StoryGenerator
 from components.text_metrics import generation_metrics
-from components.transform import example_features, spelled
+from components.transform import example_features, padding_values, spelled
 
 METRICS_FILE = "metrics.json"
 BLESSING_FILE = "blessing.json"
@@ -130,9 +130,8 @@ def _likelihood(model, tokenizer, examples_dir, *, batch_size, max_prompt_tokens
     # knows: their model nll, exact nll and chars.
     totals = collections.defaultdict(lambda: np.zeros(8))
     scored = []
-    padding = {key: tf.constant(special.pad) for key in ("encoder_ids", "decoder_ids", "targets")}
     features = example_features(examples_dir, "test", tokenizer, **options).padded_batch(
-        batch_size, padding_values=dict(padding, lang=tf.constant("")))
+        batch_size, padding_values=dict(padding_values(special), lang=tf.constant("")))
     raw = read_split(examples_dir, "test").padded_batch(batch_size)  # tags vary in number: pad with ""
     for batch, records in tf.data.Dataset.zip(features, raw):
         nll, texts = score(batch["encoder_ids"], batch["decoder_ids"], batch["targets"])

@@ -99,25 +99,22 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
 def record_preset_tokenizer(examples_dir: str, output_dir: str, init_from: str) -> dict:
     """Saves the preset's tokenizer into `output_dir` (keras-hub's preset layout) and writes
     vocab_report.json; returns the report."""
-    from components.model import presets
-
-    start = time.time()
-    layer = presets.load_tokenizer(init_from)
-    layer.save_to_preset(output_dir)
-    # keras-hub loads a tokenizer through its preset's config.json (the backbone's, which names the class).
     from components.model import internals
 
+    start = time.time()
+    tok = _preset_tokenizer(init_from)
+    tok.layer.save_to_preset(output_dir)
+    # keras-hub loads a tokenizer through its preset's config.json (the backbone's, which names the class).
     with tf.io.gfile.GFile(f"{output_dir}/config.json", "w") as f:
         json.dump(internals.preset_config(init_from), f, indent=2)
     tokens = unknown = chars = 0
-    tok = Tokenizer(layer, presets.special_ids(layer))
-    unk = getattr(layer, "unk_token_id", None)
+    unk = getattr(tok.layer, "unk_token_id", None)
     for batch in _batched((record["story"] for record in iterate_split(examples_dir, "eval")), 256):
         ids = tok.tokenize(tf.constant(batch)).flat_values.numpy()
         tokens += len(ids)
         unknown += int((ids == unk).sum()) if unk is not None else 0
         chars += sum(len(text) for text in batch)
-    report = {"vocab_size": int(layer.vocabulary_size()), "preset": init_from, "eval_tokens": tokens,
+    report = {"vocab_size": int(tok.layer.vocabulary_size()), "preset": init_from, "eval_tokens": tokens,
               "eval_chars_per_token": chars / max(tokens, 1), "eval_unknown_rate": unknown / max(tokens, 1)}
     return _write_report(report, output_dir, start)
 
@@ -223,7 +220,12 @@ def load_tokenizer(tokenizer_dir: str) -> Tokenizer:
     SentencePiece model, or a preset's keras-hub tokenizer."""
     if tf.io.gfile.exists(f"{tokenizer_dir}/{MODEL_FILE}"):
         return make_tokenizer(load_proto(tokenizer_dir))
+    return _preset_tokenizer(tokenizer_dir)
+
+
+def _preset_tokenizer(handle: str) -> Tokenizer:
+    """A keras-hub preset's tokenizer with its architecture's special ids."""
     from components.model import presets
 
-    layer = presets.load_tokenizer(tokenizer_dir)
+    layer = presets.load_tokenizer(handle)
     return Tokenizer(layer, presets.special_ids(layer))

@@ -254,8 +254,9 @@ class Trainer:
                 self.optimizer.build(self.model.trainable_variables)
         finally:
             keras.config.set_dtype_policy(policy)
-        # What gets saved and writes the sample stories: a float32 copy (bf16 is for training speed).
-        self.float32_model = build_model(model_config)
+        # What gets saved and writes the sample stories: a float32 copy (bf16 is for training speed),
+        # whose weights are always copied from the trained model's.
+        self.float32_model = build_model(model_config, load_weights=False)
         # The epoch's running sums (loss, tokens, gradient norms, steps) as of the last checkpoint,
         # so that a run resumed mid-epoch reports the same epoch metrics as an uninterrupted one.
         self.epoch_sums = tf.Variable(tf.zeros([4], tf.float64), trainable=False)
@@ -530,10 +531,11 @@ def train(examples_dir: str, tokenizer, output_dir: str, model_config: ModelConf
     trainer = Trainer(model_config, training, total_steps=total_steps, strategy=strategy,
                       chief=is_chief(training.distribution_strategy))
     if trainer.chief:
-        shape = dataclasses.asdict(model_config) if not model_config.init_from else dict(
-            presets.preset_shape(trainer.model), init_from=model_config.init_from, lora_rank=model_config.lora_rank)
+        hparams = {key: value for key, value in dataclasses.asdict(model_config).items() if value is not None}
+        if model_config.init_from:
+            hparams.update(presets.preset_shape(trainer.model))  # the preset's shape, not the flags'
         log_hparams(os.path.join(output_dir, "logs"), {
-            **{key: value for key, value in shape.items() if value is not None}, "steps": total_steps, "mixed_precision": trainer.mixed_precision,
+            **hparams, "steps": total_steps, "mixed_precision": trainer.mixed_precision,
             **{key: getattr(training, key) for key in ("epochs", "learning_rate", "warmup_steps", "weight_decay",
                                                       "lr_schedule", "label_smoothing", "clip_norm",
                                                       "distribution_strategy")}})

@@ -23,9 +23,17 @@ def frame_prompts(ids: tf.RaggedTensor, special, max_prompt_tokens: int) -> tf.R
     before = [special.prompt_start] if special.prompt_start is not None else []
     after = [special.prompt_end] if special.prompt_end is not None else []
     ids = ids[:, -(max_prompt_tokens - len(before) - len(after)):]
-    rows = tf.stack([ids.nrows(), 1])
-    return tf.concat([tf.tile(tf.constant([before], tf.int32), rows), ids,
-                      tf.tile(tf.constant([after], tf.int32), rows)], axis=1)
+    return tf.concat([repeat_ids(before, ids.nrows()), ids, repeat_ids(after, ids.nrows())], axis=1)
+
+
+def repeat_ids(ids: list[int], rows) -> tf.Tensor:
+    """The ids as every one of `rows` rows: [rows, len(ids)] int32."""
+    return tf.tile(tf.constant([ids], tf.int32), tf.stack([tf.cast(rows, tf.int32), 1]))
+
+
+def padding_values(special) -> dict:
+    """padded_batch's padding of the id features: the model's padding id (BART's is not 0)."""
+    return {key: tf.constant(special.pad, tf.int32) for key in ("encoder_ids", "decoder_ids", "targets")}
 
 
 def encode_story(tokenizer, story, max_story_tokens: int, ends_story=True):
@@ -90,7 +98,7 @@ def training_batches(examples_dir: str, split: str, tokenizer, *, batch_size: in
     features = example_features(examples_dir, split, tokenizer, max_prompt_tokens=max_prompt_tokens,
                                 max_story_tokens=max_story_tokens, shuffle=shuffle, seed=seed)
     features = features.map(lambda f: {k: f[k] for k in ("encoder_ids", "decoder_ids", "targets")})
-    padding = {key: tf.constant(tokenizer.special.pad, tf.int32) for key in ("encoder_ids", "decoder_ids", "targets")}
+    padding = padding_values(tokenizer.special)
     if shuffle:
         bounds = bucket_boundaries(max_story_tokens)
         batches = features.repeat().bucket_by_sequence_length(

@@ -39,10 +39,10 @@ from keras_tuner.engine.trial import Trial, TrialStatus
 from tensorboard.plugins.hparams import api as hparams_api
 
 from components import cli, tokenizer, trainer, transform
-from components.model import build_model
 from components.common import UserError
 from components.config import (TUNED_MODEL_FIELDS, TUNED_TRAINING_FIELDS, TUNERS, ModelConfig, TrainingConfig,
                                TunerConfig)
+from components.model import build_model
 
 # Every range searched, in one place. {"values": [...]} is a choice; otherwise an Int range
 # when both bounds are ints, else a Float range (KerasTuner's keyword arguments either way).

@@ -64,13 +64,13 @@ def run_pipeline(config: PipelineConfig) -> dict:
     tok = tokenizer.load_tokenizer(tokenizer_dir)
     model_config = config.model if init_from else dataclasses.replace(
         config.model, vocab_size=tokenized["metrics"]["vocab_size"])
-    data = {"examples": examples, "tokenizer": tokenizer_dir, **preset}
+    data = {"examples": examples, "tokenizer": tokenizer_dir}
 
     # Tuner (--tune): KerasTuner search; its best values replace the flags' for the trainer.
     if config.tuner.tune:
         tuned = run.step(
             "tuner", lambda out: tuner.tune(examples, tokenizer_dir, out, config.tuner, model_config, training),
-            inputs=data, parameters=(config.tuner, model_config, training),
+            inputs=dict(data, **preset), parameters=(config.tuner, model_config, training),
             # A member of a tuning cluster must join the search: a cached result would leave the others waiting.
             cacheable=tuner.cluster_role() is None, describe=tuner.describe)
         if tuner.is_cluster_worker():
@@ -81,12 +81,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
     # Trainer: fit the Transformer on tf.data batches of the tokenized examples.
     trained = run.step(
         "trainer", lambda out: trainer.train(examples, tok, out, model_config, training, strategy=strategy),
-        inputs=data, parameters=(model_config, training), describe=trainer.describe)
+        inputs=dict(data, **preset), parameters=(model_config, training), describe=trainer.describe)
     if not trainer.is_chief(training.distribution_strategy):
         print("[pipeline] trained as a worker; the chief evaluates, exports and pushes.", flush=True)
         return trained
     model = load_model(trained["outputs"]["path"], model_config)
-    data = {"examples": examples, "tokenizer": tokenizer_dir, "model": trained["outputs"]["path"]}
+    data["model"] = trained["outputs"]["path"]
 
     # Evaluator: test-split metrics, and the blessing against the newest pushed version.
     baseline = pusher.newest_version(os.path.join(config.push.serving_model_dir, config.push.model_name))

@@ -40,9 +40,14 @@ def model_config(preset, **overrides):
     return ModelConfig(init_from=preset, max_prompt_tokens=PROMPT_TOKENS, max_story_tokens=32, **overrides)
 
 
+def tokenizer_of(model) -> Tokenizer:
+    """The in-graph tokenizer of a preset model (the pipeline's tokenizer step records the same)."""
+    return Tokenizer(model.lm.preprocessor.tokenizer, model.special)
+
+
 def exported_greedy(model, tmp_path):
-    tok = Tokenizer(model.lm.preprocessor.tokenizer, model.special)
-    loaded = tf.saved_model.load(exporter.export(model, tok, str(tmp_path), ExportConfig(max_new_tokens_limit=64)))
+    loaded = tf.saved_model.load(exporter.export(model, tokenizer_of(model), str(tmp_path),
+                                                 ExportConfig(max_new_tokens_limit=64)))
     out = loaded.signatures["generate"](
         prompt=tf.constant(PROMPTS), max_new_tokens=tf.constant(NEW_TOKENS), temperature=tf.constant(1.0),
         top_k=tf.constant(1), top_p=tf.constant(1.0), seed=tf.constant(0, tf.int64))
@@ -66,7 +71,7 @@ def fine_tune(preset, out, steps=6, **overrides):
     """A few training steps on the Chinese and English prompts and stories; returns the saved preset."""
     config = model_config(preset, **overrides)
     model = build_model(config)
-    tok = Tokenizer(model.lm.preprocessor.tokenizer, model.special)
+    tok = tokenizer_of(model)
     prompts = transform.encode_prompts(tok, tf.constant(PROMPTS), PROMPT_TOKENS).to_tensor(model.special.pad)
     stories = [transform.encode_story(tok, tf.constant(s), 32) for s in STORIES]
     decoder_ids = tf.ragged.stack([d for d, _ in stories]).to_tensor(model.special.pad)
@@ -144,7 +149,8 @@ def test_other_architectures_are_refused_with_the_supported_list(tmp_path):
     backbone = keras_hub.models.GPT2Backbone(vocabulary_size=10, num_layers=1, num_heads=2, hidden_dim=8,
                                              intermediate_dim=8, max_sequence_length=8)
     backbone.save_to_preset(str(tmp_path))
-    with pytest.raises(UserError, match=r"GPT2Backbone preset; storygen fine-tunes T5 \(T5Backbone\), BART"):
+    supported = r"T5 and Flan-T5 \(T5Backbone\), BART \(BartBackbone\)\."
+    with pytest.raises(UserError, match=r"GPT2Backbone preset; storygen fine-tunes " + supported):
         presets.resolve(str(tmp_path))
 
 
@@ -169,7 +175,6 @@ def test_graph_has_only_core_and_tokenizer_ops(preset, tmp_path):
     from exporter_test import SENTENCEPIECE_OPS, graph_ops
 
     model = build_model(model_config(preset))
-    tok = Tokenizer(model.lm.preprocessor.tokenizer, model.special)
-    report = graph_ops(exporter.export(model, tok, str(tmp_path), ExportConfig(max_new_tokens_limit=64)))
+    report = graph_ops(exporter.export(model, tokenizer_of(model), str(tmp_path), ExportConfig(max_new_tokens_limit=64)))
     assert set(report["unknown"]) <= SENTENCEPIECE_OPS | BYTE_PAIR_OPS and report["unknown"]
     assert not [op for op in report["ops"] if op.startswith("Xla")]

@@ -18,13 +18,14 @@ MODEL_FILE = "model.keras"
 PRESET_DIR = "preset"
 
 
-def build_model(model_config: ModelConfig):
+def build_model(model_config: ModelConfig, load_weights: bool = True):
     """A model with its variables created (checkpoints restore into them): the preset
-    `model_config.init_from` (with LoRA factors when `lora_rank`), or a new StoryTransformer."""
+    `model_config.init_from` (with LoRA factors when `lora_rank`; its pretrained weights unless
+    not `load_weights`), or a new StoryTransformer."""
     if model_config.init_from:
         from components.model import presets
 
-        return presets.load(model_config.init_from, model_config)
+        return presets.load(model_config.init_from, model_config, load_weights=load_weights)
     import tensorflow as tf
 
     model = StoryTransformer(**model_config.story_transformer_args())

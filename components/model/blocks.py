@@ -1,17 +1,20 @@
-"""keras-hub's `TransformerDecoder` block computed one token at a time with plain TensorFlow ops.
+"""A Transformer decoder block computed one token at a time with plain TensorFlow ops.
 
-storygen's own model (pre-layer-norm blocks) and BART (post-layer-norm) decode with the same
-block, read once per generation into plain tensors (`decoder_block_weights`): each block's
-query, key and value kernels fused into one matrix, the query's scaled by 1/sqrt(head_dim) as
-keras's MultiHeadAttention scales it. The Keras layers, their einsums and oneDNN's small-matrix
-kernels cost several times more per token, which is what a decoding loop pays for.
+storygen's own model (pre-layer-norm blocks), BART (post-layer-norm) and T5 (pre-norm with RMS
+norms, a relative-position bias and a gated feed-forward) decode with `decoder_blocks_step`.
+keras-hub's `TransformerDecoder` blocks are read once per generation into plain tensors
+(`decoder_block_weights`): each block's query, key and value kernels fused into one matrix,
+the query's scaled by 1/sqrt(head_dim) as keras's MultiHeadAttention scales it. The Keras
+layers, their einsums and oneDNN's small-matrix kernels cost several times more per token,
+which is what a decoding loop pays for.
 """
 
 import math
 
 import tensorflow as tf
 
-from components.model.decoding import DecoderCache, attend, dense, padding_bias, position_major, write_row
+from components.model.decoding import (DecoderCache, attend, dense, empty_buffer, padding_bias, position_major,
+                                       write_row)
 
 
 def dense_weights(layer, inputs: int):
@@ -67,25 +70,28 @@ def start_cache(blocks, encoder_states, encoder_mask, num_heads: int, cache_size
 
     cross_keys = [heads(dense(encoder_states, block["cross_key"])) for block in blocks]
     cross_values = [heads(dense(encoder_states, block["cross_value"])) for block in blocks]
-    empty = [tf.zeros([cache_size, batch, num_heads, tf.shape(keys)[-1]]) for keys in cross_keys]
-    # Each buffer its own tensor: decode_step writes into them in place.
-    return DecoderCache([tf.identity(e) for e in empty], [tf.zeros_like(e) for e in empty], cross_keys,
-                        cross_values, padding_bias(encoder_mask))
+    shapes = [tf.stack([cache_size, batch, num_heads, tf.shape(keys)[-1]]) for keys in cross_keys]
+    return DecoderCache([empty_buffer(shape) for shape in shapes], [empty_buffer(shape) for shape in shapes],
+                        cross_keys, cross_values, padding_bias(encoder_mask))
 
 
-def decoder_blocks_step(x, position, cache, blocks, num_heads: int, normalize_first: bool):
+def decoder_blocks_step(x, position, cache, blocks, num_heads: int, normalize_first: bool, norm=layer_norm,
+                        self_bias=None):
     """Runs one position's input x [B, d] through the blocks, writing its keys and values at
     `position` of `cache`; returns the last block's output and the cache. The cache passed in
     must not be used again, only the one returned (`write_row` writes in place).
 
-    normalize_first: pre-layer-norm blocks (storygen's) normalise each sublayer's input;
-    post-layer-norm blocks (BART's) normalise the residual sum."""
+    normalize_first: pre-layer-norm blocks (storygen's, T5's) normalise each sublayer's input;
+    post-layer-norm blocks (BART's) normalise the residual sum. norm(x, weights): the
+    normalisation (T5's is an RMS norm). self_bias: added to the self-attention scores of keys
+    0 .. position, [position + 1, 1, heads] (T5's relative positions). A block whose "gated" is
+    true computes activation(x W) * (x W_gate) from its "intermediate" kernels [W | W_gate]."""
     keys, values = [], []
     for i, block in enumerate(blocks):
-        def sublayer(x, norm, compute):
+        def sublayer(x, name, compute):
             if normalize_first:
-                return x + compute(layer_norm(x, block[norm]))
-            return layer_norm(x + compute(x), block[norm])
+                return x + compute(norm(x, block[name]))
+            return norm(x + compute(x), block[name])
 
         def self_attention(h):
             qkv = dense(h, block["qkv"])
@@ -93,7 +99,7 @@ def decoder_blocks_step(x, position, cache, blocks, num_heads: int, normalize_fi
             keys.append(write_row(cache.keys[i], position, key))
             values.append(write_row(cache.values[i], position, value))
             # Rows after `position` hold no keys of this window yet: attend to the rows up to it.
-            attended = attend(query[0], keys[i][: position + 1], values[i][: position + 1])
+            attended = attend(query[0], keys[i][: position + 1], values[i][: position + 1], self_bias)
             return dense(tf.reshape(attended, [tf.shape(h)[0], -1]), block["self_output"])
 
         def cross_attention(h):
@@ -103,7 +109,11 @@ def decoder_blocks_step(x, position, cache, blocks, num_heads: int, normalize_fi
             return dense(tf.reshape(attended, [tf.shape(h)[0], -1]), block["cross_output"])
 
         def feedforward(h):
-            return dense(block["activation"](dense(h, block["intermediate"])), block["output"])
+            hidden = dense(h, block["intermediate"])
+            if block.get("gated"):
+                hidden, gate = tf.split(hidden, 2, axis=-1)
+                return dense(block["activation"](hidden) * gate, block["output"])
+            return dense(block["activation"](hidden), block["output"])
 
         x = sublayer(x, "self_norm", self_attention)
         x = sublayer(x, "cross_norm", cross_attention)

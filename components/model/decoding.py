@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from components.common import NEG_INF
 from components.contract import SIGNATURES
-from components.transform import encode_prompts, frame_prompts, spelled
+from components.transform import encode_prompts, frame_prompts, repeat_ids, spelled
 
 
 def input_signature(name: str) -> list[tf.TensorSpec]:
@@ -66,10 +66,17 @@ def write_row(cache, position, row):
 
     InplaceUpdate is a core op that writes into its input's buffer without copying it
     (concatenating, or tensor_scatter_nd_update, copies the whole cache at every token). So
-    the buffer must have one owner: `prefill` allocates each cache, and each is passed to
-    one decode_step only.
+    the buffer must have one owner: `prefill` allocates each cache (`empty_buffer`, or a
+    tf.pad of its own input), and each is passed to one decode_step only.
     """
     return tf.raw_ops.InplaceUpdate(x=cache, i=tf.reshape(position, [1]), v=row)
+
+
+def empty_buffer(shape) -> tf.Tensor:
+    """A zero-filled float32 buffer of its own for `write_row` to write into. The Empty op is
+    stateful, so graph optimisation never merges two of them into one buffer (it does merge
+    equal tf.zeros ops, and two caches sharing a buffer would overwrite each other's rows)."""
+    return tf.raw_ops.Empty(shape=shape, dtype=tf.float32, init=True)
 
 
 def attend(query, keys, values, bias=None):
@@ -108,7 +115,6 @@ class StoryGenerator(tf.Module):
         self.model = model
         # An attribute, so the tokenizer's resource is tracked and saved with the graph.
         self.tokenizer = tokenizer
-        self.special = tokenizer.special
         self.window = model.max_story_tokens
         self.limit = max_new_tokens_limit
         # Saved with the model so that clients can read them: `loaded.max_new_tokens_limit`, `loaded.decoder_window`.
@@ -135,7 +141,7 @@ class StoryGenerator(tf.Module):
             tf.debugging.assert_greater(top_p, 0.0, message="top_p must be in (0, 1]"),
             tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
         ]
-        special = self.special
+        special = self.tokenizer.special
         with tf.control_dependencies(checks):
             encoder_ids = encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(special.pad)
         batch = tf.shape(prompt)[0]
@@ -143,7 +149,7 @@ class StoryGenerator(tf.Module):
         states, mask = self.model.encode(encoder_ids)
         weights = self.model.decoding_weights()
         prefix = len(special.decoder_prefix)  # the start id (and story opening), then one column per generated token
-        tokens = tf.tile(tf.constant([special.decoder_prefix], tf.int32), [batch, 1])
+        tokens = repeat_ids(special.decoder_prefix, batch)
         logits, cache = self.model.prefill(tokens, states, mask, self.window, weights)
         logits = logits[:, -1, :]
 
@@ -171,7 +177,7 @@ class StoryGenerator(tf.Module):
     def beam_search(self, prompt, max_new_tokens, num_beams):
         """The most likely story per prompt among `num_beams` hypotheses, ranked at the end by
         log-probability / length ** length_penalty. Stays within the decoder's window."""
-        special = self.special
+        special = self.tokenizer.special
         checks = self._check_request(prompt, max_new_tokens, min(self.limit, self.window - 1)) + [
             tf.debugging.assert_positive(num_beams, message="num_beams must be >= 1"),
             tf.debugging.assert_less_equal(num_beams, 16, message="num_beams must be <= 16"),
@@ -186,7 +192,7 @@ class StoryGenerator(tf.Module):
         states, mask = self.model.encode(encoder_ids)
         weights = self.model.decoding_weights()
         prefix = len(special.decoder_prefix)
-        tokens = tf.tile(tf.constant([special.decoder_prefix], tf.int32), [rows, 1])
+        tokens = repeat_ids(special.decoder_prefix, rows)
         logits, cache = self.model.prefill(tokens, states, mask, self.window, weights)
         logits = logits[:, -1, :]
         vocab = self.model.vocab_size
@@ -236,14 +242,14 @@ class StoryGenerator(tf.Module):
             tf.debugging.assert_positive(tf.size(prompt), message="prompt must hold at least one string"),
             tf.debugging.assert_equal(tf.size(prompt), tf.size(story), message="prompt and story must have the same length"),
         ]
-        special = self.special
+        special = self.tokenizer.special
         with tf.control_dependencies(checks):
             encoder_ids = encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(special.pad)
         ids = self.tokenizer.tokenize(story)
-        rows = tf.stack([ids.nrows(), 1])
-        opening = tf.tile(tf.constant([special.opening], tf.int32), rows)
-        targets = tf.concat([opening, ids, tf.fill(rows, special.eos)], axis=1)[:, : self.window]
-        decoder_ids = tf.concat([tf.fill(rows, special.start), targets[:, :-1]], axis=1).to_tensor(special.pad)
+        rows = ids.nrows()
+        targets = tf.concat([repeat_ids(special.opening, rows), ids, repeat_ids([special.eos], rows)],
+                            axis=1)[:, : self.window]
+        decoder_ids = tf.concat([repeat_ids([special.start], rows), targets[:, :-1]], axis=1).to_tensor(special.pad)
         # Scored positions: each story's targets (a pad id inside a story is scored too).
         mask = tf.sequence_mask(targets.row_lengths(), tf.shape(decoder_ids)[1])
         targets = targets.to_tensor(special.pad)
@@ -275,12 +281,13 @@ class StoryGenerator(tf.Module):
 
         def slide():
             keep = self.window // 2
-            prefix = self.special.decoder_prefix
+            special = self.tokenizer.special
+            prefix = special.decoder_prefix
             kept = tokens[:, -keep:]
-            before = frame_prompts(tf.RaggedTensor.from_tensor(tokens[:, len(prefix):-keep]), self.special,
+            before = frame_prompts(tf.RaggedTensor.from_tensor(tokens[:, len(prefix):-keep]), special,
                                    self.model.max_prompt_tokens).to_tensor()
             states, mask = self.model.encode(before)
-            window = tf.concat([tf.tile(tf.constant([prefix], tf.int32), [tf.shape(tokens)[0], 1]), kept], axis=1)
+            window = tf.concat([repeat_ids(prefix, tf.shape(tokens)[0]), kept], axis=1)
             logits, new_cache = self.model.prefill(window, states, mask, self.window, weights)
             return logits[:, -1, :], tf.constant(keep + len(prefix)), new_cache
 

@@ -12,10 +12,10 @@ import os
 from components.common import SpecialIds, UserError
 from components.config import ModelConfig
 
-# keras-hub backbone class -> "module:adapter class".
+# keras-hub backbone class -> (what users call it, "module:adapter class").
 ARCHITECTURES = {
-    "T5Backbone": "components.model.t5:T5",
-    "BartBackbone": "components.model.bart:Bart",
+    "T5Backbone": ("T5 and Flan-T5", "components.model.t5:T5"),
+    "BartBackbone": ("BART", "components.model.bart:Bart"),
 }
 # Transformers-format presets (hf://) name their architecture by model_type.
 HF_MODEL_TYPES = {"t5": "T5Backbone", "bart": "BartBackbone"}
@@ -25,12 +25,12 @@ SHAPE_FLAGS = {"vocab_size": "vocabulary_size", "d_model": "hidden_dim", "num_la
 
 
 def _adapter(backbone_class: str):
-    module, name = ARCHITECTURES[backbone_class].split(":")
+    module, name = ARCHITECTURES[backbone_class][1].split(":")
     return getattr(importlib.import_module(module), name)
 
 
 def supported() -> str:
-    return ", ".join(f"{name.removesuffix('Backbone')} ({name})" for name in ARCHITECTURES)
+    return ", ".join(f"{name} ({backbone_class})" for backbone_class, (name, _) in ARCHITECTURES.items())
 
 
 def resolve(handle: str, model_config: ModelConfig | None = None) -> str:
@@ -95,15 +95,17 @@ def _tokenizer_class(keras_hub, backbone_class: str):
     return getattr(keras_hub.models, backbone_class.replace("Backbone", "Tokenizer"))
 
 
-def load(handle: str, model_config: ModelConfig | None = None):
+def load(handle: str, model_config: ModelConfig | None = None, load_weights: bool = True):
     """The preset as a storygen model (a `pretrained.PretrainedSeq2Seq`), in the current dtype
-    policy. model_config: the window sizes and LoRA rank (default: the preset's preprocessor's
-    sequence lengths, within the learned positions, and no LoRA)."""
+    policy, with its weights unless not `load_weights`. model_config: the window sizes and LoRA
+    rank (default: the preset's preprocessor's sequence lengths, within the learned positions,
+    and no LoRA)."""
     import keras
     import keras_hub
 
     backbone_class = resolve(handle)
-    lm = keras_hub.models.Seq2SeqLM.from_preset(handle, dtype=keras.config.dtype_policy().name)
+    lm = keras_hub.models.Seq2SeqLM.from_preset(handle, load_weights=load_weights,
+                                                dtype=keras.config.dtype_policy().name)
     if lm.preprocessor is None:
         raise UserError(f"--init_from={handle} has no tokenizer: save the preset with its preprocessor.")
     if model_config is None:

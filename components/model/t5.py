@@ -14,7 +14,6 @@ import tensorflow as tf
 
 from components.common import SpecialIds
 from components.model import blocks
-from components.model.decoding import attend, dense, write_row
 from components.model.pretrained import PretrainedSeq2Seq
 
 
@@ -73,6 +72,8 @@ class T5(PretrainedSeq2Seq):
                 "feedforward_norm": _rms_weights(layer.layer_norm),
                 # Gated: the activation's and the gate's kernels side by side, one matmul.
                 "intermediate": (tf.concat([_kernel(f)[0] for f in feedforward], axis=1), None),
+                "activation": layer.input_projector.activation,
+                "gated": layer.use_gated_activation,
                 "output": _kernel(layer.output_projector),
             })
         window = self.max_story_tokens
@@ -92,32 +93,11 @@ class T5(PretrainedSeq2Seq):
     def decode_step(self, token_ids, position, cache, weights):
         """One token per row at window `position`: its logits [B, V] and the cache with its keys
         and values written in place (the cache passed in must not be used again)."""
-        backbone = self.backbone
-        layer = backbone.decoder_transformer_layers[0]
-        num_heads, gated, activation = backbone.num_heads, layer.use_gated_activation, layer.input_projector.activation
-        batch = tf.shape(token_ids)[0]
         # Keys 0 .. position are at distances position .. 0: [position + 1, 1, heads].
         bias = weights["position_bias"][self.max_story_tokens - 1 - position:][:, None, :]
-        x = tf.gather(weights["tokens"], token_ids)
-        keys, values = [], []
-        for i, block in enumerate(weights["blocks"]):
-            qkv = dense(rms_norm(x, block["self_norm"]), block["qkv"])
-            query, key, value = tf.split(tf.reshape(qkv, [1, batch, 3 * num_heads, -1]), 3, axis=2)
-            keys.append(write_row(cache.keys[i], position, key))
-            values.append(write_row(cache.values[i], position, value))
-            attended = attend(query[0], keys[i][: position + 1], values[i][: position + 1], bias)
-            x += dense(tf.reshape(attended, [batch, -1]), block["self_output"])
-            query = dense(rms_norm(x, block["cross_norm"]), block["cross_query"])
-            attended = attend(tf.reshape(query, tf.shape(cache.cross_keys[i])[1:]), cache.cross_keys[i],
-                              cache.cross_values[i], cache.cross_bias)
-            x += dense(tf.reshape(attended, [batch, -1]), block["cross_output"])
-            hidden = dense(rms_norm(x, block["feedforward_norm"]), block["intermediate"])
-            if gated:
-                hidden, gate = tf.split(hidden, 2, axis=-1)
-                hidden = activation(hidden) * gate
-            else:
-                hidden = activation(hidden)
-            x += dense(hidden, block["output"])
+        x, cache = blocks.decoder_blocks_step(tf.gather(weights["tokens"], token_ids), position, cache,
+                                              weights["blocks"], self.backbone.num_heads, normalize_first=True,
+                                              norm=rms_norm, self_bias=bias)
         x = self.scale_states(rms_norm(x, weights["norm"]))
-        logits = tf.matmul(x, weights["head"], transpose_b=backbone.token_embedding.tie_weights)
-        return logits, cache._replace(keys=keys, values=values)
+        logits = tf.matmul(x, weights["head"], transpose_b=self.backbone.token_embedding.tie_weights)
+        return logits, cache
