@@ -79,7 +79,9 @@ def bart_tokenizer(num_merges: int = 120):
 
 def _scramble(backbone, seed: int):
     """Redraws every weight so that a random model's next token depends on its input: with
-    keras-hub's initialisers a tiny model writes one token over and over, which any decoder matches."""
+    keras-hub's initialisers a tiny model writes one token over and over, which any decoder
+    matches. Some seeds still give such a model (seed 3 for the ReLU T5, 4 for BART): the
+    default seeds are ones whose greedy stories differ between the test prompts."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -88,7 +90,7 @@ def _scramble(backbone, seed: int):
         weight.assign(1.0 + 0.2 * value if weight.path.endswith(("weight", "gamma")) else value)
 
 
-def save_t5_preset(directory: str, gated: bool, seed: int = 3) -> str:
+def save_t5_preset(directory: str, gated: bool, seed: int = 4) -> str:
     """A tiny T5Seq2SeqLM: v1.0 (ReLU, tied output) or, `gated`, T5 1.1 (gated GELU, own head)."""
     import keras
     import keras_hub
