@@ -225,8 +225,8 @@ def run_section(h):
 def save_t5_preset(directory: str, quick: bool, new_tokens: int) -> str:
     """A T5Seq2SeqLM of t5_small_multi's shape (--quick: T5_QUICK) with random weights, saved as a
     keras-hub preset. Its SentencePiece tokenizer has exactly as many pieces as the model's
-    vocabulary: the exported `generate` detokenizes in the graph, and tensorflow-text rejects an
-    id past the tokenizer's last piece ("Invalid id"), which random weights do emit."""
+    vocabulary, so that storygen (which decodes among the tokenizer's pieces only) and keras-hub
+    (among all of the model's ids) compute the same output projection."""
     import keras
     import keras_hub
 

@@ -90,15 +90,16 @@ def _scramble(backbone, seed: int):
         weight.assign(1.0 + 0.2 * value if weight.path.endswith(("weight", "gamma")) else value)
 
 
-def save_t5_preset(directory: str, gated: bool, seed: int = 4) -> str:
-    """A tiny T5Seq2SeqLM: v1.0 (ReLU, tied output) or, `gated`, T5 1.1 (gated GELU, own head)."""
+def save_t5_preset(directory: str, gated: bool, seed: int = 4, extra_ids: int = 0) -> str:
+    """A tiny T5Seq2SeqLM: v1.0 (ReLU, tied output) or, `gated`, T5 1.1 (gated GELU, own head);
+    with `extra_ids` more ids than its tokenizer has pieces, as the real T5 presets have."""
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(seed)
     tokenizer = t5_tokenizer()
     backbone = keras_hub.models.T5Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(), activation="gelu" if gated else "relu",
+        vocabulary_size=tokenizer.vocabulary_size() + extra_ids, activation="gelu" if gated else "relu",
         use_gated_activation=gated, tie_embedding_weights=not gated, **T5_SHAPE)
     _scramble(backbone, seed)
     preprocessor = keras_hub.models.T5Seq2SeqLMPreprocessor(tokenizer=tokenizer, encoder_sequence_length=16,

@@ -105,6 +105,22 @@ def test_fine_tuned_preset_loads_in_keras_hub_and_exports_the_same_tokens(preset
     assert exported == keras_hub_greedy(saved)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_decoding_chooses_only_ids_the_tokenizer_has(tmp_path, gated):
+    """Real T5 presets have more ids than tokenizer pieces (32128 and 32100); an id past the last
+    piece cannot be detokenized, so decoding draws among the pieces alone."""
+    preset = preset_fixtures.save_t5_preset(str(tmp_path / "preset"), gated=gated, extra_ids=40)
+    model = build_model(model_config(preset))
+    pieces = model.lm.preprocessor.tokenizer.vocabulary_size()
+    assert model.backbone.vocabulary_size == pieces + 40
+    loaded = tf.saved_model.load(exporter.export(model, tokenizer_of(model), str(tmp_path / "export"),
+                                                 ExportConfig(max_new_tokens_limit=64)))
+    out = loaded.signatures["generate"](
+        prompt=tf.constant(PROMPTS), max_new_tokens=tf.constant(40), temperature=tf.constant(1.0),
+        top_k=tf.constant(0), top_p=tf.constant(1.0), seed=tf.constant(1, tf.int64))
+    assert out["token_ids"].numpy().max() < pieces and all(out["story"].numpy())
+
+
 def test_lora_trains_only_the_lora_factors(preset):
     model = build_model(model_config(preset, lora_rank=4))
     names = [v.path for v in model.trainable_variables]

@@ -35,6 +35,8 @@ class Bart(PretrainedSeq2Seq):
                            for layer in backbone.decoder_transformer_layers],
                 "embedding_norm": blocks.norm_weights(backbone.decoder_embeddings_layer_norm),
                 "tokens": tf.convert_to_tensor(backbone.token_embedding.embeddings),
+                # The output projection of the tokenizer's pieces only (see `vocab_size`).
+                "head": tf.convert_to_tensor(backbone.token_embedding.embeddings)[: self.vocab_size],
                 "positions": tf.convert_to_tensor(backbone.decoder_position_embedding.position_embeddings)}
 
     def start_cache(self, encoder_states, encoder_mask, weights, cache_size):
@@ -47,4 +49,4 @@ class Bart(PretrainedSeq2Seq):
         x = blocks.layer_norm(x, weights["embedding_norm"])
         x, cache = blocks.decoder_blocks_step(x, position, cache, weights["blocks"], self.backbone.num_heads,
                                               normalize_first=False)
-        return tf.matmul(x, weights["tokens"], transpose_b=True), cache
+        return tf.matmul(x, weights["head"], transpose_b=True), cache

@@ -39,7 +39,10 @@ class PretrainedSeq2Seq(keras.Model):
         self.backbone = lm.backbone
         self.max_prompt_tokens = max_prompt_tokens
         self.max_story_tokens = max_story_tokens
-        self.vocab_size = self.backbone.vocabulary_size
+        # Decoding chooses among the tokenizer's pieces: a model may have more ids than its
+        # tokenizer has pieces (real T5: 32128 and 32100), and an id past the last piece cannot
+        # be detokenized. Training and scoring use all of the model's ids, as keras-hub does.
+        self.vocab_size = min(self.backbone.vocabulary_size, lm.preprocessor.tokenizer.vocabulary_size())
         self.special = self.special_ids(lm.preprocessor.tokenizer)
         lm.preprocessor.encoder_sequence_length = max_prompt_tokens
         lm.preprocessor.decoder_sequence_length = max_story_tokens
@@ -78,7 +81,7 @@ class PretrainedSeq2Seq(keras.Model):
 
     @property
     def output_embeddings(self):
-        """The output projection [vocab_size, d]: the token embedding, or the untied head's transpose."""
+        """The output projection [the model's ids, d]: the token embedding, or the untied head's transpose."""
         embedding = self.backbone.token_embedding
         if embedding.tie_weights:
             return embedding.embeddings

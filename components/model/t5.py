@@ -83,8 +83,9 @@ class T5(PretrainedSeq2Seq):
         embedding = self.backbone.token_embedding
         return {"blocks": weights, "norm": _rms_weights(self.backbone.decoder_layer_norm),
                 "tokens": tf.convert_to_tensor(embedding.embeddings),
-                "head": tf.convert_to_tensor(embedding.embeddings if embedding.tie_weights
-                                             else embedding.reverse_embeddings),
+                # The output projection of the tokenizer's pieces only (see `vocab_size`).
+                "head": (tf.convert_to_tensor(embedding.embeddings)[: self.vocab_size] if embedding.tie_weights
+                         else tf.convert_to_tensor(embedding.reverse_embeddings)[:, : self.vocab_size]),
                 "position_bias": tf.transpose(bias[0, :, 0, :])}
 
     def start_cache(self, encoder_states, encoder_mask, weights, cache_size):
