@@ -45,13 +45,22 @@ def tokenizer_of(model) -> Tokenizer:
     return Tokenizer(model.lm.preprocessor.tokenizer, model.special)
 
 
-def exported_greedy(model, tmp_path):
-    loaded = tf.saved_model.load(exporter.export(model, tokenizer_of(model), str(tmp_path),
-                                                 ExportConfig(max_new_tokens_limit=64)))
+def export(model, out) -> str:
+    return exporter.export(model, tokenizer_of(model), str(out), ExportConfig(max_new_tokens_limit=64))
+
+
+def exported_greedy(loaded):
+    """The exported `generate`'s greedy (top_k=1) tokens for PROMPTS, up to EOS."""
     out = loaded.signatures["generate"](
         prompt=tf.constant(PROMPTS), max_new_tokens=tf.constant(NEW_TOKENS), temperature=tf.constant(1.0),
         top_k=tf.constant(1), top_p=tf.constant(1.0), seed=tf.constant(0, tf.int64))
-    return loaded, [list(ids[:n]) for ids, n in zip(out["token_ids"].numpy(), out["num_tokens"].numpy())]
+    return [list(ids[:n]) for ids, n in zip(out["token_ids"].numpy(), out["num_tokens"].numpy())]
+
+
+@pytest.fixture(scope="module")
+def saved_model(preset, tmp_path_factory):
+    """The untrained preset exported: its SavedModel's path (one export serves several tests)."""
+    return export(build_model(model_config(preset)), tmp_path_factory.mktemp("export"))
 
 
 def keras_hub_greedy(preset_dir):
@@ -67,31 +76,40 @@ def keras_hub_greedy(preset_dir):
     return [list(row[: list(row).index(eos)]) if eos in row else list(row) for row in generated]
 
 
-def fine_tune(preset, out, steps=6, **overrides):
-    """A few training steps on the Chinese and English prompts and stories; returns the saved preset."""
-    config = model_config(preset, **overrides)
-    model = build_model(config)
+def story_batches(model):
+    """The Chinese and English prompts and stories as one training batch, repeated."""
     tok = tokenizer_of(model)
     prompts = transform.encode_prompts(tok, tf.constant(PROMPTS), PROMPT_TOKENS).to_tensor(model.special.pad)
     stories = [transform.encode_story(tok, tf.constant(s), 32) for s in STORIES]
     decoder_ids = tf.ragged.stack([d for d, _ in stories]).to_tensor(model.special.pad)
     targets = tf.ragged.stack([t for _, t in stories]).to_tensor(model.special.pad)
-    batches = tf.data.Dataset.from_tensors(((prompts, decoder_ids), targets)).repeat()
-    run = trainer.Trainer(config, TrainingConfig(learning_rate=1e-2, warmup_steps=0), total_steps=steps, model=model)
+    return tf.data.Dataset.from_tensors(((prompts, decoder_ids), targets)).repeat()
+
+
+def fine_tune(preset, out, steps=6, training=TrainingConfig(learning_rate=1e-2, warmup_steps=0), **overrides):
+    """A few training steps on the Chinese and English prompts and stories; returns the saved
+    preset and the history."""
+    config = model_config(preset, **overrides)
+    model = build_model(config)
+    batches = story_batches(model)
+    run = trainer.Trainer(config, training, total_steps=steps, model=model)
     history = run.fit(batches, batches.take(1), steps_per_epoch=steps, epochs=1)
-    save_model(run.model, str(out))
+    save_model(run.float32_model, str(out))
     return str(out / PRESET_DIR), history
 
 
-def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, tmp_path):
-    model = build_model(model_config(preset))
-    _, exported = exported_greedy(model, tmp_path)
+@pytest.mark.slow
+def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, saved_model):
+    exported = exported_greedy(tf.saved_model.load(saved_model))
     expected = keras_hub_greedy(preset)
     assert exported == expected
     assert len({tuple(ids) for ids in expected}) > 1  # the prompts lead to different stories
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
+# LoRA on one T5 (both have the same Dense projections) and on BART (keras's EinsumDense ones).
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, lora_rank", [("bart", 0), ("bart", 4), ("t5", 0), ("t5_gated", 0),
+                                               ("t5_gated", 4)], indirect=["preset"])
 def test_fine_tuned_preset_loads_in_keras_hub_and_exports_the_same_tokens(preset, tmp_path, lora_rank):
     before = build_model(model_config(preset)).get_weights()
     saved, history = fine_tune(preset, tmp_path, lora_rank=lora_rank)
@@ -101,10 +119,11 @@ def test_fine_tuned_preset_loads_in_keras_hub_and_exports_the_same_tokens(preset
     # Full fine-tuning changes most weights; LoRA only the attention projections it targets
     # (merged into the saved kernels).
     assert (sum(changed) > len(changed) / 2) if lora_rank == 0 else (0 < sum(changed) < len(changed) / 2)
-    _, exported = exported_greedy(tuned, tmp_path / "export")
+    exported = exported_greedy(tf.saved_model.load(export(tuned, tmp_path / "export")))
     assert exported == keras_hub_greedy(saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gated", [False, True])
 def test_decoding_chooses_only_ids_the_tokenizer_has(tmp_path, gated):
     """Real T5 presets have more ids than tokenizer pieces (32128 and 32100); an id past the last
@@ -113,12 +132,57 @@ def test_decoding_chooses_only_ids_the_tokenizer_has(tmp_path, gated):
     model = build_model(model_config(preset))
     pieces = model.lm.preprocessor.tokenizer.vocabulary_size()
     assert model.backbone.vocabulary_size == pieces + 40
-    loaded = tf.saved_model.load(exporter.export(model, tokenizer_of(model), str(tmp_path / "export"),
-                                                 ExportConfig(max_new_tokens_limit=64)))
-    out = loaded.signatures["generate"](
+    out = tf.saved_model.load(export(model, tmp_path / "export")).signatures["generate"](
         prompt=tf.constant(PROMPTS), max_new_tokens=tf.constant(40), temperature=tf.constant(1.0),
         top_k=tf.constant(0), top_p=tf.constant(1.0), seed=tf.constant(1, tf.int64))
     assert out["token_ids"].numpy().max() < pieces and all(out["story"].numpy())
+
+
+@pytest.mark.slow
+def test_mixed_precision_fine_tunes_in_bf16_and_saves_float32(preset, tmp_path):
+    if not trainer.bf16_supported():
+        pytest.skip("this machine has no bf16")
+    saved, history = fine_tune(preset, tmp_path, training=TrainingConfig(learning_rate=1e-2, warmup_steps=0,
+                                                                         mixed_precision=True))
+    assert history["loss"][0] < 20 and np.isfinite(history["val_loss"][0])
+    lm = keras_hub.models.Seq2SeqLM.from_preset(saved)
+    assert {w.dtype for w in lm.backbone.weights} == {"float32"}
+
+
+@pytest.mark.slow
+def test_a_killed_fine_tuning_resumes_to_the_same_weights(preset, tmp_path):
+    """Three steps, a new process's worth of objects, three more: the weights of six at once
+    (with LoRA, whose factors the checkpoints hold beside the frozen weights)."""
+    config, training = model_config(preset, lora_rank=4), TrainingConfig(learning_rate=1e-2, warmup_steps=0)
+
+    def train(out, epochs):
+        keras.utils.set_random_seed(1)
+        run = trainer.Trainer(config, training, total_steps=6)
+        batches = story_batches(run.model)
+        run.fit(batches, batches.take(1), steps_per_epoch=3, epochs=epochs, output_dir=str(out))
+        return run.model.get_weights()
+
+    whole = train(tmp_path / "whole", epochs=2)
+    train(tmp_path / "resumed", epochs=1)  # stops at step 3, as a kill after its checkpoint would
+    resumed = train(tmp_path / "resumed", epochs=2)
+    for a, b in zip(whole, resumed):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_tuning_a_preset_searches_the_fine_tuning_space(small_examples, tmp_path):
+    """One architecture: the search treats every preset alike."""
+    from components import tokenizer, tuner
+    from components.config import TokenizerConfig, TunerConfig
+
+    preset = preset_fixtures.save_t5_preset(str(tmp_path / "preset"), gated=True)
+    (tmp_path / "tokenizer").mkdir()
+    tokenizer.train_tokenizer(small_examples, str(tmp_path / "tokenizer"), TokenizerConfig(init_from=preset))
+    config = TunerConfig(tuner="random", max_trials=2, max_epochs_per_trial=1, tune_steps_per_epoch=2)
+    result = tuner.tune(small_examples, str(tmp_path / "tokenizer"), str(tmp_path / "tuner"), config,
+                        model_config(preset), TrainingConfig(batch_size=4, seed=1))
+    assert set(result["best_hparams"]) == set(tuner.FINE_TUNING_SPACE)
+    assert result["best_hparams"]["lora_rank"] in tuner.FINE_TUNING_SPACE["lora_rank"]["values"]
 
 
 def test_lora_trains_only_the_lora_factors(preset):
@@ -130,10 +194,10 @@ def test_lora_trains_only_the_lora_factors(preset):
                         for name in set(names) - set(lora))
 
 
-def test_score_is_keras_hubs_log_likelihood(preset, tmp_path):
-    model = build_model(model_config(preset))
-    loaded, _ = exported_greedy(model, tmp_path)
-    scored = loaded.signatures["score"](prompt=tf.constant(PROMPTS), story=tf.constant(STORIES))
+@pytest.mark.slow
+def test_score_is_keras_hubs_log_likelihood(preset, saved_model):
+    score = tf.saved_model.load(saved_model).signatures["score"]
+    scored = score(prompt=tf.constant(PROMPTS), story=tf.constant(STORIES))
     lm = keras_hub.models.Seq2SeqLM.from_preset(preset)
     lm.preprocessor.encoder_sequence_length, lm.preprocessor.decoder_sequence_length = PROMPT_TOKENS, 34
     x, y, weights = lm.preprocessor({"encoder_text": tf.constant(PROMPTS), "decoder_text": tf.constant(STORIES)})
@@ -187,10 +251,10 @@ def test_a_missing_directory_is_refused():
 BYTE_PAIR_OPS = {"RegexSplitWithOffsets"}
 
 
-def test_graph_has_only_core_and_tokenizer_ops(preset, tmp_path):
+@pytest.mark.slow
+def test_graph_has_only_core_and_tokenizer_ops(saved_model):
     from exporter_test import SENTENCEPIECE_OPS, graph_ops
 
-    model = build_model(model_config(preset))
-    report = graph_ops(exporter.export(model, tokenizer_of(model), str(tmp_path), ExportConfig(max_new_tokens_limit=64)))
+    report = graph_ops(saved_model)
     assert set(report["unknown"]) <= SENTENCEPIECE_OPS | BYTE_PAIR_OPS and report["unknown"]
     assert not [op for op in report["ops"] if op.startswith("Xla")]
