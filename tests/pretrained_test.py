@@ -170,6 +170,26 @@ def test_a_killed_fine_tuning_resumes_to_the_same_weights(preset, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preset", ["t5_gated"], indirect=True)
+def test_mirrored_strategy_fine_tunes_like_the_default_one(preset):
+    """The preset is built in the strategy's scope and trained through strategy.run, as
+    `--distribution_strategy=mirrored` does (one replica on a CPU-only machine)."""
+    config, training = model_config(preset), TrainingConfig(learning_rate=1e-2, warmup_steps=0)
+
+    def fit(strategy=None):
+        keras.utils.set_random_seed(1)
+        run = trainer.Trainer(config, training, total_steps=3, strategy=strategy)
+        batches = story_batches(run.model)
+        return run, run.fit(batches, batches.take(1), steps_per_epoch=3, epochs=1)
+
+    _, default = fit()
+    run, mirrored = fit(trainer.make_strategy("mirrored"))
+    assert isinstance(run.strategy, tf.distribute.MirroredStrategy)
+    assert mirrored["loss"] == pytest.approx(default["loss"], rel=1e-5)
+    assert mirrored["val_loss"] == pytest.approx(default["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_tuning_a_preset_searches_the_fine_tuning_space(small_examples, tmp_path):
     """One architecture: the search treats every preset alike."""
     from components import tokenizer, tuner

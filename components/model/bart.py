@@ -36,7 +36,7 @@ class Bart(PretrainedSeq2Seq):
                 "embedding_norm": blocks.norm_weights(backbone.decoder_embeddings_layer_norm),
                 "tokens": tf.convert_to_tensor(backbone.token_embedding.embeddings),
                 # The output projection of the tokenizer's pieces only (see `vocab_size`).
-                "head": tf.convert_to_tensor(backbone.token_embedding.embeddings)[: self.vocab_size],
+                "head": tf.transpose(tf.convert_to_tensor(backbone.token_embedding.embeddings)[: self.vocab_size]),
                 "positions": tf.convert_to_tensor(backbone.decoder_position_embedding.position_embeddings)}
 
     def start_cache(self, encoder_states, encoder_mask, weights, cache_size):
@@ -49,4 +49,4 @@ class Bart(PretrainedSeq2Seq):
         x = blocks.layer_norm(x, weights["embedding_norm"])
         x, cache = blocks.decoder_blocks_step(x, position, cache, weights["blocks"], self.backbone.num_heads,
                                               normalize_first=False)
-        return tf.matmul(x, weights["head"], transpose_b=True), cache
+        return tf.matmul(x, weights["head"]), cache

@@ -104,6 +104,7 @@ def load(handle: str, model_config: ModelConfig | None = None, load_weights: boo
     import keras_hub
 
     backbone_class = resolve(handle)
+    adapter = _adapter(backbone_class)  # imported first: its module may set up warning filters
     lm = keras_hub.models.Seq2SeqLM.from_preset(handle, load_weights=load_weights,
                                                 dtype=keras.config.dtype_policy().name)
     if lm.preprocessor is None:
@@ -113,7 +114,7 @@ def load(handle: str, model_config: ModelConfig | None = None, load_weights: boo
         model_config = ModelConfig(max_prompt_tokens=min(lm.preprocessor.encoder_sequence_length, limit),
                                    max_story_tokens=min(lm.preprocessor.decoder_sequence_length, limit))
     check_shape_flags(model_config, lm.backbone.get_config(), handle)
-    model = _adapter(backbone_class)(lm, model_config.max_prompt_tokens, model_config.max_story_tokens)
+    model = adapter(lm, model_config.max_prompt_tokens, model_config.max_story_tokens)
     if model_config.lora_rank:
         model.enable_lora(model_config.lora_rank)
     return model

@@ -10,11 +10,19 @@ so the decoder behaves the same past its trained length; the window (`max_story_
 bounds the cache, and a longer story slides it.
 """
 
+import warnings
+
 import tensorflow as tf
 
 from components.common import SpecialIds
 from components.model import blocks
 from components.model.pretrained import PretrainedSeq2Seq
+
+
+# keras-hub's T5 attention layers ignore the Keras mask its embeddings attach (the padding masks
+# are passed explicitly), and Keras warns about that on every trace: noise in every run's log.
+warnings.filterwarnings("ignore", message=r"Layer '\w+' \(of type T5MultiHeadAttention\) was passed an input with a mask",
+                        category=UserWarning)
 
 
 def _kernel(layer):
@@ -84,8 +92,8 @@ class T5(PretrainedSeq2Seq):
         return {"blocks": weights, "norm": _rms_weights(self.backbone.decoder_layer_norm),
                 "tokens": tf.convert_to_tensor(embedding.embeddings),
                 # The output projection of the tokenizer's pieces only (see `vocab_size`).
-                "head": (tf.convert_to_tensor(embedding.embeddings)[: self.vocab_size] if embedding.tie_weights
-                         else tf.convert_to_tensor(embedding.reverse_embeddings)[:, : self.vocab_size]),
+                "head": (tf.transpose(tf.convert_to_tensor(embedding.embeddings)[: self.vocab_size])
+                         if embedding.tie_weights else tf.convert_to_tensor(embedding.reverse_embeddings)[:, : self.vocab_size]),
                 "position_bias": tf.transpose(bias[0, :, 0, :])}
 
     def start_cache(self, encoder_states, encoder_mask, weights, cache_size):
@@ -100,5 +108,5 @@ class T5(PretrainedSeq2Seq):
                                               weights["blocks"], self.backbone.num_heads, normalize_first=True,
                                               norm=rms_norm, self_bias=bias)
         x = self.scale_states(rms_norm(x, weights["norm"]))
-        logits = tf.matmul(x, weights["head"], transpose_b=self.backbone.token_embedding.tie_weights)
+        logits = tf.matmul(x, weights["head"])
         return logits, cache

@@ -127,12 +127,14 @@ class StoryTransformer(keras.Model):
     def decoding_weights(self):
         """The decoder's weights laid out for `decode_step`, read once per generation: each
         block's query/key/value kernels fused into one matrix (the query's scaled by
-        1/sqrt(head_dim)), attention kernels flattened to plain matrices."""
+        1/sqrt(head_dim)), attention kernels flattened to plain matrices, and the output
+        projection as [d_model, V] (see `decoding`'s module doc)."""
         blocks = [decoder_block_weights(internals.decoder_block_parts(block), self.d_model, self.ff_dim)
                   for block in self.decoder_blocks]
         embedding = self.decoder_embedding
-        return {"blocks": blocks, "norm": norm_weights(self.decoder_norm),
-                "tokens": tf.convert_to_tensor(embedding.token_embedding.embeddings),
+        tokens = tf.convert_to_tensor(embedding.token_embedding.embeddings)
+        return {"blocks": blocks, "norm": norm_weights(self.decoder_norm), "tokens": tokens,
+                "head": tf.transpose(tokens),
                 "positions": tf.convert_to_tensor(embedding.position_embedding.position_embeddings)}
 
     def decode_step(self, token_ids, position, cache, weights):
@@ -146,7 +148,7 @@ class StoryTransformer(keras.Model):
         """
         x = tf.gather(weights["tokens"], token_ids) + weights["positions"][position]  # [B, d_model]
         x, cache = decoder_blocks_step(x, position, cache, weights["blocks"], self.num_heads, normalize_first=True)
-        logits = tf.matmul(layer_norm(x, weights["norm"]), weights["tokens"], transpose_b=True)
+        logits = tf.matmul(layer_norm(x, weights["norm"]), weights["head"])
         return logits, cache
 
     def call(self, inputs, training=False):
