@@ -114,7 +114,8 @@ class ModelConfig:
     num_layers: int = flag_field(2, "Encoder layers, and as many decoder layers.", lower=1)
     num_heads: int = flag_field(4, "Attention heads.", lower=1)
     ff_dim: int = flag_field(512, "Width of the feed-forward blocks.", lower=8)
-    dropout: float = flag_field(0.1, "Dropout rate.", lower=0.0, upper=0.9)
+    dropout: float = flag_field(0.0, "Dropout rate (training ends with the epoch of the lowest validation loss, which "
+                                "guards against overfitting too).", lower=0.0, upper=0.9)
     vocab_size: int = _vocab_size()
     init_from: str | None = _init_from()
     lora_rank: int = flag_field(0, "With --init_from: fine-tune rank-N LoRA factors of the attention's query and value "
@@ -131,22 +132,26 @@ class TrainingConfig:
     """The training loop: optimizer, schedule, stopping, precision, strategy, checkpoints."""
 
     batch_size: int = _batch_size()
-    epochs: int = flag_field(4, "Passes over the training split.", lower=1)
+    epochs: int = flag_field(12, "Passes over the training split (--time_budget may end training first).", lower=1)
     steps: int = flag_field(0, "Train this many optimizer steps in all (0 = --epochs epochs, each drawing as many "
                            "stories as the training split holds).", lower=0)
-    learning_rate: float = flag_field(2e-3, "Peak AdamW learning rate.", lower=0.0)
-    warmup_steps: int = flag_field(100, "Linear warm-up steps before the decay.", lower=0)
+    learning_rate: float = flag_field(3e-3, "Peak AdamW learning rate.", lower=0.0)
+    warmup_steps: int = flag_field(100, "Linear warm-up steps before the decay (at most a tenth of the run's steps).",
+                                   lower=0)
     weight_decay: float = flag_field(0.01, "AdamW weight decay.", lower=0.0)
     lr_schedule: str = flag_field("cosine", "After warm-up: cosine decay to 10% of the peak at the last step, or "
                                  "inverse-square-root decay.", choices=SCHEDULES)
     clip_norm: float = flag_field(1.0, "Clip gradients to this global norm (0 = off).", lower=0.0)
     label_smoothing: float = flag_field(0.0, "Label smoothing of the training loss.", lower=0.0, upper=0.5)
     early_stopping_patience: int = flag_field(0, "Stop when validation loss has not improved for this many epochs "
-                                             "(0 = off).", lower=0)
-    time_budget: float = flag_field(0.0, "Stop training after this many seconds, at the end of a step, and evaluate "
-                                   "(0 = no limit).", lower=0.0)
-    mixed_precision: bool = flag_field(False, "Train with mixed_bfloat16 where the hardware has bf16 (a CPU with "
-                                      "AVX512-BF16 or AMX, a GPU, a TPU); the saved model computes in float32.")
+                                             "(0 = off). Training always ends with the best epoch's weights.", lower=0)
+    time_budget: float = flag_field(540.0, "Stop training after this many seconds, at the end of a step, and "
+                                   "evaluate; the learning rate decays by the share of the budget spent, so a run "
+                                   "the budget ends is annealed too (0 = no limit). The default keeps the default "
+                                   "run within 15 minutes on 2 CPU cores.", lower=0.0)
+    mixed_precision: bool = flag_field(True, "Train with mixed_bfloat16 where the hardware has bf16 (a CPU with "
+                                      "AVX512-BF16 or AMX, a GPU, a TPU; elsewhere float32); the saved model "
+                                      "computes in float32.")
     jit_compile: bool = flag_field(False, "XLA-compile the training step (recompiles for every batch shape).")
     checkpoint_every_steps: int = flag_field(100, "Checkpoint every this many steps (and at each epoch's end); a rerun "
                                             "of a killed run resumes from the newest.", lower=1, cached=False)
@@ -184,11 +189,18 @@ class EvaluationConfig:
     """The evaluator's metrics and the blessing that gates the push."""
 
     batch_size: int = _batch_size()
-    eval_generate_count: int = flag_field(64, "Test prompts to continue for the generation metrics.", lower=1)
-    max_bits_per_char: float = flag_field(4.0, "Blessing: the candidate's test bits per character must not exceed "
-                                         "this.", lower=0.0)
-    max_bpc_regression: float = flag_field(0.01, "Blessing: how much worse than the pushed model's bits per character "
-                                          "the candidate may be.", lower=0.0)
+    eval_generate_count: int = flag_field(64, "Test prompts to continue, greedily and with serving_default's "
+                                          "sampling, for the generation metrics.", lower=1)
+    seed: int = _seed()
+    min_gain_over_ngram: float = flag_field(0.0, "Blessing of a first model (none pushed yet): its test bits per "
+                                            "character must be at most the character 5-gram baseline's times (1 - "
+                                            "this); 0 = no worse than the 5-gram, 0.1 = at least 10% better.",
+                                            lower=0.0, upper=1.0)
+    max_bpc_regression: float = flag_field(0.01, "Blessing of a later model: how much worse than the pushed model's "
+                                          "bits per character the candidate may be.", lower=0.0)
+    max_bits_per_char: float = flag_field(0.0, "Blessing, opt-in: an absolute ceiling on the candidate's test bits "
+                                         "per character (0 = off; what is reachable depends on the corpus and "
+                                         "language).", lower=0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,14 +9,20 @@ built-in corpus the grammar gives the exact log-probability of each continuation
 entropy gap (model bits per character minus the exact conditional entropy) says how far the
 model is from perfect.
 
-Generation: greedy continuations of test prompts, scored with BLEU, ROUGE-1/2/L, distinct-1/2,
-repeated 4-grams and length ratio; on the built-in corpus also the share the grammar accepts and
-the share that keep the prompt's hero. Everything is sliced by language and by tag, as TFMA does.
+Generation: continuations of test prompts, decoded twice: greedily, and with the exported
+serving_default's sampling (its temperature, top-k and top-p, with the pipeline's seed, so
+reruns give the same stories). Each is scored with BLEU, ROUGE-1/2/L, distinct-1/2, repeated
+4-grams (beside the reference stories' own rate) and length ratio; on the built-in corpus also
+the share the grammar accepts and the share that keep the prompt's hero; and for memorisation
+(copyright), the share of the continuations' 50-character spans found verbatim in the
+training split and the longest span copied from it (text_metrics.CopyIndex). Everything is
+sliced by language and by tag, as TFMA does.
 
-Blessing (as TFX's Evaluator): the candidate is compared with the newest pushed version of the
-same model, scored through that SavedModel's `score` signature on the same test split; it is
-blessed when its bits per character is at most the baseline's plus --max_bpc_regression and it
-passes the absolute threshold --max_bits_per_char (a first model needs only the latter).
+Blessing (as TFX's Evaluator), on bits per character of the test split: a first model (none
+pushed yet) must beat the character 5-gram baseline by --min_gain_over_ngram; a later one is
+compared with the newest pushed version of the same model, scored through that SavedModel's
+`score` signature on the same test split, and must not be worse by more than
+--max_bpc_regression. --max_bits_per_char, an absolute threshold, is off unless set.
 """
 
 import collections
@@ -30,18 +36,20 @@ import tensorflow as tf
 
 from components import corpus
 from components.char_ngram import CharNGramModel
-from components.config import EvaluationConfig
+from components.config import EvaluationConfig, ExportConfig
 from components.records import iterate_split, read_split
 from components.model.decoding import StoryGenerator
-from components.text_metrics import generation_metrics
+from components.text_metrics import SPAN_CHARS, CopyIndex, copy_metrics, generation_metrics
 from components.transform import example_features, padding_values, spelled
 
 METRICS_FILE = "metrics.json"
 BLESSING_FILE = "blessing.json"
 REPORT_FILE = "eval_report.md"
 NGRAM_ORDER = 5
-NGRAM_MAX_TRAIN_CHARS = 20_000_000  # the n-gram's counts live in Python dicts: bound its memory
+# The n-gram's counts live in Python dicts, and CopyIndex holds 20 bytes per character: bound their memory.
+NGRAM_MAX_TRAIN_CHARS = 20_000_000
 SAMPLES_PER_LANG = 5
+DECODINGS = ("greedy", "sampled")
 
 
 def token_counts(dataset: tf.data.Dataset, vocab_size: int) -> np.ndarray:
@@ -52,33 +60,44 @@ def token_counts(dataset: tf.data.Dataset, vocab_size: int) -> np.ndarray:
     return counts
 
 
-def train_char_ngram(examples_dir: str) -> CharNGramModel:
-    """The n-gram baseline on the training split's prompts and stories."""
-    def texts():
-        chars = 0
-        for record in iterate_split(examples_dir, "train"):
-            chars += len(record["prompt"]) + len(record["story"])
-            if chars > NGRAM_MAX_TRAIN_CHARS:
-                return
-            yield record["prompt"] + record["story"]
-    return CharNGramModel(order=NGRAM_ORDER).fit(texts())
+def training_texts(examples_dir: str) -> list[str]:
+    """The training split's prompt + story texts, the first NGRAM_MAX_TRAIN_CHARS characters'
+    worth: what the n-gram baseline learns from and what copying is measured against."""
+    texts, chars = [], 0
+    for record in iterate_split(examples_dir, "train"):
+        chars += len(record["prompt"]) + len(record["story"])
+        if chars > NGRAM_MAX_TRAIN_CHARS:
+            break
+        texts.append(record["prompt"] + record["story"])
+    return texts
 
 
 def evaluate(model, tokenizer, examples_dir: str, output_dir: str, config: EvaluationConfig, *,
-             baseline_model: str | None) -> dict:
+             baseline_model: str | None, sampling: ExportConfig) -> dict:
     """Writes metrics.json, blessing.json, eval_report.md and TensorBoard summaries; returns
-    {"test", "by_lang", "by_tag", "generation", "blessing", "samples"}.
+    {"test", "by_lang", "by_tag", "generation", "sampling", "blessing", "samples"}.
 
     baseline_model: the newest pushed SavedModel, which the blessing compares with (None: none).
+    sampling: the export's config, whose serving_default sampling the sampled continuations use.
     """
     start = time.time()
     window = model.max_story_tokens
-    likelihood, scored = _likelihood(model, tokenizer, examples_dir, batch_size=config.batch_size,
-                                     max_prompt_tokens=model.max_prompt_tokens, max_story_tokens=window)
-    generator = StoryGenerator(model, tokenizer, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens_limit=window)
-    generation, samples = _generation(generator, examples_dir, config.eval_generate_count, window, config.batch_size)
-    metrics = {**likelihood, "generation": generation, "samples": samples}
+    train_texts = training_texts(examples_dir)
+    likelihood, scored = _likelihood(model, tokenizer, examples_dir, CharNGramModel(NGRAM_ORDER).fit(train_texts),
+                                     batch_size=config.batch_size, max_prompt_tokens=model.max_prompt_tokens,
+                                     max_story_tokens=window)
+    settings = {"greedy": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0},
+                "sampled": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                            "seed": config.seed}}
+    generator = StoryGenerator(model, tokenizer, temperature=sampling.temperature, top_k=sampling.top_k,
+                               top_p=sampling.top_p, max_new_tokens_limit=window)
+    generation, samples = _generation(generator, _first_test_records(examples_dir, config.eval_generate_count),
+                                      CopyIndex(train_texts), settings, max_new_tokens=window,
+                                      batch_size=config.batch_size)
+    metrics = {**likelihood, "generation": generation, "sampling": settings["sampled"], "samples": samples}
     metrics["blessing"] = bless(metrics["test"]["bits_per_char"], baseline_model, scored,
+                                ngram_bpc=metrics["test"][f"char_{NGRAM_ORDER}gram_bits_per_char"],
+                                min_gain_over_ngram=config.min_gain_over_ngram,
                                 max_bpc_regression=config.max_bpc_regression,
                                 max_bits_per_char=config.max_bits_per_char)
     metrics["seconds"] = time.time() - start
@@ -95,29 +114,34 @@ def evaluate(model, tokenizer, examples_dir: str, output_dir: str, config: Evalu
 
 def describe(m: dict) -> str:
     """The pipeline's one-line summary of the evaluator step."""
-    test, generation = m["test"], m["generation"]["all"]
+    test = m["test"]
     text = (f"test perplexity {test['perplexity']:.2f} (unigram {test['unigram_perplexity']:.1f}), "
             f"{test['bits_per_char']:.3f} bits/char (char 5-gram {test['char_5gram_bits_per_char']:.3f}")
     if "exact_bits_per_char" in test:
         text += f", exact {test['exact_bits_per_char']:.3f}"
-    text += f"), BLEU {generation['bleu']:.3f}, ROUGE-L {generation['rouge_l']:.3f}"
-    if "grammar_acceptance_rate" in generation:
-        text += f", {generation['grammar_acceptance_rate']:.0%} accepted by the grammar"
-    return text + f"; {'blessed' if m['blessing']['blessed'] else 'NOT blessed: ' + m['blessing']['reason']}"
+    text += ")"
+    for decoding in DECODINGS:
+        generation = m["generation"][decoding]["all"]
+        text += f"; {decoding}: BLEU {generation['bleu']:.3f}, ROUGE-L {generation['rouge_l']:.3f}"
+        if "grammar_acceptance_rate" in generation:
+            text += f", {generation['grammar_acceptance_rate']:.0%} accepted by the grammar"
+        text += f", longest copy {generation['longest_copied_span_chars']} chars"
+    blessing = m["blessing"]
+    return text + (f"; blessed ({blessing['reason']})" if blessing["blessed"]
+                   else f"; NOT blessed: {blessing['reason']}")
 
 
 # ------------------------------------------------------------------ likelihood
 
 
-def _likelihood(model, tokenizer, examples_dir, *, batch_size, max_prompt_tokens, max_story_tokens):
-    """Likelihood metrics overall and per language and tag, and the scored (prompt, story) pairs."""
-    options = dict(max_prompt_tokens=max_prompt_tokens, max_story_tokens=max_story_tokens)
-    unigram = token_counts(example_features(examples_dir, "train", tokenizer, **options), model.vocab_size) + 1.0
-    unigram_log_prob = np.log(unigram / unigram.sum())
-    ngram = train_char_ngram(examples_dir)
+def _scorer(model, tokenizer):
+    """A tf.function of (encoder ids, decoder ids, targets) [B, T] int32 batches -> each row's
+    summed negative log-likelihood and the text its targets spell. Its input signature leaves
+    batch and lengths open, so it is traced once, not once per batch shape."""
     special = tokenizer.special
+    ids = tf.TensorSpec([None, None], tf.int32)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[ids, ids, ids])
     def score(encoder_ids, decoder_ids, targets):
         logits = model((encoder_ids, decoder_ids), training=False)
         nll = tf.keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
@@ -126,6 +150,17 @@ def _likelihood(model, tokenizer, examples_dir, *, batch_size, max_prompt_tokens
         text = tokenizer.detokenize(spelled(targets, special))
         return tf.reduce_sum(tf.where(mask, nll, 0.0), axis=1), text
 
+    return score
+
+
+def _likelihood(model, tokenizer, examples_dir, ngram, *, batch_size, max_prompt_tokens, max_story_tokens):
+    """Likelihood metrics overall and per language and tag (`ngram`: the character n-gram
+    baseline), and the scored (prompt, story) pairs."""
+    options = dict(max_prompt_tokens=max_prompt_tokens, max_story_tokens=max_story_tokens)
+    unigram = token_counts(example_features(examples_dir, "train", tokenizer, **options), model.vocab_size) + 1.0
+    unigram_log_prob = np.log(unigram / unigram.sum())
+    special = tokenizer.special
+    score = _scorer(model, tokenizer)
     # Per slice: nll, unigram nll, n-gram nll, tokens, chars; and for the stories the grammar
     # knows: their model nll, exact nll and chars.
     totals = collections.defaultdict(lambda: np.zeros(8))
@@ -180,37 +215,61 @@ def _summary(totals) -> dict:
 # ------------------------------------------------------------------ generation
 
 
-def _generation(generator, examples_dir, count, max_new_tokens, batch_size):
-    """Greedy continuations of the first `count` test prompts: metrics per slice, and samples."""
+def _first_test_records(examples_dir, count) -> list[dict]:
+    """The first `count` records of the test split, whose prompts the model continues."""
     records = []
     for record in iterate_split(examples_dir, "test"):
         records.append(record)
         if len(records) == count:
             break
-    stories = []
-    for i in range(0, len(records), batch_size):
-        prompts = tf.constant([r["prompt"] for r in records[i:i + batch_size]])
-        out = generator.generate(prompts, tf.constant(max_new_tokens), tf.constant(0.0), tf.constant(0),
-                                 tf.constant(1.0), tf.constant(0, tf.int64))
-        stories += [s.decode("utf-8", errors="replace") for s in out["story"].numpy()]
-    slices = collections.defaultdict(list)
-    for record, story in zip(records, stories):
-        for key in ["all", f"lang:{record['lang']}"] + [f"tag:{t}" for t in record["tags"]]:
-            slices[key].append((record, story))
-    generation = {key: _generation_slice(pairs) for key, pairs in sorted(slices.items())}
+    return records
+
+
+def _generation(generator, records, copy_index, settings, *, max_new_tokens, batch_size):
+    """Continuations of the records' prompts with each of DECODINGS' `settings` (temperature,
+    top_k, top_p, seed): {decoding: metrics per slice}, and sample stories per language."""
+    prompts = [r["prompt"] for r in records]
+    stories = {decoding: _continue(generator, prompts, settings[decoding], max_new_tokens, batch_size)
+               for decoding in DECODINGS}
+    generation = {decoding: _sliced_metrics(records, stories[decoding], copy_index) for decoding in DECODINGS}
     samples = {}
-    for record, story in zip(records, stories):
-        samples.setdefault(record["lang"], [])
-        if len(samples[record["lang"]]) < SAMPLES_PER_LANG:
-            samples[record["lang"]].append({"prompt": record["prompt"], "story": story, "reference": record["story"]})
+    for i, record in enumerate(records):
+        kept = samples.setdefault(record["lang"], [])
+        if len(kept) < SAMPLES_PER_LANG:
+            kept.append({"prompt": record["prompt"], **{d: stories[d][i] for d in DECODINGS},
+                         "reference": record["story"]})
     return generation, samples
 
 
-def _generation_slice(pairs) -> dict:
-    records, stories = [r for r, _ in pairs], [s for _, s in pairs]
+def _continue(generator, prompts, setting, max_new_tokens, batch_size) -> list[str]:
+    """The generator's stories for `prompts` with one sampling setting. A prompt's story
+    depends on the seed and not on the rest of its batch."""
+    stories = []
+    for i in range(0, len(prompts), batch_size):
+        out = generator.generate(tf.constant(prompts[i:i + batch_size]), tf.constant(max_new_tokens),
+                                 tf.constant(setting["temperature"], tf.float32), tf.constant(setting["top_k"]),
+                                 tf.constant(setting["top_p"], tf.float32), tf.constant(setting["seed"], tf.int64))
+        stories += [s.decode("utf-8", errors="replace") for s in out["story"].numpy()]
+    return stories
+
+
+def _sliced_metrics(records, stories, copy_index) -> dict:
+    """Generation metrics of the stories per slice: all, lang:LANG and tag:TAG."""
+    slices = collections.defaultdict(list)
+    for record, story in zip(records, stories):
+        copies = copy_index.copies(story)
+        for key in ["all", f"lang:{record['lang']}"] + [f"tag:{t}" for t in record["tags"]]:
+            slices[key].append((record, story, copies))
+    return {key: _generation_slice(triples) for key, triples in sorted(slices.items())}
+
+
+def _generation_slice(triples) -> dict:
+    """The metrics of one slice's (record, generated story, its Copies) triples."""
+    records, stories, copies = zip(*triples)
     metrics = generation_metrics([r["prompt"] for r in records], [r["story"] for r in records], stories,
                                  [r["lang"] for r in records])
-    builtin = [(r, s) for r, s in pairs if r["lang"] in corpus.LANGS and corpus.protagonist(r["prompt"])]
+    metrics.update(copy_metrics(copies))
+    builtin = [(r, s) for r, s, _ in triples if r["lang"] in corpus.LANGS and corpus.protagonist(r["prompt"])]
     if builtin:
         metrics["grammar_acceptance_rate"] = sum(
             corpus.accept(r["prompt"], s, r["lang"]).accepted for r, s in builtin) / len(builtin)
@@ -236,25 +295,43 @@ def baseline_bits_per_char(saved_model_path: str, pairs, batch_size: int = 32) -
     return float(nats / math.log(2) / chars)
 
 
-def bless(candidate_bpc: float, baseline_model: str | None, pairs, *, max_bpc_regression: float,
-          max_bits_per_char: float) -> dict:
-    """The push decision and the numbers behind it."""
-    decision = {"candidate_bits_per_char": float(candidate_bpc), "max_bits_per_char": max_bits_per_char,
-                "baseline_model": baseline_model, "baseline_bits_per_char": None,
-                "max_bpc_regression": max_bpc_regression}
-    reasons = []
-    if candidate_bpc > max_bits_per_char:
-        reasons.append(f"bits per character {candidate_bpc:.4f} is over --max_bits_per_char={max_bits_per_char}")
+def bless(candidate_bpc: float, baseline_model: str | None, pairs, *, ngram_bpc: float, min_gain_over_ngram: float,
+          max_bpc_regression: float, max_bits_per_char: float) -> dict:
+    """The push decision and the numbers behind it, on test bits per character.
+
+    A first model (no `baseline_model`) must beat the character n-gram baseline's `ngram_bpc`:
+    candidate <= ngram_bpc * (1 - min_gain_over_ngram). A later one must not be worse than the
+    pushed model (scored on `pairs`) by more than max_bpc_regression. max_bits_per_char, when
+    above 0, is an absolute ceiling besides. The reason names each rule with its numbers: the
+    failed ones, or when none failed, the passed ones.
+    """
+    decision = {"candidate_bits_per_char": float(candidate_bpc), "ngram_bits_per_char": float(ngram_bpc),
+                "min_gain_over_ngram": min_gain_over_ngram, "baseline_model": baseline_model,
+                "baseline_bits_per_char": None, "max_bpc_regression": max_bpc_regression,
+                "max_bits_per_char": max_bits_per_char}
+    rules = []  # (passed, what the rule found)
     if baseline_model:
         baseline = baseline_bits_per_char(baseline_model, pairs)
         decision["baseline_bits_per_char"] = baseline
-        if candidate_bpc > baseline + max_bpc_regression:
-            reasons.append(f"bits per character {candidate_bpc:.4f} is worse than the pushed model's {baseline:.4f} "
-                           f"by more than --max_bpc_regression={max_bpc_regression}")
-    decision["blessed"] = not reasons
-    decision["reason"] = "; ".join(reasons) or (
-        "passes the absolute threshold" + (" and is not worse than the pushed model" if baseline_model else
-                                           " (no pushed model to compare with)"))
+        if candidate_bpc <= baseline + max_bpc_regression:
+            rules.append((True, f"bits per character {candidate_bpc:.4f} is within --max_bpc_regression="
+                                f"{max_bpc_regression} of the pushed model's {baseline:.4f}"))
+        else:
+            rules.append((False, f"bits per character {candidate_bpc:.4f} is worse than the pushed model's "
+                                 f"{baseline:.4f} by more than --max_bpc_regression={max_bpc_regression}"))
+    else:
+        limit = ngram_bpc * (1 - min_gain_over_ngram)
+        passed = candidate_bpc <= limit
+        rules.append((passed, f"first model: bits per character {candidate_bpc:.4f} is "
+                              f"{'at most' if passed else 'over'} the char {NGRAM_ORDER}-gram's {ngram_bpc:.4f} x "
+                              f"(1 - --min_gain_over_ngram={min_gain_over_ngram}) = {limit:.4f}"))
+    if max_bits_per_char > 0:
+        passed = candidate_bpc <= max_bits_per_char
+        rules.append((passed, f"bits per character {candidate_bpc:.4f} is {'at most' if passed else 'over'} "
+                              f"--max_bits_per_char={max_bits_per_char}"))
+    failed = [text for passed, text in rules if not passed]
+    decision["blessed"] = not failed
+    decision["reason"] = "; ".join(failed or [text for _, text in rules])
     return decision
 
 
@@ -270,13 +347,20 @@ def render_report(metrics: dict) -> str:
               **{f"tag:{k}": v for k, v in metrics["by_tag"].items()}}
     lines += _table("Likelihood on the test split", likelihood_keys, slices)
     generation_keys = ["bleu", "rouge_1", "rouge_2", "rouge_l", "distinct_1", "distinct_2", "repeated_4gram_rate",
-                       "length_ratio", "grammar_acceptance_rate", "protagonist_kept_rate", "count"]
-    lines += _table("Greedy continuations of test prompts", generation_keys, metrics["generation"])
+                       "reference_repeated_4gram_rate", "length_ratio", "grammar_acceptance_rate",
+                       "protagonist_kept_rate", f"copied_{SPAN_CHARS}char_span_rate", "longest_copied_span_chars",
+                       "count"]
+    sampling = metrics["sampling"]
+    titles = {"greedy": "Greedy continuations of test prompts",
+              "sampled": f"Sampled continuations of test prompts (temperature {sampling['temperature']}, top-k "
+                         f"{sampling['top_k']}, top-p {sampling['top_p']}, seed {sampling['seed']})"}
+    for decoding in DECODINGS:
+        lines += _table(titles[decoding], generation_keys, metrics["generation"][decoding])
     for lang, samples in sorted(metrics["samples"].items()):
         lines += [f"## Samples ({lang})", ""]
         for sample in samples:
-            lines += [f"**Prompt:** {sample['prompt']}", "", f"**Model:** {sample['story']}", "",
-                      f"**Reference:** {sample['reference']}", ""]
+            lines += [f"**Prompt:** {sample['prompt']}", "", f"**Greedy:** {sample['greedy']}", "",
+                      f"**Sampled:** {sample['sampled']}", "", f"**Reference:** {sample['reference']}", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +386,8 @@ def write_summaries(metrics: dict, report: str, logdir: str):
         for name, values in [("test", metrics["test"])] + [(f"lang_{k}", v) for k, v in metrics["by_lang"].items()]:
             for key, value in values.items():
                 tf.summary.scalar(f"evaluator/{name}/{key}", value)
-        for key, value in metrics["generation"].get("all", {}).items():
-            tf.summary.scalar(f"evaluator/generation/{key}", value)
+        for decoding in DECODINGS:
+            for key, value in metrics["generation"][decoding].get("all", {}).items():
+                tf.summary.scalar(f"evaluator/generation/{decoding}/{key}", value)
         tf.summary.text("evaluator/report", report)
     writer.close()

@@ -24,6 +24,7 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
@@ -98,25 +99,66 @@ class InverseSquareRootDecay(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps}
 
 
-def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, kind: str = "cosine"):
-    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 10% of peak at
-    `total_steps`, or inverse-square-root decay."""
-    warmup_steps = min(warmup_steps, max(total_steps - 1, 1))
+# Warm-up takes at most this share of a run's steps: a short run (a small corpus) must not spend
+# itself warming up.
+MAX_WARMUP_FRACTION = 0.1
+
+
+@keras.saving.register_keras_serializable(package="storygen")
+class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak`, then cosine decay to 10% of the peak at the end of the run.
+
+    The run's progress is its share of `total_steps`, or, where a time budget may end the run
+    first, the larger of that and the share of the budget spent (`time_fraction`, a variable
+    the training loop sets), so that a run the budget cuts short still ends decayed.
+
+    >>> schedule = WarmupCosineDecay(1e-3, warmup_steps=10, total_steps=110)
+    >>> [round(float(schedule(s)), 6) for s in (5, 10, 60, 110)]
+    [0.0005, 0.001, 0.00055, 0.0001]
+    """
+
+    ALPHA = 0.1
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, time_fraction: tf.Variable | None = None):
+        self.peak = peak
+        self.warmup_steps = max(warmup_steps, 1)
+        self.total_steps = max(total_steps, self.warmup_steps + 1)
+        self.time_fraction = time_fraction
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        progress = step / self.total_steps
+        if self.time_fraction is not None:
+            progress = tf.maximum(progress, tf.cast(self.time_fraction, tf.float32))
+        warmup_end = self.warmup_steps / self.total_steps
+        decayed = tf.clip_by_value((progress - warmup_end) / (1.0 - warmup_end), 0.0, 1.0)
+        cosine = self.ALPHA + (1.0 - self.ALPHA) * 0.5 * (1.0 + tf.cos(math.pi * decayed))
+        return self.peak * tf.where(step < self.warmup_steps, step / self.warmup_steps, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, kind: str = "cosine",
+                           time_fraction: tf.Variable | None = None):
+    """Linear warm-up from 0 to `peak` over `warmup_steps` (at most MAX_WARMUP_FRACTION of the
+    run), then cosine decay to 10% of peak at the run's end (`WarmupCosineDecay`), or
+    inverse-square-root decay."""
+    warmup_steps = max(min(warmup_steps, int(total_steps * MAX_WARMUP_FRACTION)), 1)
     if kind == "inverse_sqrt":
         return InverseSquareRootDecay(peak, warmup_steps)
     if kind != "cosine":
         raise UserError(f"Unknown --lr_schedule '{kind}': use one of {', '.join(SCHEDULES)}.")
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, warmup_target=peak, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps - warmup_steps, 1), alpha=0.1)
+    return WarmupCosineDecay(peak, warmup_steps, total_steps, time_fraction)
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
-                   schedule: str = "cosine") -> keras.optimizers.AdamW:
+                   schedule: str = "cosine", time_fraction: tf.Variable | None = None) -> keras.optimizers.AdamW:
     """AdamW on the schedule; biases, norms and embeddings are not decayed (the usual practice).
     Gradient clipping is the training loop's job: Keras would clip each replica's part."""
-    optimizer = keras.optimizers.AdamW(learning_rate_schedule(learning_rate, warmup_steps, total_steps, schedule),
-                                       weight_decay=weight_decay)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate_schedule(learning_rate, warmup_steps, total_steps, schedule, time_fraction),
+        weight_decay=weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "embeddings"])
     return optimizer
 
@@ -243,14 +285,16 @@ class Trainer:
         self.clip_norm = training.clip_norm
         self.mixed_precision = training.mixed_precision and bf16_supported()
         if training.mixed_precision and not self.mixed_precision:
-            logging.warning("--mixed_precision: no bf16 support on this machine; training in float32.")
+            logging.info("--mixed_precision: no bf16 support on this machine; training in float32.")
+        # The share of fit's time budget spent, which the learning-rate schedule decays by.
+        self.time_fraction = tf.Variable(0.0, trainable=False)
         policy = keras.config.dtype_policy()
         try:
             keras.config.set_dtype_policy("mixed_bfloat16" if self.mixed_precision else "float32")
             with self.strategy.scope():
                 self.model = model or build_model(model_config)
                 self.optimizer = make_optimizer(training.learning_rate, training.warmup_steps, total_steps,
-                                                training.weight_decay, training.lr_schedule)
+                                                training.weight_decay, training.lr_schedule, self.time_fraction)
                 self.optimizer.build(self.model.trainable_variables)
         finally:
             keras.config.set_dtype_policy(policy)
@@ -260,13 +304,17 @@ class Trainer:
         # The epoch's running sums (loss, tokens, gradient norms, steps) as of the last checkpoint,
         # so that a run resumed mid-epoch reports the same epoch metrics as an uninterrupted one.
         self.epoch_sums = tf.Variable(tf.zeros([4], tf.float64), trainable=False)
+        # The weights of the epoch with the lowest validation loss, which training ends with;
+        # checkpointed, so a resumed run still has them.
+        self.best_weights = [tf.Variable(v, trainable=False) for v in self.model.variables]
         self.checkpoint = tf.train.Checkpoint(model=list(self.model.variables), optimizer=list(self.optimizer.variables),
-                                              epoch_sums=self.epoch_sums)
+                                              epoch_sums=self.epoch_sums, best_weights=self.best_weights)
         # XLA compiles each replica's step; the input iterator stays outside it.
         self._replica_step = tf.function(self._replica_train_step, jit_compile=True) if training.jit_compile \
             else self._replica_train_step
         self.train_step = tf.function(self._distributed_train_step)
-        self._eval_step = tf.function(self._distributed_eval_step)
+        # Evaluation batches come in many lengths: one trace for all of them.
+        self._eval_step = tf.function(self._distributed_eval_step, reduce_retracing=True)
 
     @property
     def step(self) -> int:
@@ -332,7 +380,10 @@ class Trainer:
         (the same seed gives the same stream, so a resumed run can skip to its step): the
         endless stream of `transform.training_batches`, or one pass, which is repeated.
         Returns the history: per-epoch lists of loss, val_loss, perplexity, val_perplexity,
-        tokens_per_second, learning_rate and gradient_norm, and how it ended.
+        tokens_per_second, learning_rate and gradient_norm, how it ended, and `best_epoch` (from
+        1): the model ends with the weights of the epoch with the lowest validation loss.
+        A time budget ends the run early, and the learning rate decays by the share of the
+        budget spent as well as by the steps (`WarmupCosineDecay`).
         Keras `callbacks` get on_train_begin/on_epoch_begin/on_epoch_end/on_train_end (KerasTuner
         trials use them); one setting `model.stop_training` ends training after that epoch.
 
@@ -360,6 +411,8 @@ class Trainer:
             epoch_start, epoch_tokens = time.time(), 0.0
             while self.step < epoch_end:
                 step = self.step
+                if time_budget:
+                    self.time_fraction.assign(min((time.time() - start_time) / time_budget, 1.0))
                 if profile_steps and step == profile_steps[0] and writers.train_dir:
                     tf.profiler.experimental.start(writers.train_dir)
                 batch_loss, batch_tokens, norm = self.train_step(iterator)
@@ -381,6 +434,9 @@ class Trainer:
                                     epoch_tokens / max(time.time() - epoch_start, 1e-9))
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
+            if logs["val_loss"] <= min(history["val_loss"]):
+                for best, variable in zip(self.best_weights, self.model.variables):
+                    best.assign(variable)
             self._copy_to_float32_model()
             writers.epoch_summaries(epoch, logs)
             print(f"[trainer] epoch {epoch + 1}: step {self.step}, loss {logs['loss']:.4f}, val_loss "
@@ -400,8 +456,14 @@ class Trainer:
         callbacks.on_train_end()
         if stopped != "completed":
             print(f"[trainer] stopped at step {self.step}: {stopped.replace('_', ' ')}", flush=True)
+        best_epoch = int(np.argmin(history["val_loss"])) + 1 if history.get("val_loss") else None
+        if best_epoch and best_epoch < len(history["val_loss"]):
+            for variable, best in zip(self.model.variables, self.best_weights):
+                variable.assign(best)
+            print(f"[trainer] kept the weights of epoch {best_epoch} (val_loss {history['val_loss'][best_epoch - 1]:.4f}"
+                  f", the lowest; the last epoch's was {history['val_loss'][-1]:.4f})", flush=True)
         self._copy_to_float32_model()
-        return dict(history, stopped=stopped, steps=self.step)
+        return dict(history, stopped=stopped, steps=self.step, best_epoch=best_epoch)
 
     def _epoch_logs(self, loss: float, val_loss: float, gradient_norm: float, tokens_per_second: float) -> dict:
         """An epoch's history entry (what the Keras callbacks get as `logs`)."""
@@ -547,8 +609,11 @@ def train(examples_dir: str, tokenizer, output_dir: str, model_config: ModelConf
                           profile_steps=training.profile_steps)
     save_model(trainer.float32_model, output_dir)
     _write_json(os.path.join(output_dir, HISTORY_FILE), history)
-    metrics = {key: values[-1] for key, values in history.items() if isinstance(values, list) and values}
-    return dict(metrics, epochs=len(history.get("loss", [])), steps=history["steps"], stopped=history["stopped"],
+    # The saved model is the best epoch's: its numbers.
+    best = history["best_epoch"] - 1
+    metrics = {key: values[best] for key, values in history.items() if isinstance(values, list) and values}
+    return dict(metrics, epochs=len(history.get("loss", [])), best_epoch=history["best_epoch"],
+                steps=history["steps"], stopped=history["stopped"],
                 replicas=trainer.strategy.num_replicas_in_sync, mixed_precision=trainer.mixed_precision)
 
 

@@ -88,13 +88,14 @@ def run_pipeline(config: PipelineConfig) -> dict:
     model = load_model(trained["outputs"]["path"], model_config)
     data["model"] = trained["outputs"]["path"]
 
-    # Evaluator: test-split metrics, and the blessing against the newest pushed version.
+    # Evaluator: test-split metrics (continuations greedy and with the export's sampling), and
+    # the blessing against the 5-gram baseline (a first model) or the newest pushed version.
     baseline = pusher.newest_version(os.path.join(config.push.serving_model_dir, config.push.model_name))
     evaluated = run.step(
         "evaluator", lambda out: evaluator.evaluate(model, tok, examples, out, config.evaluation,
-                                                    baseline_model=baseline),
-        inputs=dict(data, **({"baseline_model": baseline} if baseline else {})), parameters=config.evaluation,
-        describe=evaluator.describe)
+                                                    baseline_model=baseline, sampling=config.export),
+        inputs=dict(data, **({"baseline_model": baseline} if baseline else {})),
+        parameters=(config.evaluation, config.export), describe=evaluator.describe)
     blessing = evaluated["metrics"]["blessing"]
 
     # Exporter: a SavedModel that tokenises, decodes and detokenises in its graph.

@@ -75,12 +75,15 @@ def test_the_tuner_searches_exactly_the_tuned_fields():
     fine_tuned, _ = tuner.with_best({"learning_rate": 1e-4, "warmup_steps": 0, "lora_rank": 8}, ModelConfig(),
                                     TrainingConfig())
     assert fine_tuned == dataclasses.replace(ModelConfig(), lora_rank=8)
-    model, training = tuner.with_best({"d_model": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64, "dropout": 0.0,
+    model, training = tuner.with_best({"d_model": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64, "dropout": 0.2,
                                        "learning_rate": 1e-3, "warmup_steps": 5, "label_smoothing": 0.1},
                                       ModelConfig(), TrainingConfig())
-    assert dataclasses.replace(model, d_model=ModelConfig().d_model, num_layers=2, num_heads=4, ff_dim=512,
-                               dropout=0.1) == ModelConfig()
-    assert training.learning_rate == 1e-3 and training.label_smoothing == 0.1 and training.epochs == 4
+    assert (model.d_model, model.num_layers, model.num_heads, model.ff_dim, model.dropout) == (32, 1, 2, 64, 0.2)
+    defaults = ModelConfig()
+    assert dataclasses.replace(model, d_model=defaults.d_model, num_layers=defaults.num_layers,
+                               num_heads=defaults.num_heads, ff_dim=defaults.ff_dim, dropout=defaults.dropout) == defaults
+    assert training.learning_rate == 1e-3 and training.label_smoothing == 0.1
+    assert training.epochs == TrainingConfig().epochs
 
 
 @pytest.mark.parametrize("args, status, message", [

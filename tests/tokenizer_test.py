@@ -1,12 +1,16 @@
+import collections
 import json
+import random
 
 import pytest
 import sentencepiece as spm
 import tensorflow as tf
 
-from components import tokenizer
+from components import ingest, tokenizer
 from components.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
-from components.config import TokenizerConfig
+from components.config import IngestConfig, TokenizerConfig
+from components.records import iterate_split
+from conftest import write_jsonl
 
 
 def test_special_ids_and_byte_fallback(spm_proto):
@@ -29,18 +33,32 @@ def test_in_graph_tokenizer_round_trips(spm_proto, text):
     assert tok.detokenize(ids).numpy()[0].decode("utf-8") == text
 
 
-def test_chinese_needs_no_segmentation(spm_proto):
-    # Frequent Chinese character pairs are learned as pieces straight from unsegmented text.
-    processor = spm.SentencePieceProcessor(model_proto=spm_proto)
-    pieces = processor.encode("从前有座山，山里有座庙。", out_type=str)
-    assert "里有" in pieces
-    assert len(pieces) < len("从前有座山，山里有座庙。") + 1  # "▁" + one piece per character at most
+def test_han_characters_are_pieces_of_their_own_and_english_words_are_whole(small_examples, tmp_path):
+    """A name has the same ids in the prompt and wherever the story repeats it, whatever stands
+    beside it; English keeps whole words."""
+    tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=700, seed=1))
+    processor = spm.SentencePieceProcessor(model_proto=tokenizer.load_proto(str(tmp_path)))
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    assert not [p for p in pieces if tokenizer.HAN.search(p) and len(p) > 1]
+    # "山里有座庙" is in every copy of the corpus's first story: a merge would have learned it.
+    assert processor.encode("从前有座山，山里有座庙。", out_type=str) == ["▁", *"从前有座山，山里有座庙。"]
+    name = processor.encode("小和尚", out_type=int)[1:]
+    for text in ("庙里有个老和尚，每天给小和尚讲故事。", "小和尚问：", "“师父，小和尚"):
+        ids = processor.encode(text, out_type=int)
+        assert any(ids[i:i + len(name)] == name for i in range(len(ids)))
+    assert {"▁tailor", "▁forest", "▁morning"} <= set(pieces)
 
 
-def test_report_and_files(small_examples, tmp_path):
+def test_report_and_files(small_examples, tmp_path, capsys):
     report = tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=700, seed=1))
     assert json.loads((tmp_path / "vocab_report.json").read_text()) == report
     assert 400 < report["vocab_size"] <= 700  # the small corpus supports fewer than asked for
+    # Its characters fit: at most the rarest 0.05% of occurrences are spelled in byte pieces.
+    chars = train_chars(small_examples)
+    assert report["distinct_chars"] == len(chars)
+    assert report["character_coverage"] > 0.999
+    assert report["byte_fallback_chars"] <= 1
+    assert "byte pieces" not in capsys.readouterr().out
     assert report["eval_unknown_rate"] == 0.0
     assert 0.0 <= report["eval_byte_fallback_rate"] < 0.05
     assert report["eval_chars_per_token"] > 1.0
@@ -52,5 +70,68 @@ def test_report_and_files(small_examples, tmp_path):
 
 
 def test_vocab_too_small_is_a_user_error(small_examples, tmp_path):
-    with pytest.raises(UserError, match="--vocab_size=260 is too small"):
+    with pytest.raises(UserError, match="--vocab_size=260 is too small: .*needs at least 261"):
         tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=260, seed=1))
+    # The smallest trains: one character keeps a piece, the others are spelled in byte pieces.
+    report = tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=261, seed=1))
+    assert report["byte_fallback_chars"] == report["distinct_chars"] - 1
+    assert report["eval_unknown_rate"] == 0.0
+
+
+def train_chars(examples_dir):
+    return collections.Counter(c for record in iterate_split(examples_dir, "train")
+                               for c in record["prompt"] + record["story"])
+
+
+@pytest.fixture(scope="module")
+def classical_chinese(tmp_path_factory):
+    """An ingest output folder whose text has 3,500 distinct CJK characters in a Zipf-like spread:
+    the k-th most frequent occurs about 2000/k times (at least once), in random order."""
+    chars = [chr(0x4E00 + k) for k in range(3500) for _ in range(max(1, round(2000 / (k + 1))))]
+    random.Random(0).shuffle(chars)
+    text = "".join(chars)
+    windows = [text[i:i + 120] for i in range(0, len(text), 120)]
+    root = tmp_path_factory.mktemp("classical")
+    source = write_jsonl(root / "stories.jsonl", [{"prompt": w[:20], "story": w[20:]} for w in windows])
+    out = root / "examples"
+    out.mkdir()
+    ingest.ingest(IngestConfig(data=source, seed=1, eval_fraction=0.1, test_fraction=0.0, max_bad_fraction=0.0),
+                  str(out))
+    return str(out)
+
+
+def test_more_characters_than_fit_leaves_the_rarest_to_byte_pieces(classical_chinese, tmp_path, capsys):
+    report = tokenizer.train_tokenizer(classical_chinese, str(tmp_path), TokenizerConfig(vocab_size=1500, seed=1))
+    processor = spm.SentencePieceProcessor(model_proto=tokenizer.load_proto(str(tmp_path)))
+    # Han characters are never merged: the pieces are characters, bytes and specials.
+    assert report["vocab_size"] == processor.get_piece_size() <= 1500
+
+    # The characters whose encoding takes byte pieces are the ones reported, and the rarest.
+    chars = train_chars(classical_chinese)
+    on_bytes = [c for c in chars if any(processor.is_byte(i) for i in processor.encode(c))]
+    with_piece = chars.keys() - set(on_bytes)
+    assert report["distinct_chars"] == len(chars)
+    assert report["byte_fallback_chars"] == len(on_bytes) > 0
+    assert max(chars[c] for c in on_bytes) <= min(chars[c] for c in with_piece)
+    assert report["character_coverage"] == pytest.approx(1 - sum(chars[c] for c in on_bytes) / chars.total())
+    assert report["character_coverage"] < tokenizer.DEFAULT_COVERAGE
+    # The frequent characters are pieces of their own, as many as there is room for.
+    assert all(processor.piece_to_id(c) != UNK_ID for c, _ in chars.most_common(1000))
+    assert 1000 < len(with_piece) <= 1500 - 260
+
+    # Rare characters come back exactly, through their UTF-8 bytes.
+    tok = tokenizer.make_tokenizer(tokenizer.load_proto(str(tmp_path)))
+    text = "".join(on_bytes[:50])
+    ids = tok.tokenize(tf.constant([text]))
+    assert tok.detokenize(ids).numpy()[0].decode("utf-8") == text
+    assert sum(processor.is_byte(i) for i in ids.flat_values.numpy().tolist()) == len(text.encode("utf-8"))
+
+    out = capsys.readouterr().out
+    assert (f"--vocab_size=1500 has room for {len(with_piece)} of the corpus's {len(chars)} characters: the "
+            f"{len(on_bytes)} rarest become byte pieces (character coverage") in out
+
+    # The same seed trains the same model.
+    again = tmp_path / "again"
+    again.mkdir()
+    tokenizer.train_tokenizer(classical_chinese, str(again), TokenizerConfig(vocab_size=1500, seed=1))
+    assert (again / "spm.model").read_bytes() == (tmp_path / "spm.model").read_bytes()

@@ -18,7 +18,7 @@ from components import tokenizer, tuner
 from components.common import UserError
 from components.config import ModelConfig, TrainingConfig, TunerConfig
 
-TRAINING = TrainingConfig(batch_size=8, seed=1)
+TRAINING = TrainingConfig(batch_size=8, seed=1, mixed_precision=False)
 # A space that trains in seconds: every trial is a one-layer model a few dozen wide.
 TINY_SPACE = {
     "d_model": {"values": [16, 32]},
