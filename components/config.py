@@ -146,8 +146,8 @@ class TrainingConfig:
     early_stopping_patience: int = flag_field(0, "Stop when validation loss has not improved for this many epochs "
                                              "(0 = off). Training always ends with the best epoch's weights.", lower=0)
     time_budget: float = flag_field(540.0, "Stop training after this many seconds, at the end of a step, and "
-                                   "evaluate; the learning rate decays by the share of the budget spent, so a run "
-                                   "the budget ends is annealed too (0 = no limit). The default keeps the default "
+                                   "evaluate; the learning rate then decays to where the budget will end the run, "
+                                   "so that run is annealed too (0 = no limit). The default keeps the default "
                                    "run within 15 minutes on 2 CPU cores.", lower=0.0)
     mixed_precision: bool = flag_field(True, "Train with mixed_bfloat16 where the hardware has bf16 (a CPU with "
                                       "AVX512-BF16 or AMX, a GPU, a TPU; elsewhere float32); the saved model "

@@ -99,6 +99,8 @@ class InverseSquareRootDecay(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps}
 
 
+# How often a run with a time budget re-estimates the step at which the budget ends it.
+REPLAN_STEPS = 100
 # Warm-up takes at most this share of a run's steps: a short run (a small corpus) must not spend
 # itself warming up.
 MAX_WARMUP_FRACTION = 0.1
@@ -108,9 +110,8 @@ MAX_WARMUP_FRACTION = 0.1
 class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to `peak`, then cosine decay to 10% of the peak at the end of the run.
 
-    The run's progress is its share of `total_steps`, or, where a time budget may end the run
-    first, the larger of that and the share of the budget spent (`time_fraction`, a variable
-    the training loop sets), so that a run the budget cuts short still ends decayed.
+    The decay ends at `total_steps`, or at `decay_end`, a variable the training loop lowers when
+    a time budget will end the run sooner, so that such a run still ends decayed.
 
     >>> schedule = WarmupCosineDecay(1e-3, warmup_steps=10, total_steps=110)
     >>> [round(float(schedule(s)), 6) for s in (5, 10, 60, 110)]
@@ -119,19 +120,17 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     ALPHA = 0.1
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, time_fraction: tf.Variable | None = None):
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay_end: tf.Variable | None = None):
         self.peak = peak
         self.warmup_steps = max(warmup_steps, 1)
         self.total_steps = max(total_steps, self.warmup_steps + 1)
-        self.time_fraction = time_fraction
+        self.decay_end = decay_end
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        progress = step / self.total_steps
-        if self.time_fraction is not None:
-            progress = tf.maximum(progress, tf.cast(self.time_fraction, tf.float32))
-        warmup_end = self.warmup_steps / self.total_steps
-        decayed = tf.clip_by_value((progress - warmup_end) / (1.0 - warmup_end), 0.0, 1.0)
+        end = float(self.total_steps) if self.decay_end is None else tf.cast(self.decay_end, tf.float32)
+        end = tf.maximum(end, self.warmup_steps + 1.0)
+        decayed = tf.clip_by_value((step - self.warmup_steps) / (end - self.warmup_steps), 0.0, 1.0)
         cosine = self.ALPHA + (1.0 - self.ALPHA) * 0.5 * (1.0 + tf.cos(math.pi * decayed))
         return self.peak * tf.where(step < self.warmup_steps, step / self.warmup_steps, cosine)
 
@@ -140,7 +139,7 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, kind: str = "cosine",
-                           time_fraction: tf.Variable | None = None):
+                           decay_end: tf.Variable | None = None):
     """Linear warm-up from 0 to `peak` over `warmup_steps` (at most MAX_WARMUP_FRACTION of the
     run), then cosine decay to 10% of peak at the run's end (`WarmupCosineDecay`), or
     inverse-square-root decay."""
@@ -149,15 +148,15 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, kin
         return InverseSquareRootDecay(peak, warmup_steps)
     if kind != "cosine":
         raise UserError(f"Unknown --lr_schedule '{kind}': use one of {', '.join(SCHEDULES)}.")
-    return WarmupCosineDecay(peak, warmup_steps, total_steps, time_fraction)
+    return WarmupCosineDecay(peak, warmup_steps, total_steps, decay_end)
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
-                   schedule: str = "cosine", time_fraction: tf.Variable | None = None) -> keras.optimizers.AdamW:
+                   schedule: str = "cosine", decay_end: tf.Variable | None = None) -> keras.optimizers.AdamW:
     """AdamW on the schedule; biases, norms and embeddings are not decayed (the usual practice).
     Gradient clipping is the training loop's job: Keras would clip each replica's part."""
     optimizer = keras.optimizers.AdamW(
-        learning_rate_schedule(learning_rate, warmup_steps, total_steps, schedule, time_fraction),
+        learning_rate_schedule(learning_rate, warmup_steps, total_steps, schedule, decay_end),
         weight_decay=weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "embeddings"])
     return optimizer
@@ -286,15 +285,15 @@ class Trainer:
         self.mixed_precision = training.mixed_precision and bf16_supported()
         if training.mixed_precision and not self.mixed_precision:
             logging.info("--mixed_precision: no bf16 support on this machine; training in float32.")
-        # The share of fit's time budget spent, which the learning-rate schedule decays by.
-        self.time_fraction = tf.Variable(0.0, trainable=False)
+        # The step the learning rate decays to: total_steps, or sooner when fit's time budget will end the run.
+        self.decay_end = tf.Variable(float(total_steps), trainable=False)
         policy = keras.config.dtype_policy()
         try:
             keras.config.set_dtype_policy("mixed_bfloat16" if self.mixed_precision else "float32")
             with self.strategy.scope():
                 self.model = model or build_model(model_config)
                 self.optimizer = make_optimizer(training.learning_rate, training.warmup_steps, total_steps,
-                                                training.weight_decay, training.lr_schedule, self.time_fraction)
+                                                training.weight_decay, training.lr_schedule, self.decay_end)
                 self.optimizer.build(self.model.trainable_variables)
         finally:
             keras.config.set_dtype_policy(policy)
@@ -382,8 +381,8 @@ class Trainer:
         Returns the history: per-epoch lists of loss, val_loss, perplexity, val_perplexity,
         tokens_per_second, learning_rate and gradient_norm, how it ended, and `best_epoch` (from
         1): the model ends with the weights of the epoch with the lowest validation loss.
-        A time budget ends the run early, and the learning rate decays by the share of the
-        budget spent as well as by the steps (`WarmupCosineDecay`).
+        A time budget ends the run early, and the learning rate then decays to where the budget
+        will end it (`_plan_decay`).
         Keras `callbacks` get on_train_begin/on_epoch_begin/on_epoch_end/on_train_end (KerasTuner
         trials use them); one setting `model.stop_training` ends training after that epoch.
 
@@ -400,7 +399,7 @@ class Trainer:
         callbacks.on_train_begin()
         stream = train_data.repeat().skip(self.step)
         iterator = iter(self.strategy.experimental_distribute_dataset(_shard_by_data(stream)))
-        start_time, stopped = time.time(), "completed"
+        start_time, stopped, last_plan = time.time(), "completed", None
         while self.step < total_steps:
             epoch = self.step // steps_per_epoch
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
@@ -411,8 +410,8 @@ class Trainer:
             epoch_start, epoch_tokens = time.time(), 0.0
             while self.step < epoch_end:
                 step = self.step
-                if time_budget:
-                    self.time_fraction.assign(min((time.time() - start_time) / time_budget, 1.0))
+                if time_budget and step % REPLAN_STEPS == 0:
+                    last_plan = self._plan_decay(step, total_steps, time_budget, start_time, last_plan)
                 if profile_steps and step == profile_steps[0] and writers.train_dir:
                     tf.profiler.experimental.start(writers.train_dir)
                 batch_loss, batch_tokens, norm = self.train_step(iterator)
@@ -464,6 +463,17 @@ class Trainer:
                   f", the lowest; the last epoch's was {history['val_loss'][-1]:.4f})", flush=True)
         self._copy_to_float32_model()
         return dict(history, stopped=stopped, steps=self.step, best_epoch=best_epoch)
+
+    def _plan_decay(self, step: int, total_steps: int, time_budget: float, start_time: float, last_plan):
+        """Where the time budget will end the run, from the rate of the last REPLAN_STEPS steps
+        (the first interval, with its tracing, only starts the clock): the learning rate decays to
+        that step. A run that fits its budget keeps total_steps, and stays deterministic."""
+        now = time.time()
+        if last_plan is not None and now > last_plan:
+            rate = REPLAN_STEPS / (now - last_plan)
+            left = max(time_budget - (now - start_time), 0.0)
+            self.decay_end.assign(min(float(total_steps), step + left * rate))
+        return now
 
     def _epoch_logs(self, loss: float, val_loss: float, gradient_norm: float, tokens_per_second: float) -> dict:
         """An epoch's history entry (what the Keras callbacks get as `logs`)."""

@@ -54,14 +54,12 @@ def test_outputs(tiny_pipeline):
     # The references are the same test stories whichever the decoding.
     greedy, sampled = metrics["generation"]["greedy"]["all"], metrics["generation"]["sampled"]["all"]
     assert greedy["reference_repeated_4gram_rate"] == sampled["reference_repeated_4gram_rate"]
-    # tiny.flags on 2026-12-01: ROUGE-1 0.304, ROUGE-L 0.201, BLEU 0.076 over the 64 greedy
-    # continuations (the same when rerun). The samples move with rounding: built without oneDNN,
-    # 0.314, 0.210 and 0.0765; with --seed=43, 0.333, 0.217 and 0.085. A one-epoch model gets
-    # 0.063, 0.060 and 0.000. The ROUGE tolerances are five times the oneDNN shift; BLEU, which
-    # barely moved there, gets three times the seed change.
-    assert greedy["rouge_1"] == pytest.approx(0.304, abs=0.05)
-    assert greedy["rouge_l"] == pytest.approx(0.201, abs=0.04)
-    assert greedy["bleu"] == pytest.approx(0.076, abs=0.03)
+    # tiny.flags on 2026-12-02: ROUGE-1 0.447, ROUGE-L 0.325, BLEU 0.184 over the 64 greedy
+    # continuations (the same when rerun); with --seed=43, 0.431, 0.304 and 0.155. A one-epoch
+    # model gets 0.164, 0.124 and 0.000. Each tolerance covers the seed change.
+    assert greedy["rouge_1"] == pytest.approx(0.447, abs=0.05)
+    assert greedy["rouge_l"] == pytest.approx(0.325, abs=0.04)
+    assert greedy["bleu"] == pytest.approx(0.184, abs=0.05)
     assert {lang: len(s) for lang, s in metrics["samples"].items()} == {"zh": 5, "en": 5}
     assert read_json(os.path.join(folder, "blessing.json")) == metrics["blessing"]
     report = open(os.path.join(folder, "eval_report.md"), encoding="utf-8").read()

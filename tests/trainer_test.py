@@ -2,6 +2,7 @@ import dataclasses
 import glob
 import json
 import math
+import time
 
 import keras
 import numpy as np
@@ -163,14 +164,21 @@ def test_a_short_run_warms_up_for_a_tenth_of_it_and_still_decays():
     assert float(short(30)) == pytest.approx(5.5e-4, rel=0.05)
 
 
-def test_a_time_budget_decays_the_learning_rate_by_the_time_spent():
-    spent = tf.Variable(0.0)
-    schedule = trainer.learning_rate_schedule(1e-3, warmup_steps=10, total_steps=1000, time_fraction=spent)
-    assert float(schedule(10)) == pytest.approx(1e-3)  # warmed up, no time spent
-    spent.assign(0.5)
-    assert float(schedule(10)) == pytest.approx(5.5e-4, rel=0.02)  # half the budget: half-way down
-    spent.assign(1.0)
-    assert float(schedule(10)) == pytest.approx(1e-4)
+def test_a_time_budget_moves_the_end_of_the_decay():
+    end = tf.Variable(1000.0)
+    schedule = trainer.learning_rate_schedule(1e-3, warmup_steps=10, total_steps=1000, decay_end=end)
+    assert float(schedule(505)) == pytest.approx(5.5e-4)  # half-way down
+    end.assign(505.0)  # the budget will end the run at step 505
+    assert float(schedule(505)) == pytest.approx(1e-4) and float(schedule(10)) == pytest.approx(1e-3)
+
+
+def test_a_run_the_budget_ends_plans_its_decay_to_the_budget(data):
+    model, _ = short_fit(data, steps=3)
+    start = time.time() - 30.0  # 30 s of a 40 s budget spent; 100 steps took the last 10 s
+    model._plan_decay(200, total_steps=10_000, time_budget=40.0, start_time=start, last_plan=time.time() - 10.0)
+    assert float(model.decay_end.numpy()) == pytest.approx(300.0, rel=0.02)  # 10 s left at 10 steps/s
+    model._plan_decay(300, total_steps=310, time_budget=1000.0, start_time=time.time(), last_plan=time.time() - 1.0)
+    assert float(model.decay_end.numpy()) == 310.0  # the budget is ample: the run's own end
 
 
 def test_strategy_names_and_chief(monkeypatch):
