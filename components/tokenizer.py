@@ -47,8 +47,9 @@ DEFAULT_COVERAGE = 0.9995
 BOUNDARY = "\x02"
 # Han characters are pieces of their own, as BERT's Chinese tokenizer splits them: a name then
 # has the same ids in the prompt and wherever the story repeats it. Learned merges join a name
-# with what follows it most often (名叫|春花 in the prompt, 春花决定 in the story), and a model
-# cannot copy a name whose ids change with its neighbours.
+# with what follows it most often (名叫|春花 in the prompt, 春花决定 in the story), and a model then
+# has to learn each spelling to copy the name. (With enough training the unigram tokenizer's
+# model copied names as well: see the README's built-in corpus section.)
 HAN = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff])")
 
 

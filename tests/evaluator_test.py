@@ -54,12 +54,12 @@ def test_outputs(tiny_pipeline):
     # The references are the same test stories whichever the decoding.
     greedy, sampled = metrics["generation"]["greedy"]["all"], metrics["generation"]["sampled"]["all"]
     assert greedy["reference_repeated_4gram_rate"] == sampled["reference_repeated_4gram_rate"]
-    # tiny.flags on 2026-12-02: ROUGE-1 0.447, ROUGE-L 0.325, BLEU 0.184 over the 64 greedy
-    # continuations (the same when rerun); with --seed=43, 0.431, 0.304 and 0.155. A one-epoch
-    # model gets 0.164, 0.124 and 0.000. Each tolerance covers the seed change.
-    assert greedy["rouge_1"] == pytest.approx(0.447, abs=0.05)
-    assert greedy["rouge_l"] == pytest.approx(0.325, abs=0.04)
-    assert greedy["bleu"] == pytest.approx(0.184, abs=0.05)
+    # tiny.flags on 2026-12-02: ROUGE-1 0.425, ROUGE-L 0.298, BLEU 0.158 over the 64 greedy
+    # continuations (the same when rerun); with --seed=43, 0.443, 0.322 and 0.188. A one-epoch
+    # model gets 0.158, 0.120 and 0.004. Each tolerance covers the seed change.
+    assert greedy["rouge_1"] == pytest.approx(0.425, abs=0.05)
+    assert greedy["rouge_l"] == pytest.approx(0.298, abs=0.04)
+    assert greedy["bleu"] == pytest.approx(0.158, abs=0.05)
     assert {lang: len(s) for lang, s in metrics["samples"].items()} == {"zh": 5, "en": 5}
     assert read_json(os.path.join(folder, "blessing.json")) == metrics["blessing"]
     report = open(os.path.join(folder, "eval_report.md"), encoding="utf-8").read()
