@@ -16,13 +16,18 @@ new tokens (--quick: 32) after an 8-token prompt, at batch 1 and 16:
 The TensorFlow peers share one worker process, each torch setting has its own; each peer is
 warmed up once (tracing, XLA compilation), then timed in turns with the others.
 
-Section `decoding_t5` decodes a pretrained architecture instead: a T5 v1.0 of keras-hub's
-`t5_small_multi` shape (6+6 layers, d_model 512, 8 heads of 64, ReLU feed-forward 2048, tied
-embeddings, vocab 32128; --quick: a tiny one) with random weights, saved as a keras-hub preset
-and loaded back with `presets.load`, greedy, 128 new tokens (--quick: 16), batch 1 and 16:
-- storygen: the exported `generate` signature of the T5 adapter (`components/model/t5.py`);
-- keras-hub: `T5Seq2SeqLM.generate()` on the same preset, greedy, in a tf.function without
-  XLA (jit_compile=False, `compile`'s default on CPU) and with it (jit_compile=True).
+Sections `decoding_t5` and `decoding_t5gemma` decode a pretrained architecture instead, with
+random weights, saved as a keras-hub preset and loaded back with `presets.load`, greedy, 128 new
+tokens (--quick: 16, on a tiny shape), batch 1 and 16:
+- `decoding_t5`: a T5 v1.0 of keras-hub's `t5_small_multi` shape (6+6 layers, d_model 512, 8
+  heads of 64, ReLU feed-forward 2048, tied embeddings, vocab 32128);
+- `decoding_t5gemma`: a T5Gemma of `t5gemma_s_s`'s shape (8+8 layers, d_model 512, 8 heads of
+  64, GELU-gated feed-forward 1024, sliding window 4096 on every other layer, attention and
+  final logit soft-caps 50 and 30, tied embeddings, vocab 256000: 312,517,632 parameters, as
+  keras-hub's preset list gives them; the values are those of the published T5Gemma configs);
+- storygen: the exported `generate` signature of the architecture's adapter (components/model/);
+- keras-hub: `Seq2SeqLM.generate()` on the same preset, greedy, in a tf.function without XLA
+  (jit_compile=False, `compile`'s default on CPU) and with it (jit_compile=True).
 keras-hub never stops at EOS (stop_token_ids=None) and writes exactly 128 tokens per row;
 storygen's rate counts only the tokens a row wrote before EOS (a note says when one stopped
 early), so storygen is never credited with work it did not do.
@@ -45,17 +50,52 @@ TARGETS = {"keras-hub": 1.0, "recompute": 5.0}
 # storygen's prompt, as text: the exported signature tokenizes it.
 PROMPT_TEXT = "abc defg hij klmno pq"
 
-# T5 v1.0 as keras-hub's t5_small_multi preset has it, and the tiny shape of --quick.
-T5_SMALL_MULTI = dict(vocabulary_size=32128, num_layers=6, num_heads=8, hidden_dim=512, intermediate_dim=2048,
-                      key_value_dim=64)
-T5_QUICK = dict(vocabulary_size=512, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64, key_value_dim=16)
-T5_V1_0 = dict(activation="relu", use_gated_activation=False, tie_embedding_weights=True, dropout=0.0)
-# SentencePiece's special ids as T5's tokenizer has them: pad (also the decoder's start), EOS, unknown, no BOS.
-T5_SPECIAL_IDS = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
-T5_PROMPT_WINDOW = 16
-T5_PEERS = {"keras-hub graph": False, "keras-hub XLA": True}  # peer -> keras-hub's jit_compile
-T5_TARGET = 1.5
+# A pretrained architecture's decoding section: its keras-hub classes, its shape (and --quick's), and
+# its tokenizer's special pieces (SentencePiece trainer arguments).
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    name: str  # in the rows' names
+    preset_name: str  # whose shape it has
+    description: str  # the shape, in the section's note
+    classes: str  # keras_hub.models.<classes>Backbone, ...Tokenizer, ...Seq2SeqLMPreprocessor, ...Seq2SeqLM
+    shape: dict
+    quick_shape: dict
+    special_ids: dict
 
+
+PRETRAINED = {
+    "decoding_t5": Pretrained(
+        "T5", "t5_small_multi", "T5 v1.0: 6+6 layers, d_model 512, 8 heads of 64, ReLU ff 2048, tied embeddings, "
+        "vocab 32128", "T5",
+        dict(vocabulary_size=32128, num_layers=6, num_heads=8, hidden_dim=512, intermediate_dim=2048,
+             key_value_dim=64, activation="relu", use_gated_activation=False, tie_embedding_weights=True, dropout=0.0),
+        dict(vocabulary_size=512, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64, key_value_dim=16,
+             activation="relu", use_gated_activation=False, tie_embedding_weights=True, dropout=0.0),
+        # T5's: pad (also the decoder's start), EOS, unknown, no BOS.
+        dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)),
+    "decoding_t5gemma": Pretrained(
+        "T5Gemma", "t5gemma_s_s", "T5Gemma: 8+8 layers, d_model 512, 8 heads of 64 (8 key/value heads), GELU-gated ff "
+        "1024, sliding window 4096 on every other layer, soft-caps 50/30, tied embeddings, vocab 256000", "T5Gemma",
+        {f"{side}_{key}": value for side in ("encoder", "decoder") for key, value in dict(
+            hidden_dim=512, intermediate_dim=1024, num_layers=8, num_attention_heads=8, num_key_value_heads=8,
+            head_dim=64, layer_types=["sliding_attention", "full_attention"] * 4).items()}
+        | dict(vocabulary_size=256000, query_pre_attn_scalar=64, sliding_window=4096, attn_logit_softcapping=50.0,
+               final_logit_softcapping=30.0, tie_word_embeddings=True),
+        {f"{side}_{key}": value for side in ("encoder", "decoder") for key, value in dict(
+            hidden_dim=32, intermediate_dim=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, layer_types=["sliding_attention", "full_attention"]).items()}
+        | dict(vocabulary_size=512, query_pre_attn_scalar=8, sliding_window=4, attn_logit_softcapping=50.0,
+               final_logit_softcapping=30.0, tie_word_embeddings=True),
+        # Gemma's: pad, EOS, BOS (the decoder's start), unknown, with the names keras-hub's tokenizer looks for.
+        dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+             unk_piece="<unk>")),
+}
+PRETRAINED_PROMPT_WINDOW = 16
+PRETRAINED_PEERS = {"keras-hub graph": False, "keras-hub XLA": True}  # peer -> keras-hub's jit_compile
+PRETRAINED_TARGET = 1.5
+# SentencePiece pieces trained for a pretrained shape's tokenizer; a larger vocabulary gets
+# made-up pieces added to reach the model's size (see `sized_tokenizer_proto`).
+TRAINED_PIECES = 32128
 
 def model_config(new_tokens: int) -> ModelConfig:
     """The decoded model: the training section's, with a decoder window of the new tokens after BOS."""
@@ -219,29 +259,44 @@ def run_section(h):
         w.close()
 
 
-# ---------------------------------------------------------------------- section decoding_t5
+# ---------------------------------------------------------------------- sections decoding_t5, decoding_t5gemma
 
 
-def save_t5_preset(directory: str, quick: bool, new_tokens: int) -> str:
-    """A T5Seq2SeqLM of t5_small_multi's shape (--quick: T5_QUICK) with random weights, saved as a
-    keras-hub preset. Its SentencePiece tokenizer has exactly as many pieces as the model's
-    vocabulary, so that storygen (which decodes among the tokenizer's pieces only) and keras-hub
-    (among all of the model's ids) compute the same output projection."""
+def sized_tokenizer_proto(vocab_size: int, quick: bool, special_ids: dict) -> bytes:
+    """A SentencePiece model with exactly `vocab_size` pieces: trained ones (at most
+    TRAINED_PIECES; training 256k pieces would take longer than the benchmark) and made-up
+    pieces after them that no prompt contains. The model's every id is then a piece, so that
+    storygen (which decodes among the tokenizer's pieces only) and keras-hub (among all of the
+    model's ids) compute the same output projection."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    trained = min(vocab_size, TRAINED_PIECES)
+    proto = sentencepiece_model_pb2.ModelProto.FromString(
+        make_tokenizer_proto(trained, num_sentences=3000 if quick else 30000, **special_ids))
+    lowest = min(piece.score for piece in proto.pieces)
+    for i in range(vocab_size - len(proto.pieces)):
+        proto.pieces.add(piece=f"\u2581zz{i}", score=lowest - 1 - i, type=sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL)
+    return proto.SerializeToString()
+
+
+def save_pretrained_preset(arch: Pretrained, directory: str, quick: bool, new_tokens: int) -> str:
+    """A Seq2SeqLM of the architecture's shape (--quick: its tiny one) with random weights, saved as a keras-hub preset."""
     import keras
     import keras_hub
 
-    shape = T5_QUICK if quick else T5_SMALL_MULTI
+    shape = arch.quick_shape if quick else arch.shape
     keras.utils.set_random_seed(0)
-    proto = make_tokenizer_proto(shape["vocabulary_size"], num_sentences=3000 if quick else 30000, **T5_SPECIAL_IDS)
-    tokenizer = keras_hub.models.T5Tokenizer(proto=proto)
-    backbone = keras_hub.models.T5Backbone(**shape, **T5_V1_0)
-    preprocessor = keras_hub.models.T5Seq2SeqLMPreprocessor(
-        tokenizer=tokenizer, encoder_sequence_length=T5_PROMPT_WINDOW, decoder_sequence_length=new_tokens + 1)
-    keras_hub.models.T5Seq2SeqLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(directory)
+    models = keras_hub.models
+    tokenizer = getattr(models, f"{arch.classes}Tokenizer")(
+        proto=sized_tokenizer_proto(shape["vocabulary_size"], quick, arch.special_ids))
+    backbone = getattr(models, f"{arch.classes}Backbone")(**shape)
+    preprocessor = getattr(models, f"{arch.classes}Seq2SeqLMPreprocessor")(
+        tokenizer=tokenizer, encoder_sequence_length=PRETRAINED_PROMPT_WINDOW, decoder_sequence_length=new_tokens + 1)
+    getattr(models, f"{arch.classes}Seq2SeqLM")(backbone=backbone, preprocessor=preprocessor).save_to_preset(directory)
     return directory
 
 
-def t5_storygen_peer(preset_dir: str, new_tokens: int):
+def pretrained_storygen_peer(preset_dir: str, new_tokens: int):
     """The preset through storygen: presets.load, exporter.export, the loaded `generate` signature."""
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  registers the SentencePiece ops of the SavedModel
@@ -250,27 +305,33 @@ def t5_storygen_peer(preset_dir: str, new_tokens: int):
     from components.model import presets
     from components.tokenizer import Tokenizer
 
-    model = presets.load(preset_dir, ModelConfig(init_from=preset_dir, max_prompt_tokens=T5_PROMPT_WINDOW,
+    model = presets.load(preset_dir, ModelConfig(init_from=preset_dir, max_prompt_tokens=PRETRAINED_PROMPT_WINDOW,
                                                  max_story_tokens=new_tokens + 1))
     tokenizer = Tokenizer(model.lm.preprocessor.tokenizer, model.special)
     path = exporter.export(model, tokenizer, tempfile.mkdtemp(), ExportConfig(max_new_tokens_limit=new_tokens))
     return greedy_generate(tf.saved_model.load(path).signatures["generate"], new_tokens)
 
 
-def t5_keras_hub_peer(preset_dir: str, new_tokens: int, jit_compile: bool):
-    """keras-hub's own T5Seq2SeqLM.generate on the preset, greedy, on storygen's prompt ids
-    (PROMPT_TEXT, then EOS), with the decoder's start id followed by room for exactly `new_tokens`."""
+def pretrained_keras_hub_peer(preset_dir: str, new_tokens: int, jit_compile: bool):
+    """keras-hub's own Seq2SeqLM.generate on the preset, greedy, on the prompt ids storygen
+    decodes from (PROMPT_TEXT framed as the architecture frames prompts), with the decoder's
+    start id followed by room for exactly `new_tokens`."""
     import keras_hub
     import numpy as np
 
+    from components.model import presets
+
     lm = keras_hub.models.Seq2SeqLM.from_preset(preset_dir)
-    tokenizer = lm.preprocessor.tokenizer
-    prompt_ids = np.append(np.asarray(tokenizer.tokenize(PROMPT_TEXT)), tokenizer.end_token_id).astype("int32")
+    special = presets.special_ids(lm.preprocessor.tokenizer)
+    before, after = ([] if special.prompt_start is None else [special.prompt_start],
+                     [] if special.prompt_end is None else [special.prompt_end])
+    prompt_ids = np.concatenate([before, np.asarray(lm.preprocessor.tokenizer.tokenize(PROMPT_TEXT)), after]).astype("int32")
     lm.preprocessor = None  # generate() takes and returns token ids
     lm.compile(sampler="greedy", jit_compile=jit_compile)
 
     def run(batch):
-        decoder_ids = np.full((batch, new_tokens + 1), tokenizer.pad_token_id, "int32")  # T5 starts from pad
+        decoder_ids = np.full((batch, new_tokens + 1), special.pad, "int32")
+        decoder_ids[:, 0] = special.start
         decoder_mask = np.zeros(decoder_ids.shape, bool)
         decoder_mask[:, 0] = True
         inputs = {"encoder_token_ids": np.tile(prompt_ids, (batch, 1)),
@@ -282,26 +343,27 @@ def t5_keras_hub_peer(preset_dir: str, new_tokens: int, jit_compile: bool):
     return run
 
 
-def t5_decoding_worker(new_tokens: int, quick: bool):
-    """Worker: storygen and keras-hub (tf.function, XLA) on one T5 preset; `run(peer, batch)` times one batch."""
-    preset_dir = save_t5_preset(tempfile.mkdtemp(), quick, new_tokens)
-    peers = {"storygen": t5_storygen_peer(preset_dir, new_tokens)}
-    for name, jit_compile in T5_PEERS.items():
-        peers[name] = t5_keras_hub_peer(preset_dir, new_tokens, jit_compile)
+def pretrained_decoding_worker(section: str, new_tokens: int, quick: bool):
+    """Worker: storygen and keras-hub (tf.function, XLA) on one preset of the section's
+    architecture; `run(peer, batch)` times one batch."""
+    preset_dir = save_pretrained_preset(PRETRAINED[section], tempfile.mkdtemp(), quick, new_tokens)
+    peers = {"storygen": pretrained_storygen_peer(preset_dir, new_tokens)}
+    for name, jit_compile in PRETRAINED_PEERS.items():
+        peers[name] = pretrained_keras_hub_peer(preset_dir, new_tokens, jit_compile)
     return {"run": timed(lambda peer, batch: {"tokens": peers[peer](batch)}), "peers": lambda: list(peers)}
 
 
-def run_t5_section(h):
-    """Section `decoding_t5`: storygen's exported `generate` on a T5 preset against keras-hub's generate."""
+def run_pretrained_section(h, section: str):
+    """Section `decoding_t5` or `decoding_t5gemma`: storygen's exported `generate` on a preset
+    against keras-hub's generate."""
+    arch = PRETRAINED[section]
     new_tokens = 16 if h.quick else 128
-    shape = T5_QUICK if h.quick else T5_SMALL_MULTI
-    worker = h.worker("decoding-t5", "benchmarks.decoding:t5_decoding_worker", new_tokens=new_tokens, quick=h.quick)
-    h.note(f"decoding_t5: greedy, {new_tokens} new tokens, random weights, T5 v1.0 "
-           f"{'(--quick shape)' if h.quick else '(t5_small_multi shape)'}: {shape['num_layers']}+{shape['num_layers']} "
-           f"layers, d_model {shape['hidden_dim']}, {shape['num_heads']} heads of {shape['key_value_dim']}, "
-           f"ReLU ff {shape['intermediate_dim']}, tied embeddings, vocab {shape['vocabulary_size']}; storygen = the "
-           "exported `generate` of presets.load(preset); keras-hub = T5Seq2SeqLM.generate on the same preset, "
-           "stop_token_ids=None, in a tf.function (graph: jit_compile=False) or XLA-compiled (jit_compile=True)")
+    worker = h.worker(section.replace("_", "-"), "benchmarks.decoding:pretrained_decoding_worker", section=section,
+                      new_tokens=new_tokens, quick=h.quick)
+    h.note(f"{section}: greedy, {new_tokens} new tokens, random weights, "
+           f"{'a tiny ' + arch.name if h.quick else arch.description + f' ({arch.preset_name} shape)'}; storygen = "
+           f"the exported `generate` of presets.load(preset); keras-hub = {arch.classes}Seq2SeqLM.generate on the same "
+           "preset, stop_token_ids=None, in a tf.function (graph: jit_compile=False) or XLA-compiled (jit_compile=True)")
     peers = worker.call("peers")
     for batch in BATCH_SIZES:
         runs = {name: (lambda name=name: worker.call("run", peer=name, batch=batch)) for name in peers}
@@ -311,9 +373,9 @@ def run_t5_section(h):
         rates = {name: s.map(lambda r: r["tokens"] / r["seconds"]) for name, s in stats.items()}
         generated = min(r["tokens"] for r in stats["storygen"].values)
         if generated < batch * new_tokens:
-            h.note(f"decoding_t5 batch {batch}: storygen stopped at EOS after {generated} of {batch * new_tokens} "
+            h.note(f"{section} batch {batch}: storygen stopped at EOS after {generated} of {batch * new_tokens} "
                    "tokens (its rate counts the tokens generated)")
-        for peer in T5_PEERS:
-            h.row(f"T5 batch {batch}: tokens/s vs {peer}", "tokens/s", rates["storygen"], peer, rates[peer],
-                  target=T5_TARGET)
+        for peer in PRETRAINED_PEERS:
+            h.row(f"{arch.name} batch {batch}: tokens/s vs {peer}", "tokens/s", rates["storygen"], peer, rates[peer],
+                  target=PRETRAINED_TARGET)
     worker.close()

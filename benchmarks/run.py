@@ -11,6 +11,8 @@ Sections (all by default; `--only` picks some), one module each:
                   and a PyTorch greedy decoder with a KV cache            (benchmarks/decoding.py)
   decoding_t5     the exported `generate` of a T5 preset (t5_small_multi's shape) vs keras-hub's
                   T5Seq2SeqLM.generate, in a tf.function and XLA-compiled  (benchmarks/decoding.py)
+  decoding_t5gemma  the same for a T5Gemma preset (t5gemma_s_s's shape, 256k vocabulary)
+                                                                           (benchmarks/decoding.py)
   serving         TF Serving-compatible servers: throughput, p50/p99, batching on vs off
                                                                            (benchmarks/serving.py)
   scale           ingest + tokenizer time and peak memory for 10 MB, 100 MB and 1 GB corpora
@@ -31,7 +33,7 @@ from benchmarks import decoding, harness, input_pipeline, scale, serving, traini
 from components import cli
 from components.common import UserError
 
-SECTIONS = ("training", "input_pipeline", "decoding", "decoding_t5", "serving", "scale")
+SECTIONS = ("training", "input_pipeline", "decoding", "decoding_t5", "decoding_t5gemma", "serving", "scale")
 
 
 def _known_sections(sections) -> bool:
@@ -79,8 +81,8 @@ def run_sections(h: harness.Harness, sections) -> None:
             input_pipeline.run_section(h, prepared, consumption)
         elif section == "decoding":
             decoding.run_section(h)
-        elif section == "decoding_t5":
-            decoding.run_t5_section(h)
+        elif section in decoding.PRETRAINED:
+            decoding.run_pretrained_section(h, section)
         elif section == "serving":
             serving.run_section(h, FLAGS.serving_model_base_path)
         elif section == "scale":

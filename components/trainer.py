@@ -187,7 +187,7 @@ def token_loss_sum(targets, logits, label_smoothing: float = 0.0, pad_id: int = 
 
 
 def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, chunk_rows: int = LOSS_CHUNK_ROWS,
-                    pad_id: int = PAD_ID):
+                    pad_id: int = PAD_ID, logit_soft_cap: float | None = None):
     """`token_loss_sum(targets, states @ embeddings^T)` and its gradients, computed
     `chunk_rows` target positions at a time.
 
@@ -198,6 +198,7 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
     states and of the embeddings; the backward pass only scales those by its upstream value.
 
     states: [B, T, d] (float32 or bfloat16); embeddings: [V, d], cast to the states' dtype.
+    logit_soft_cap: the logits are soft_cap * tanh(states @ embeddings^T / soft_cap) (Gemma's).
     """
     d_model = tf.shape(states)[-1]
     rows = tf.reshape(states, [-1, d_model])
@@ -216,7 +217,11 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
 
         def chunk(i, total, row_gradients, weight_gradient):
             x, y, keep = chunked_rows[i], chunked_labels[i], chunked_mask[i]
-            log_probs = tf.nn.log_softmax(tf.cast(tf.matmul(x, weights, transpose_b=True), tf.float32))
+            logits = tf.cast(tf.matmul(x, weights, transpose_b=True), tf.float32)
+            if logit_soft_cap:
+                squashed = tf.tanh(logits / logit_soft_cap)
+                logits = logit_soft_cap * squashed
+            log_probs = tf.nn.log_softmax(logits)
             nll = -tf.gather(log_probs, y, batch_dims=1)
             # The gradient of the (smoothed) loss is softmax minus the target distribution:
             # 1 - label_smoothing on the target, label_smoothing spread evenly over the vocabulary.
@@ -226,8 +231,10 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
                 nll = (1.0 - label_smoothing) * nll - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
                 probs -= label_smoothing / tf.cast(vocab_size, tf.float32)
             targets_at = tf.stack([tf.range(chunk_rows), y], axis=1)
-            gradient = tf.cast(tf.tensor_scatter_nd_sub(probs, targets_at, tf.fill([chunk_rows], 1.0 - label_smoothing)),
-                               rows.dtype)
+            gradient = tf.tensor_scatter_nd_sub(probs, targets_at, tf.fill([chunk_rows], 1.0 - label_smoothing))
+            if logit_soft_cap:
+                gradient *= 1.0 - tf.square(squashed)  # d tanh(u) = 1 - tanh(u)^2
+            gradient = tf.cast(gradient, rows.dtype)
             # Padding positions get no gradient: masking the chunk's states and its state
             # gradients ([rows, d]) costs less than masking the [rows, V] gradient.
             keep_rows = tf.cast(keep[:, None], rows.dtype)
@@ -336,7 +343,7 @@ class Trainer:
         with tf.GradientTape() as tape:
             states = self.model.final_states(encoder_ids, decoder_ids, training=True)
             loss_sum, tokens = output_loss_sum(targets, states, self.model.output_embeddings, self.label_smoothing,
-                                               pad_id=self.model.special.pad)
+                                               pad_id=self.model.special.pad, logit_soft_cap=self.model.logit_soft_cap)
             global_tokens = context.all_reduce(tf.distribute.ReduceOp.SUM, tokens)
             loss = loss_sum / tf.maximum(global_tokens, 1.0)
         gradients = tape.gradient(loss, variables)

@@ -228,16 +228,18 @@ def test_quick_input_pipeline_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_t5_decoding_rows(tmp_path):
-    """`--quick --only decoding_t5`: a tiny random T5 preset, exported by storygen and decoded by
-    keras-hub in a tf.function and with XLA; one row per keras-hub peer and batch size. Checks the
-    rows' structure, not their speed (the export alone takes about 20 s on 2 CPUs)."""
-    proc, rows = run_quick_section(tmp_path, "decoding_t5")
+@pytest.mark.parametrize("section, name", [("decoding_t5", "T5"), ("decoding_t5gemma", "T5Gemma")])
+def test_quick_pretrained_decoding_rows(tmp_path, section, name):
+    """`--quick --only decoding_t5` (and `decoding_t5gemma`): a tiny random preset, exported by
+    storygen and decoded by keras-hub in a tf.function and with XLA; one row per keras-hub peer
+    and batch size. Checks the rows' structure, not their speed (the export alone takes about
+    20 s on 2 CPUs)."""
+    proc, rows = run_quick_section(tmp_path, section)
     peers = ("keras-hub graph", "keras-hub XLA")
-    assert [row["name"] for row in rows] == [f"T5 batch {batch}: tokens/s vs {peer}" for batch in (1, 16)
+    assert [row["name"] for row in rows] == [f"{name} batch {batch}: tokens/s vs {peer}" for batch in (1, 16)
                                              for peer in peers]
     for row in rows:
         assert row["peer"] in peers and row["unit"] == "tokens/s" and row["target"] == 1.5
         assert row["ours"] > 0 and row["peer_value"] > 0
         assert row["ratio"] == pytest.approx(row["ours"] / row["peer_value"])
-    assert "decoding_t5: greedy, 16 new tokens" in proc.stdout and "T5 batch 16: tokens/s vs keras-hub XLA" in proc.stdout
+    assert f"{section}: greedy, 16 new tokens" in proc.stdout and f"{name} batch 16: tokens/s vs keras-hub XLA" in proc.stdout

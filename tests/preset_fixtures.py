@@ -1,6 +1,6 @@
 """Tiny random-weight keras-hub presets built in the tests: T5 (v1.0 ReLU and the gated GELU of
-T5 1.1 / Flan-T5) and BART, each with a tokenizer trained here on Chinese and English text and
-saved with `save_to_preset`, as a real preset directory is."""
+T5 1.1 / Flan-T5), BART and T5Gemma, each with a tokenizer trained here on Chinese and English
+text and saved with `save_to_preset`, as a real preset directory is."""
 
 import collections
 import io
@@ -9,6 +9,15 @@ TEXTS = ["从前有座山，山里有座庙，庙里住着一个小和尚。", "
          "Once upon a time there lived a poor tailor in a small house.", "The fox knocked at the door and asked for a coat.",
          "小姑娘提着灯笼走进山洞，唱了一首歌。", "Long ago a dragon slept under the old castle."]
 T5_SHAPE = dict(num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, dropout=0.0)
+# Gemma 2's features, all in play: grouped-query attention (4 query heads share 2 key/value
+# heads), a sliding window of 4 positions on every other layer (prompts and stories are longer),
+# attention and final logit soft-capping (caps lower than Gemma 2's 50 and 30, so that they bite).
+T5GEMMA_SHAPE = dict(
+    encoder_hidden_dim=16, encoder_intermediate_dim=32, encoder_num_layers=2, encoder_num_attention_heads=4,
+    encoder_num_key_value_heads=2, encoder_head_dim=8, encoder_layer_types=["sliding_attention", "full_attention"],
+    decoder_hidden_dim=16, decoder_intermediate_dim=32, decoder_num_layers=2, decoder_num_attention_heads=4,
+    decoder_num_key_value_heads=2, decoder_head_dim=8, decoder_layer_types=["sliding_attention", "full_attention"],
+    sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=10.0, query_pre_attn_scalar=8)
 BART_SHAPE = dict(num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, dropout=0.0, max_sequence_length=64)
 
 
@@ -21,6 +30,19 @@ def t5_tokenizer():
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
                                    hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
     return keras_hub.models.T5Tokenizer(proto=model.getvalue())
+
+
+def t5gemma_tokenizer():
+    """A SentencePiece model with Gemma's special pieces and ids (<pad> 0, <eos> 1, <bos> 2, <unk> 3)."""
+    import keras_hub
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS * 20), model_writer=model, vocab_size=400,
+                                   model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+                                   eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True,
+                                   hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
+    return keras_hub.models.T5GemmaTokenizer(proto=model.getvalue())
 
 
 def _byte_symbols() -> list[str]:
@@ -119,4 +141,21 @@ def save_bart_preset(directory: str, seed: int = 3) -> str:
     preprocessor = keras_hub.models.BartSeq2SeqLMPreprocessor(tokenizer=tokenizer, encoder_sequence_length=16,
                                                               decoder_sequence_length=32)
     keras_hub.models.BartSeq2SeqLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(directory)
+    return directory
+
+
+def save_t5gemma_preset(directory: str, seed: int = 2, tie_word_embeddings: bool = True, **shape) -> str:
+    """A tiny T5GemmaSeq2SeqLM (`T5GEMMA_SHAPE`, with `shape`'s changes): with seed 2 the sliding
+    window and the attention soft-cap each change some of the test prompts' greedy stories."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    tokenizer = t5gemma_tokenizer()
+    backbone = keras_hub.models.T5GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(),
+                                                tie_word_embeddings=tie_word_embeddings, **{**T5GEMMA_SHAPE, **shape})
+    _scramble(backbone, seed)
+    preprocessor = keras_hub.models.T5GemmaSeq2SeqLMPreprocessor(tokenizer=tokenizer, encoder_sequence_length=16,
+                                                                 decoder_sequence_length=32)
+    keras_hub.models.T5GemmaSeq2SeqLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(directory)
     return directory

@@ -1,4 +1,4 @@
-"""Pretrained keras-hub presets (T5 v1.0, T5 1.1 / Flan-T5, BART) fine-tuned and exported:
+"""Pretrained keras-hub presets (T5 v1.0, T5 1.1 / Flan-T5, BART, T5Gemma) fine-tuned and exported:
 exported greedy decoding writes exactly keras-hub's own greedy tokens, before and after
 fine-tuning (all weights and LoRA), `score` is keras-hub's log-likelihood, and the preset
 checks refuse what they must with one sentence."""
@@ -28,6 +28,7 @@ ARCHITECTURES = {
     "t5": lambda d: preset_fixtures.save_t5_preset(d, gated=False),
     "t5_gated": lambda d: preset_fixtures.save_t5_preset(d, gated=True),
     "bart": preset_fixtures.save_bart_preset,
+    "t5gemma": preset_fixtures.save_t5gemma_preset,
 }
 
 
@@ -68,8 +69,13 @@ def keras_hub_greedy(preset_dir):
     lm = keras_hub.models.Seq2SeqLM.from_preset(preset_dir)
     prefix = len(presets.special_ids(lm.preprocessor.tokenizer).decoder_prefix)
     eos = lm.preprocessor.tokenizer.end_token_id
-    inputs = lm.preprocessor.generate_preprocess(PROMPTS, encoder_sequence_length=PROMPT_TOKENS,
-                                                 sequence_length=prefix + NEW_TOKENS)
+    inputs = lm.preprocessor.generate_preprocess(PROMPTS, sequence_length=prefix + NEW_TOKENS)
+    # The prompts framed as keras-hub's training preprocessor frames them, as storygen does in
+    # training and decoding alike (T5Gemma's generate_preprocess leaves out the <eos> its
+    # training puts after a prompt; T5's and BART's frame both ways alike).
+    lm.preprocessor.encoder_sequence_length = PROMPT_TOKENS
+    x, _, _ = lm.preprocessor({"encoder_text": tf.constant(PROMPTS), "decoder_text": tf.constant([""] * len(PROMPTS))})
+    inputs.update(encoder_token_ids=x["encoder_token_ids"], encoder_padding_mask=x["encoder_padding_mask"])
     lm.preprocessor = None  # generate on the ids, so the comparison is of tokens
     lm.compile(sampler="greedy")
     generated = np.asarray(lm.generate(inputs, stop_token_ids=[eos])["decoder_token_ids"])[:, prefix:]
@@ -110,10 +116,25 @@ def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, saved_mo
     assert len({tuple(ids) for ids in expected}) > 1  # the prompts lead to different stories
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("changes", [{}, {"tie_word_embeddings": False}], ids=["tied", "untied"])
+def test_t5gemma_decodes_keras_hubs_tokens_with_its_window_and_caps_in_play(tmp_path, changes):
+    """The sliding window and the attention soft-cap change keras-hub's own greedy stories for
+    these prompts (so the exact match covers them); the untied output head too."""
+    expected = keras_hub_greedy(preset_fixtures.save_t5gemma_preset(str(tmp_path / "preset"), **changes))
+    without_window = keras_hub_greedy(preset_fixtures.save_t5gemma_preset(
+        str(tmp_path / "no_window"), decoder_layer_types=["full_attention"] * 2, **changes))
+    without_cap = keras_hub_greedy(preset_fixtures.save_t5gemma_preset(
+        str(tmp_path / "no_cap"), attn_logit_softcapping=None, **changes))
+    assert without_window != expected and without_cap != expected
+    model = build_model(model_config(str(tmp_path / "preset")))
+    assert exported_greedy(tf.saved_model.load(export(model, tmp_path / "export"))) == expected
+
+
 # LoRA on one T5 (both have the same Dense projections) and on BART (keras's EinsumDense ones).
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, lora_rank", [("bart", 0), ("bart", 4), ("t5", 0), ("t5_gated", 0),
-                                               ("t5_gated", 4)], indirect=["preset"])
+                                               ("t5_gated", 4), ("t5gemma", 0), ("t5gemma", 4)], indirect=["preset"])
 def test_fine_tuned_preset_loads_in_keras_hub_and_exports_the_same_tokens(preset, tmp_path, lora_rank):
     before = build_model(model_config(preset)).get_weights()
     saved, history = fine_tune(preset, tmp_path, lora_rank=lora_rank)
@@ -253,7 +274,7 @@ def test_other_architectures_are_refused_with_the_supported_list(tmp_path):
     backbone = keras_hub.models.GPT2Backbone(vocabulary_size=10, num_layers=1, num_heads=2, hidden_dim=8,
                                              intermediate_dim=8, max_sequence_length=8)
     backbone.save_to_preset(str(tmp_path))
-    supported = r"T5 and Flan-T5 \(T5Backbone\), BART \(BartBackbone\)\."
+    supported = r"T5 and Flan-T5 \(T5Backbone\), BART \(BartBackbone\), T5Gemma \(T5GemmaBackbone\)\."
     with pytest.raises(UserError, match=r"GPT2Backbone preset; storygen fine-tunes " + supported):
         presets.resolve(str(tmp_path))
 

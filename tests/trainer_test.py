@@ -106,16 +106,20 @@ def test_token_loss_sum_ignores_padding_and_smooths_labels():
     assert float(loss_sum) == pytest.approx(2 * (0.8 * math.log(2) + 0.2 * mean_nll), rel=1e-5)
 
 
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_output_loss_sum_equals_the_loss_of_the_whole_logits(label_smoothing):
+@pytest.mark.parametrize("label_smoothing, soft_cap", [(0.0, None), (0.1, None), (0.1, 2.0)])
+def test_output_loss_sum_equals_the_loss_of_the_whole_logits(label_smoothing, soft_cap):
     states = tf.random.stateless_normal([2, 5, 6], seed=[3, 4])
     embeddings = tf.Variable(tf.random.stateless_normal([9, 6], seed=[5, 6]))
     targets = tf.constant([[3, 1, 6, 0, 0], [2, 2, 5, 4, 8]])
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(states)
         # Chunks of 3 of the 10 positions: the last chunk is short.
-        chunked, tokens = trainer.output_loss_sum(targets, states, embeddings, label_smoothing, chunk_rows=3)
-        whole, _ = trainer.token_loss_sum(targets, tf.matmul(states, embeddings, transpose_b=True), label_smoothing)
+        chunked, tokens = trainer.output_loss_sum(targets, states, embeddings, label_smoothing, chunk_rows=3,
+                                                  logit_soft_cap=soft_cap)
+        logits = tf.matmul(states, embeddings, transpose_b=True)
+        if soft_cap:  # Gemma's final logit soft-capping; the logits reach |6| here, so the cap bites
+            logits = soft_cap * tf.tanh(logits / soft_cap)
+        whole, _ = trainer.token_loss_sum(targets, logits, label_smoothing)
     assert float(tokens) == 8
     np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-5)
     for chunked_gradient, whole_gradient in zip(tape.gradient(chunked, [states, embeddings]),
@@ -124,7 +128,8 @@ def test_output_loss_sum_equals_the_loss_of_the_whole_logits(label_smoothing):
     # bfloat16 states (mixed precision): the same to bfloat16's precision.
     with tf.GradientTape() as tape:
         tape.watch(states)
-        low, _ = trainer.output_loss_sum(targets, tf.cast(states, tf.bfloat16), embeddings, label_smoothing, 4)
+        low, _ = trainer.output_loss_sum(targets, tf.cast(states, tf.bfloat16), embeddings, label_smoothing, 4,
+                                         logit_soft_cap=soft_cap)
     np.testing.assert_allclose(float(low), float(whole), rtol=2e-2)
     assert tape.gradient(low, embeddings).dtype == tf.float32
 

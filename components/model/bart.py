@@ -34,9 +34,7 @@ class Bart(PretrainedSeq2Seq):
                                                         backbone.intermediate_dim)
                            for layer in backbone.decoder_transformer_layers],
                 "embedding_norm": blocks.norm_weights(backbone.decoder_embeddings_layer_norm),
-                "tokens": tf.convert_to_tensor(backbone.token_embedding.embeddings),
-                # The output projection of the tokenizer's pieces only (see `vocab_size`).
-                "head": tf.transpose(tf.convert_to_tensor(backbone.token_embedding.embeddings)[: self.vocab_size]),
+                "tokens": tf.convert_to_tensor(backbone.token_embedding.embeddings), "head": self.head(),
                 "positions": tf.convert_to_tensor(backbone.decoder_position_embedding.position_embeddings)}
 
     def start_cache(self, encoder_states, encoder_mask, weights, cache_size):

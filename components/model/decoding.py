@@ -80,13 +80,18 @@ def empty_buffer(shape) -> tf.Tensor:
     return tf.raw_ops.Empty(shape=shape, dtype=tf.float32, init=True)
 
 
-def attend(query, keys, values, bias=None):
+def attend(query, keys, values, bias=None, soft_cap=None):
     """One query per row and head [B, heads, head_dim] (already scaled) attends to keys and
     values [T, B, heads, head_dim]; returns [B, heads, head_dim]. `bias` broadcasts to the
-    scores [T, B, heads]. Products and sums rather than batch matmuls: the position-major
-    layout is not a batch matmul's, and for one query per row they cost less than oneDNN's
-    batch-matmul and softmax kernels, whose per-call overhead dominates at small batches."""
+    scores [T, B, heads]; `soft_cap` squashes the scores to (-soft_cap, soft_cap) with tanh
+    before the bias is added (Gemma's attention logit soft-capping). Grouped-query attention
+    passes query [B, kv_heads, groups, head_dim] and keys and values [T, B, kv_heads, 1,
+    head_dim]. Products and sums rather than batch matmuls: the position-major layout is not
+    a batch matmul's, and for one query per row they cost less than oneDNN's batch-matmul and
+    softmax kernels, whose per-call overhead dominates at small batches."""
     scores = tf.reduce_sum(keys * query, axis=-1)  # [T, B, heads]
+    if soft_cap:
+        scores = soft_cap * tf.tanh(scores / soft_cap)
     if bias is not None:
         scores += bias
     weights = tf.exp(scores - tf.reduce_max(scores, axis=0))
@@ -302,13 +307,12 @@ class StoryGenerator(tf.Module):
 def sample(logits, temperature, top_k, top_p, seed, noise_offsets):
     """Next token ids [B] from logits [B, V]: greedy at temperature 0, else a Gumbel-max draw
     from the tempered, top-k and top-p filtered distribution, with row i's noise rotated by
-    noise_offsets[i]. Filters that are off cost nothing (each sorts the vocabulary)."""
+    noise_offsets[i]. Filters that are off cost nothing."""
 
     def draw():
         vocab = tf.shape(logits)[-1]
         scaled = logits / temperature
-        scaled = tf.cond(top_k > 0, lambda: _top_k_filter(scaled, tf.minimum(top_k, vocab)), lambda: scaled)
-        scaled = tf.cond(top_p < 1.0, lambda: _top_p_filter(scaled, top_p), lambda: scaled)
+        scaled = tf.cond((top_k > 0) | (top_p < 1.0), lambda: _filter(scaled, top_k, top_p), lambda: scaled)
         # One noise vector per (seed, step), rotated per row: the draw never depends on the batch.
         uniform = tf.random.stateless_uniform([vocab], seed=seed, minval=1e-20, maxval=1.0)
         uniform = tf.gather(uniform, (tf.range(vocab)[None, :] + noise_offsets[:, None]) % vocab)
@@ -317,15 +321,15 @@ def sample(logits, temperature, top_k, top_p, seed, noise_offsets):
     return tf.cond(temperature > 0.0, draw, lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
 
 
-def _top_k_filter(logits, k):
-    """Drops logits below the k-th largest."""
-    kth = tf.math.top_k(logits, k=k).values[:, -1:]
-    return tf.where(logits < kth, NEG_INF, logits)
-
-
-def _top_p_filter(logits, top_p):
-    """Keeps the most likely tokens until their probability reaches top_p."""
-    sorted_logits = tf.sort(logits, direction="DESCENDING")
-    cumulative = tf.cumsum(tf.nn.softmax(sorted_logits), axis=-1, exclusive=True)
-    cutoff = tf.reduce_min(tf.where(cumulative < top_p, sorted_logits, -NEG_INF), axis=-1, keepdims=True)
+def _filter(logits, top_k, top_p):
+    """Drops logits below the k-th largest (top_k > 0), then those outside the smallest set of
+    the most likely whose probability reaches top_p (top_p < 1). Only the k largest are sorted
+    (tf.math.top_k), and top-p needs no more of them: with top_k on, a 256k-piece vocabulary
+    is never sorted whole (which costs more than a decoder step)."""
+    vocab = tf.shape(logits)[-1]
+    largest = tf.math.top_k(logits, k=tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)).values  # descending
+    # The kept tokens' probabilities, most likely first; those before the one that reaches top_p are kept with it.
+    before = tf.cumsum(tf.nn.softmax(largest), axis=-1, exclusive=True)
+    kept = (before < top_p) | (top_p >= 1.0)  # top_p 1 keeps all k, even those whose share rounds to nothing
+    cutoff = tf.reduce_min(tf.where(kept, largest, -NEG_INF), axis=-1, keepdims=True)
     return tf.where(logits < cutoff, NEG_INF, logits)

@@ -16,12 +16,10 @@ from components.config import ModelConfig
 ARCHITECTURES = {
     "T5Backbone": ("T5 and Flan-T5", "components.model.t5:T5"),
     "BartBackbone": ("BART", "components.model.bart:Bart"),
+    "T5GemmaBackbone": ("T5Gemma", "components.model.t5gemma:T5Gemma"),
 }
 # Transformers-format presets (hf://) name their architecture by model_type.
-HF_MODEL_TYPES = {"t5": "T5Backbone", "bart": "BartBackbone"}
-# storygen's shape flags and the keras-hub backbone config keys they must agree with.
-SHAPE_FLAGS = {"vocab_size": "vocabulary_size", "d_model": "hidden_dim", "num_layers": "num_layers",
-               "num_heads": "num_heads", "ff_dim": "intermediate_dim", "dropout": "dropout"}
+HF_MODEL_TYPES = {"t5": "T5Backbone", "bart": "BartBackbone", "t5gemma": "T5GemmaBackbone"}
 
 
 def _adapter(backbone_class: str):
@@ -55,14 +53,15 @@ def resolve(handle: str, model_config: ModelConfig | None = None) -> str:
         raise UserError(f"--init_from={handle} is a {backbone_class or 'model'} preset; storygen fine-tunes "
                         f"{supported()}.")
     if model_config is not None and "config" in config:
-        check_shape_flags(model_config, config["config"], handle)
+        check_shape_flags(model_config, config["config"], handle, _adapter(backbone_class).SHAPE_KEYS)
     return backbone_class
 
 
-def check_shape_flags(model_config: ModelConfig, backbone_config: dict, handle: str):
-    """Refuses shape flags set to other values than their defaults and the preset's."""
+def check_shape_flags(model_config: ModelConfig, backbone_config: dict, handle: str, shape_keys: dict):
+    """Refuses shape flags set to other values than their defaults and the preset's
+    (`shape_keys`: the adapter's flag -> backbone config key)."""
     defaults = ModelConfig()
-    for flag, key in SHAPE_FLAGS.items():
+    for flag, key in shape_keys.items():
         value = getattr(model_config, flag)
         if key in backbone_config and value != getattr(defaults, flag) and value != backbone_config[key]:
             raise UserError(f"--{flag}={value} contradicts the preset {handle} ({key}={backbone_config[key]}): "
@@ -113,7 +112,7 @@ def load(handle: str, model_config: ModelConfig | None = None, load_weights: boo
         limit = lm.backbone.get_config().get("max_sequence_length") or float("inf")
         model_config = ModelConfig(max_prompt_tokens=min(lm.preprocessor.encoder_sequence_length, limit),
                                    max_story_tokens=min(lm.preprocessor.decoder_sequence_length, limit))
-    check_shape_flags(model_config, lm.backbone.get_config(), handle)
+    check_shape_flags(model_config, lm.backbone.get_config(), handle, adapter.SHAPE_KEYS)
     model = adapter(lm, model_config.max_prompt_tokens, model_config.max_story_tokens)
     if model_config.lora_rank:
         model.enable_lora(model_config.lora_rank)
@@ -123,4 +122,4 @@ def load(handle: str, model_config: ModelConfig | None = None, load_weights: boo
 def preset_shape(model) -> dict:
     """The adapter's shape in storygen's flag names (for the run's hyperparameters)."""
     config = model.backbone.get_config()
-    return {flag: config[key] for flag, key in SHAPE_FLAGS.items() if key in config}
+    return {flag: config[key] for flag, key in model.SHAPE_KEYS.items() if key in config}

@@ -32,6 +32,10 @@ class PretrainedSeq2Seq(keras.Model):
 
     # Layer names that `enable_lora` targets (keras-hub's default names fit keras's attention).
     LORA_LAYERS: tuple[str, ...] = ()
+    # storygen's shape flags and the backbone config keys they must agree with (`presets.check_shape_flags`).
+    SHAPE_KEYS = {"vocab_size": "vocabulary_size", "d_model": "hidden_dim", "num_layers": "num_layers",
+                  "num_heads": "num_heads", "ff_dim": "intermediate_dim", "dropout": "dropout"}
+    logit_soft_cap = None  # Gemma squashes its logits: soft_cap * tanh(logits / soft_cap)
 
     def __init__(self, lm, max_prompt_tokens: int, max_story_tokens: int, **kwargs):
         super().__init__(**kwargs)
@@ -80,15 +84,30 @@ class PretrainedSeq2Seq(keras.Model):
         return states
 
     @property
+    def decoder_embedding(self):
+        """The decoder's keras ReversibleEmbedding (its input tokens and, tied or not, the output projection)."""
+        return self.backbone.token_embedding
+
+    @property
     def output_embeddings(self):
         """The output projection [the model's ids, d]: the token embedding, or the untied head's transpose."""
-        embedding = self.backbone.token_embedding
+        embedding = self.decoder_embedding
         if embedding.tie_weights:
             return embedding.embeddings
         return tf.transpose(embedding.reverse_embeddings)
 
+    def head(self):
+        """The output projection of the tokenizer's pieces (see `vocab_size`), laid out [d, V] for decoding."""
+        embedding = self.decoder_embedding
+        if embedding.tie_weights:
+            return tf.transpose(tf.convert_to_tensor(embedding.embeddings)[: self.vocab_size])
+        return tf.convert_to_tensor(embedding.reverse_embeddings)[:, : self.vocab_size]
+
     def project(self, states):
-        return tf.matmul(states, tf.cast(self.output_embeddings, states.dtype), transpose_b=True)
+        logits = tf.matmul(states, tf.cast(self.output_embeddings, states.dtype), transpose_b=True)
+        if self.logit_soft_cap:
+            logits = self.logit_soft_cap * tf.tanh(logits / self.logit_soft_cap)
+        return logits
 
     # ------------------------------------------------------------------ decoding
 

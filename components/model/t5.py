@@ -90,10 +90,7 @@ class T5(PretrainedSeq2Seq):
         bias = layers[0].self_attention.compute_bias(1, window, query_start_index=window - 1)
         embedding = self.backbone.token_embedding
         return {"blocks": weights, "norm": _rms_weights(self.backbone.decoder_layer_norm),
-                "tokens": tf.convert_to_tensor(embedding.embeddings),
-                # The output projection of the tokenizer's pieces only (see `vocab_size`).
-                "head": (tf.transpose(tf.convert_to_tensor(embedding.embeddings)[: self.vocab_size])
-                         if embedding.tie_weights else tf.convert_to_tensor(embedding.reverse_embeddings)[:, : self.vocab_size]),
+                "tokens": tf.convert_to_tensor(embedding.embeddings), "head": self.head(),
                 "position_bias": tf.transpose(bias[0, :, 0, :])}
 
     def start_cache(self, encoder_states, encoder_mask, weights, cache_size):

@@ -44,6 +44,7 @@ class StoryTransformer(keras.Model):
     """
 
     special = STORYGEN_IDS  # the ids it frames prompts and stories with
+    logit_soft_cap = None  # its logits are not squashed (Gemma's are: `trainer.output_loss_sum`)
 
     def __init__(self, vocab_size, max_prompt_tokens, max_story_tokens, d_model, num_layers,
                  num_heads, ff_dim, dropout=0.0, **kwargs):
