@@ -117,10 +117,12 @@ def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, saved_mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("changes", [{}, {"tie_word_embeddings": False}], ids=["tied", "untied"])
+@pytest.mark.parametrize("changes", [{}, {"tie_word_embeddings": False, "decoder_num_key_value_heads": 4}],
+                         ids=["tied, grouped", "untied, a key per head"])
 def test_t5gemma_decodes_keras_hubs_tokens_with_its_window_and_caps_in_play(tmp_path, changes):
     """The sliding window and the attention soft-cap change keras-hub's own greedy stories for
-    these prompts (so the exact match covers them); the untied output head too."""
+    these prompts (so the exact match covers them); with grouped-query attention and without
+    (t5gemma_s_s has as many key/value heads as query heads), and with an untied output head."""
     expected = keras_hub_greedy(preset_fixtures.save_t5gemma_preset(str(tmp_path / "preset"), **changes))
     without_window = keras_hub_greedy(preset_fixtures.save_t5gemma_preset(
         str(tmp_path / "no_window"), decoder_layer_types=["full_attention"] * 2, **changes))

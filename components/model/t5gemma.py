@@ -30,23 +30,23 @@ def _norm_weights(layer):
 def rms_norm(x, weights):
     """x / sqrt(mean(x^2) + epsilon) * (1 + scale), as keras-hub's Gemma RMSNormalization computes it."""
     multiplier, epsilon = weights
-    return x * tf.math.reciprocal(tf.sqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + epsilon)) * multiplier
+    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + epsilon) * multiplier
 
 
 def rotary_tables(positions: int, head_dim: int, max_wavelength: float):
-    """cos and sin [positions, head_dim] of rotary position embedding, as keras-hub's
-    RotaryEmbedding lays them out (each frequency twice: first half, then second half)."""
+    """cos and signed sin [positions, head_dim] of rotary position embedding, as keras-hub's
+    RotaryEmbedding lays them out (each frequency twice: first half, then second half); the
+    sin's first half is negated, so that `rotate` is one roll of the features."""
     inverse_frequency = tf.pow(tf.constant(max_wavelength, tf.float32),
                                -tf.range(0, head_dim, 2, dtype=tf.float32) / float(head_dim))
     angles = tf.range(positions, dtype=tf.float32)[:, None] * inverse_frequency[None, :]
-    angles = tf.concat([angles, angles], axis=-1)
-    return tf.cos(angles), tf.sin(angles)
+    return tf.cos(tf.concat([angles, angles], axis=-1)), tf.concat([-tf.sin(angles), tf.sin(angles)], axis=-1)
 
 
-def rotate(x, cos, sin):
-    """Rotary embedding of x [..., head_dim] at one position (cos, sin [head_dim])."""
-    first, second = tf.split(x, 2, axis=-1)
-    return x * cos + tf.concat([-second, first], axis=-1) * sin
+def rotate(x, cos, signed_sin):
+    """Rotary embedding of x [..., head_dim] at one position: x * cos + (-x2, x1) * sin, where
+    x1 and x2 are x's halves ((-x2, x1) is x rolled by half, its first half negated by `signed_sin`)."""
+    return x * cos + tf.roll(x, shift=x.shape[-1] // 2, axis=-1) * signed_sin
 
 
 class T5Gemma(PretrainedSeq2Seq):
@@ -140,9 +140,13 @@ class T5Gemma(PretrainedSeq2Seq):
         cos, sin = weights["cos"][position], weights["sin"][position]
         soft_cap = backbone.attn_logit_softcapping
 
-        def grouped(x):
-            """Attention outputs [B, kv_heads, groups, head_dim] -> [B, heads * head_dim]."""
-            return tf.reshape(x, [batch, heads * head_dim])
+        # Grouped-query attention: a query [B, kv_heads, groups, head_dim] attends to keys and
+        # values [T, B, kv_heads, 1, head_dim]. (Every head its own keys: no grouping at all.)
+        def query_heads(query):
+            return tf.reshape(query, [batch, kv_heads, groups, head_dim] if groups > 1 else [batch, heads, head_dim])
+
+        def shared(keys):
+            return keys[:, :, :, None] if groups > 1 else keys
 
         x = tf.gather(weights["tokens"], token_ids) * tf.sqrt(tf.cast(backbone.decoder_hidden_dim, tf.float32))
         keys, values = [], []
@@ -151,22 +155,23 @@ class T5Gemma(PretrainedSeq2Seq):
                 return x + rms_norm(compute(rms_norm(x, block[f"pre_{name}_norm"])), block[f"post_{name}_norm"])
 
             def self_attention(h):
-                query, key, value = tf.split(dense(h, block["qkv"]), [heads * head_dim, kv_heads * head_dim,
-                                                                      kv_heads * head_dim], axis=-1)
-                query = rotate(tf.reshape(query, [batch, kv_heads, groups, head_dim]), cos, sin)
-                key = rotate(tf.reshape(key, [1, batch, kv_heads, head_dim]), cos, sin)
-                keys.append(write_row(cache.keys[i], position, key))
-                values.append(write_row(cache.values[i], position, tf.reshape(value, [1, batch, kv_heads, head_dim])))
+                # Queries and keys rotated together: [B, heads + kv_heads, head_dim].
+                query_key, value = tf.split(tf.reshape(dense(h, block["qkv"]), [batch, heads + 2 * kv_heads, head_dim]),
+                                            [heads + kv_heads, kv_heads], axis=1)
+                query, key = tf.split(rotate(query_key, cos, sin), [heads, kv_heads], axis=1)
+                keys.append(write_row(cache.keys[i], position, key[None]))
+                values.append(write_row(cache.values[i], position, value[None]))
                 first = 0 if block["sliding_window"] is None else tf.maximum(0, position - block["sliding_window"])
-                attended = attend(query, keys[i][first: position + 1, :, :, None], values[i][first: position + 1, :, :, None],
-                                  soft_cap=soft_cap)
-                return dense(grouped(attended), block["self_output"])
+                attended = attend(query_heads(query), shared(keys[i][first: position + 1]),
+                                  shared(values[i][first: position + 1]), soft_cap=soft_cap)
+                return dense(tf.reshape(attended, [batch, heads * head_dim]), block["self_output"])
 
             def cross_attention(h):
-                query = tf.reshape(dense(h, block["cross_query"]), [batch, kv_heads, groups, head_dim])
-                attended = attend(query, cache.cross_keys[i][:, :, :, None], cache.cross_values[i][:, :, :, None],
-                                  cache.cross_bias[..., None], soft_cap=soft_cap)
-                return dense(grouped(attended), block["cross_output"])
+                query = query_heads(dense(h, block["cross_query"]))
+                bias = cache.cross_bias[..., None] if groups > 1 else cache.cross_bias
+                attended = attend(query, shared(cache.cross_keys[i]), shared(cache.cross_values[i]), bias,
+                                  soft_cap=soft_cap)
+                return dense(tf.reshape(attended, [batch, heads * head_dim]), block["cross_output"])
 
             def feedforward(h):
                 gate, up = tf.split(dense(h, block["intermediate"]), 2, axis=-1)
