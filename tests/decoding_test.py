@@ -1,5 +1,6 @@
-"""The sampling filters of `components.model.decoding`: top-k and top-p keep what their
-definitions keep, checked against a plain NumPy reading of them."""
+"""Sampling in `components.model.decoding`: top-k and top-p keep what their definitions keep
+(checked against a plain NumPy reading of them), and drawing among the top-k candidates alone
+gives the very token that filtering the whole vocabulary gives, with the same noise."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import tensorflow as tf
 from components.model import decoding
 
 LOGITS = np.random.default_rng(0).normal(0.0, 2.0, [3, 50]).astype("float32")
+OFFSETS = tf.constant([0, 17, 33])  # each row's noise rotation
 
 
 def kept_by_definition(logits, top_k, top_p):
@@ -23,23 +25,36 @@ def kept_by_definition(logits, top_k, top_p):
     return kept
 
 
-@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.5), (10, 0.6), (10, 0.999), (50, 0.3), (0, 1.0)])
-def test_filters_keep_what_their_definitions_keep(top_k, top_p):
-    filtered = decoding._filter(tf.constant(LOGITS), tf.constant(top_k), tf.constant(top_p)).numpy()
+def draw(top_k, top_p, seed, temperature=1.5):
+    return decoding.sample(tf.constant(LOGITS), tf.constant(temperature), tf.constant(top_k), tf.constant(top_p),
+                           tf.constant([7, seed], tf.int64), OFFSETS).numpy()
+
+
+def draw_over_the_whole_vocabulary(top_k, top_p, seed, temperature=1.5):
+    """The Gumbel-max draw spelled out: every id of the vocabulary, the filtered ones at -inf,
+    with sample()'s noise (one stateless vector per seed, rotated per row)."""
+    scaled = LOGITS / temperature
+    allowed = kept_by_definition(scaled, top_k, top_p)
+    uniform = tf.random.stateless_uniform([LOGITS.shape[1]], seed=[7, seed], minval=1e-20, maxval=1.0).numpy()
+    ids = (np.arange(LOGITS.shape[1])[None, :] + OFFSETS.numpy()[:, None]) % LOGITS.shape[1]
+    noisy = scaled - np.log(-np.log(uniform[ids]))
+    return np.array([max(row, key=lambda j: noisy[i, j]) for i, row in enumerate(allowed)])
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.999])
+def test_top_p_filter_keeps_the_nucleus(top_p):
+    filtered = decoding._top_p_filter(tf.constant(LOGITS), tf.constant(top_p)).numpy()
     kept = [set(np.flatnonzero(row > decoding.NEG_INF / 2).tolist()) for row in filtered]
-    assert kept == kept_by_definition(LOGITS, top_k, top_p)
-    np.testing.assert_array_equal(np.where(filtered > decoding.NEG_INF / 2, filtered, 0),
-                                  np.where(filtered > decoding.NEG_INF / 2, LOGITS, 0))  # kept logits unchanged
+    assert kept == kept_by_definition(LOGITS, 0, top_p)
+    np.testing.assert_array_equal(filtered[filtered > decoding.NEG_INF / 2], LOGITS[filtered > decoding.NEG_INF / 2])
 
 
-def test_sampling_draws_only_kept_tokens_and_greedy_is_argmax():
-    logits = tf.constant(LOGITS)
-    offsets = tf.zeros([3], tf.int32)
-    allowed = kept_by_definition(LOGITS / 1.5, 4, 0.8)  # the filters see the tempered logits
-    for step in range(20):
-        drawn = decoding.sample(logits, tf.constant(1.5), tf.constant(4), tf.constant(0.8),
-                                tf.constant([7, step], tf.int64), offsets).numpy()
-        assert all(token in row for token, row in zip(drawn, allowed))
-    greedy = decoding.sample(logits, tf.constant(0.0), tf.constant(4), tf.constant(0.8), tf.constant([7, 0], tf.int64),
-                             offsets)
-    np.testing.assert_array_equal(greedy, LOGITS.argmax(axis=-1))
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.5), (10, 0.6), (10, 0.999), (50, 0.3), (0, 1.0)])
+def test_a_draw_is_the_gumbel_max_of_the_filtered_vocabulary(top_k, top_p):
+    draws = np.stack([draw(top_k, top_p, seed) for seed in range(30)])
+    assert (draws == np.stack([draw_over_the_whole_vocabulary(top_k, top_p, seed) for seed in range(30)])).all()
+    assert all(len(set(column)) > 1 for column in draws.T)  # the noise varies with the seed
+
+
+def test_greedy_is_the_argmax_whatever_the_filters():
+    np.testing.assert_array_equal(draw(4, 0.8, seed=0, temperature=0.0), LOGITS.argmax(axis=-1))

@@ -307,29 +307,44 @@ class StoryGenerator(tf.Module):
 def sample(logits, temperature, top_k, top_p, seed, noise_offsets):
     """Next token ids [B] from logits [B, V]: greedy at temperature 0, else a Gumbel-max draw
     from the tempered, top-k and top-p filtered distribution, with row i's noise rotated by
-    noise_offsets[i]. Filters that are off cost nothing."""
+    noise_offsets[i]. Filters that are off cost nothing; with top-k on, the draw is among the
+    k candidates alone (tf.math.top_k selects them without sorting the vocabulary, and top-p
+    and the noise need no more), which matters for a 256k-piece vocabulary."""
 
     def draw():
         vocab = tf.shape(logits)[-1]
         scaled = logits / temperature
-        scaled = tf.cond((top_k > 0) | (top_p < 1.0), lambda: _filter(scaled, top_k, top_p), lambda: scaled)
-        # One noise vector per (seed, step), rotated per row: the draw never depends on the batch.
+        # One noise vector per (seed, step), rotated per row: token j of row i gets
+        # uniform[(j + noise_offsets[i]) % vocab], so a draw never depends on the batch.
         uniform = tf.random.stateless_uniform([vocab], seed=seed, minval=1e-20, maxval=1.0)
-        uniform = tf.gather(uniform, (tf.range(vocab)[None, :] + noise_offsets[:, None]) % vocab)
-        return tf.argmax(scaled - tf.math.log(-tf.math.log(uniform)), axis=-1, output_type=tf.int32)
+
+        def gumbel(ids):
+            return -tf.math.log(-tf.math.log(tf.gather(uniform, (ids + noise_offsets[:, None]) % vocab)))
+
+        def among_top_k():
+            candidates, ids = tf.math.top_k(scaled, k=tf.minimum(top_k, vocab))  # most likely first
+            candidates = tf.where(_nucleus(candidates, top_p), candidates, NEG_INF)
+            return tf.gather(ids, tf.argmax(candidates + gumbel(ids), axis=-1, output_type=tf.int32), batch_dims=1)
+
+        def among_all():
+            kept = tf.cond(top_p < 1.0, lambda: _top_p_filter(scaled, top_p), lambda: scaled)
+            return tf.argmax(kept + gumbel(tf.range(vocab)[None, :]), axis=-1, output_type=tf.int32)
+
+        return tf.cond(top_k > 0, among_top_k, among_all)
 
     return tf.cond(temperature > 0.0, draw, lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
 
 
-def _filter(logits, top_k, top_p):
-    """Drops logits below the k-th largest (top_k > 0), then those outside the smallest set of
-    the most likely whose probability reaches top_p (top_p < 1). Only the k largest are sorted
-    (tf.math.top_k), and top-p needs no more of them: with top_k on, a 256k-piece vocabulary
-    is never sorted whole (which costs more than a decoder step)."""
-    vocab = tf.shape(logits)[-1]
-    largest = tf.math.top_k(logits, k=tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)).values  # descending
-    # The kept tokens' probabilities, most likely first; those before the one that reaches top_p are kept with it.
-    before = tf.cumsum(tf.nn.softmax(largest), axis=-1, exclusive=True)
-    kept = (before < top_p) | (top_p >= 1.0)  # top_p 1 keeps all k, even those whose share rounds to nothing
-    cutoff = tf.reduce_min(tf.where(kept, largest, -NEG_INF), axis=-1, keepdims=True)
+def _nucleus(sorted_logits, top_p):
+    """Which of the logits sorted most likely first [B, k] top-p keeps: the most likely until
+    their probability (within the k) reaches top_p; all of them at top_p 1, even those whose
+    share rounds to nothing."""
+    before = tf.cumsum(tf.nn.softmax(sorted_logits), axis=-1, exclusive=True)
+    return (before < top_p) | (top_p >= 1.0)
+
+
+def _top_p_filter(logits, top_p):
+    """Drops the logits [B, V] outside top-p's nucleus (sorts the whole vocabulary)."""
+    sorted_logits = tf.sort(logits, direction="DESCENDING")
+    cutoff = tf.reduce_min(tf.where(_nucleus(sorted_logits, top_p), sorted_logits, -NEG_INF), axis=-1, keepdims=True)
     return tf.where(logits < cutoff, NEG_INF, logits)
