@@ -4,25 +4,34 @@ The layout is TF Serving's: `<model_base_path>/<integer version>/saved_model.pb`
 directories with an integer name count (a pusher's `.tmp-3` staging directory is ignored), a
 version without saved_model.pb is skipped until it has one, and a version that fails to load is
 logged and skipped until its saved_model.pb changes. The version policy picks which of the
-loadable versions to serve; new ones are loaded before retired ones are dropped, and a request
-keeps the Servable it started with, so no request is dropped by a reload.
+loadable versions to serve; new ones are loaded, and warmed up, before retired ones are dropped,
+and a request keeps the Servable it started with, so no request is dropped by a reload.
+
+Warm-up is TF Serving's: a version's `assets.extra/tf_serving_warmup_requests` (TFRecords of
+PredictionLog protos; storygen's exporter writes one Predict request per signature) is replayed
+through its signatures before the version takes traffic, so that no client pays a signature's
+first call (TensorFlow optimises a function's graph then: seconds for a large model). A version
+whose warm-up fails is not served, as one that fails to load.
 """
 
 import dataclasses
 import os
 import threading
+import time
 
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  registers the SentencePiece ops that storygen's graphs use
 from absl import logging
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from serving.errors import from_tf_error, invalid_argument, not_found
 
 DEFAULT_SIGNATURE = "serving_default"
 SAVED_MODEL_FILE = "saved_model.pb"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+MAX_WARMUP_REQUESTS = 1000  # TF Serving's limit
 
 State = ModelVersionStatus.State
 
@@ -144,6 +153,28 @@ def load_servable(name: str, version: int, path: str) -> Servable:
     return Servable(name, version, tf.saved_model.load(path, tags=["serve"]), meta_graphs[0])
 
 
+def warm_up(servable: Servable, path: str) -> int:
+    """Replays the version's warm-up requests through its signatures; returns how many (0
+    without a warm-up file). Raises what a request raised, or ValueError for a file TF Serving
+    would refuse (more than MAX_WARMUP_REQUESTS records, or a log of another request type)."""
+    warmup_path = os.path.join(path, WARMUP_FILE)
+    if not tf.io.gfile.exists(warmup_path):
+        return 0
+    count = 0
+    for record in tf.data.TFRecordDataset(warmup_path):
+        count += 1
+        if count > MAX_WARMUP_REQUESTS:
+            raise ValueError(f"{warmup_path} holds more than {MAX_WARMUP_REQUESTS} warm-up requests")
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        if log.WhichOneof("log_type") != "predict_log":
+            raise ValueError(f"{warmup_path}: record {count} is a {log.WhichOneof('log_type')}; storygen-serve "
+                             "replays Predict requests (predict_log) only")
+        request = log.predict_log.request
+        servable.signature(request.model_spec.signature_name)(
+            {name: tf.make_ndarray(tensor) for name, tensor in request.inputs.items()})
+    return count
+
+
 @dataclasses.dataclass(frozen=True)
 class VersionStatus:
     version: int
@@ -156,11 +187,13 @@ class VersionStatus:
 class ModelManager:
     """Serves the versions of one model that `policy` selects among those under `base_path`."""
 
-    def __init__(self, name: str, base_path: str, policy: VersionPolicy, labels: dict[str, int]):
+    def __init__(self, name: str, base_path: str, policy: VersionPolicy, labels: dict[str, int],
+                 warmup: bool = True):
         self.name = name
         self.base_path = base_path
         self.policy = policy
         self.labels = labels
+        self.warmup = warmup  # replay each version's warm-up requests before it takes traffic
         self._lock = threading.Lock()
         self._servables: dict[int, Servable] = {}  # replaced, never mutated, so readers need no lock
         self._states: dict[int, VersionStatus] = {}
@@ -239,7 +272,13 @@ class ModelManager:
         logging.info("Loading version %d of model %s from %s", version, self.name, path)
         try:
             servable = load_servable(self.name, version, path)
-        except Exception as e:  # any broken SavedModel: log it, skip it, keep serving the others
+            if self.warmup:
+                started = time.monotonic()
+                count = warm_up(servable, path)
+                if count:
+                    logging.info("Warmed up version %d of model %s with %d requests in %.1f s", version, self.name,
+                                 count, time.monotonic() - started)
+        except Exception as e:  # any broken SavedModel or warm-up: log it, skip it, keep serving the others
             self._failed[version] = _fingerprint(path)
             self._set_state(version, State.END, f"failed to load: {e}")
             logging.error("Version %d of model %s failed to load and is skipped until %s changes: %s",

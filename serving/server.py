@@ -49,6 +49,8 @@ def define_flags():
                         "e.g. stable:1,canary:2.")
     flags.DEFINE_float("file_system_poll_wait_seconds", 1, "Seconds between looks for new or retired versions; "
                        "0 looks once at startup.", lower_bound=0)
+    flags.DEFINE_bool("enable_model_warmup", True, "Replay a version's assets.extra/tf_serving_warmup_requests "
+                      "(storygen's exports have one) before it takes traffic.")
     flags.DEFINE_bool("enable_batching", False, "Merge concurrent requests into one model call (dynamic batching).")
     flags.DEFINE_integer("max_batch_size", 32, "Most rows in one batched model call.", lower_bound=1)
     flags.DEFINE_integer("batch_timeout_micros", 1000, "Longest wait for more requests to fill a batch.",
@@ -109,7 +111,7 @@ def _serve(args):
     signal.signal(signal.SIGINT, on_signal)
 
     stats = Stats()
-    manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, policy, labels)
+    manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, policy, labels, warmup=FLAGS.enable_model_warmup)
     batcher = None
     if FLAGS.enable_batching:
         batcher = Batcher(FLAGS.max_batch_size, FLAGS.batch_timeout_micros / 1e6, FLAGS.max_enqueued_batches,

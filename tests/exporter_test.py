@@ -51,6 +51,17 @@ def test_signatures_are_the_serving_contract(loaded):
     assert int(loaded.max_new_tokens_limit.numpy()) == LIMIT
 
 
+def test_the_export_carries_a_warm_up_request_per_signature_that_it_answers(saved_model):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from serving.model_manager import load_servable, warm_up
+
+    records = tf.data.TFRecordDataset(f"{saved_model}/{exporter.WARMUP_FILE}")
+    requests = [prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request for r in records]
+    assert sorted(r.model_spec.signature_name for r in requests) == sorted(SIGNATURES)
+    assert warm_up(load_servable("storygen", 1, saved_model), saved_model) == len(SIGNATURES)
+
+
 def test_outputs_are_consistent(loaded, spm_proto):
     out = generate(loaded, PROMPTS, max_new_tokens=10)
     assert out["token_ids"].shape == (8, 10)

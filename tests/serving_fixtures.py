@@ -227,6 +227,19 @@ def predict_request(prompts, signature: str = "", *, model: str = MODEL_NAME, ve
     return request
 
 
+def write_warmup_requests(version_path: str, requests) -> None:
+    """Writes TF Serving's warm-up file into a version: one PredictionLog record per PredictRequest."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from serving.model_manager import WARMUP_FILE
+
+    os.makedirs(os.path.join(version_path, os.path.dirname(WARMUP_FILE)), exist_ok=True)
+    with tf.io.TFRecordWriter(os.path.join(version_path, WARMUP_FILE)) as writer:
+        for request in requests:
+            writer.write(prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
+
+
 def stories(response) -> list[str]:
     return [s.decode("utf-8") for s in tf.make_ndarray(response.outputs["story"]).tolist()]
 

@@ -1,9 +1,10 @@
-"""Versions: which directories count, version policies, labels, failed loads, retiring (the
-ModelManager in-process), then hot reload in a real server while 8 clients keep asking: no
-request fails and the new version answers within two poll intervals."""
+"""Versions: which directories count, version policies, labels, failed loads, warm-up,
+retiring (the ModelManager in-process), then hot reload in a real server while 8 clients keep
+asking: no request fails and the new version answers within two poll intervals."""
 
 import os
 import shutil
+import threading
 import time
 
 import grpc
@@ -12,10 +13,12 @@ from tensorflow_serving.apis import get_model_status_pb2
 
 from serving.errors import ServingError
 from serving.model_manager import ModelManager, VersionPolicy
-from serving_fixtures import (AVAILABLE, ServerProcess, clients_running, expected_story, publish_version,
-                              rest_story, stage_broken_version, stage_version, stories)
+from serving_fixtures import (AVAILABLE, ServerProcess, clients_running, expected_story, predict_request,
+                              publish_version, rest_story, stage_broken_version, stage_version, stories,
+                              write_warmup_requests)
 
 END = get_model_status_pb2.ModelVersionStatus.END
+LOADING = get_model_status_pb2.ModelVersionStatus.LOADING
 POLL_S = 1.0
 
 
@@ -40,8 +43,8 @@ def base(tmp_path, saved):
     return path, add
 
 
-def manager(path, policy="latest", labels=None):
-    return ModelManager("storygen", path, VersionPolicy.parse(policy), labels or {})
+def manager(path, policy="latest", labels=None, warmup=True):
+    return ModelManager("storygen", path, VersionPolicy.parse(policy), labels or {}, warmup=warmup)
 
 
 def call(servable, prompt="p"):
@@ -98,6 +101,46 @@ def test_a_new_version_retires_the_old_one_without_breaking_its_requests(base):
     assert models.loaded_versions() == [2]
     assert call(in_flight) == expected_story("p", 1)
     assert {s.version: s.state for s in models.statuses("storygen")} == {1: END, 2: AVAILABLE}
+
+
+def slow_warmup(version_path, seconds=1.0, count=2):
+    """Warm-up requests the stub answers in `seconds` each (its generate sleeps max_new_tokens ms)."""
+    write_warmup_requests(version_path, [predict_request(["热身"], "generate", max_new_tokens=int(seconds * 1000),
+                                                         temperature=0.0, top_k=0, top_p=1.0, seed=0)] * count)
+
+
+def test_a_new_version_takes_traffic_only_after_its_warm_up(base):
+    path, add = base
+    add(1)
+    models = manager(path)
+    models.poll()
+    slow_warmup(add(2))
+    polling = threading.Thread(target=models.poll)
+    started = time.monotonic()
+    polling.start()
+    time.sleep(0.5)
+    # Mid warm-up: version 2 is loading and version 1 answers.
+    assert {s.version: s.state for s in models.statuses("storygen")} == {1: AVAILABLE, 2: LOADING}
+    assert call(models.resolve("storygen")) == expected_story("p", 1)
+    polling.join()
+    assert time.monotonic() - started >= 2.0  # both warm-up requests ran before the swap
+    assert call(models.resolve("storygen")) == expected_story("p", 2)
+
+    slow_warmup(add(3))
+    started = time.monotonic()
+    manager(path, warmup=False).poll()  # --enable_model_warmup=false: the file is not read
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_version_whose_warm_up_fails_is_not_served(base):
+    path, add = base
+    add(1)
+    write_warmup_requests(add(2), [predict_request(["热身"], "no_such_signature")])
+    models = manager(path)
+    models.poll()
+    assert models.loaded_versions() == [1]
+    status = {s.version: s for s in models.statuses("storygen")}
+    assert status[2].state == END and "no signature 'no_such_signature'" in status[2].error
 
 
 def test_labels_and_versions_resolve_or_give_not_found(base):

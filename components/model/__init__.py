@@ -2,7 +2,7 @@
 decoding interface (see `decoding`).
 
     transformer.py   StoryTransformer, storygen's own model
-    pretrained.py    the adapter base for keras-hub Seq2SeqLM presets; t5.py, bart.py: one per architecture
+    pretrained.py    the adapter base for keras-hub Seq2SeqLM presets; t5.py, bart.py, t5gemma.py: one per architecture
     presets.py       which presets are supported, loading them
     decoding.py      the decoding loop, samplers, beam search, sliding window (StoryGenerator)
     blocks.py        keras-hub's TransformerDecoder block one token at a time

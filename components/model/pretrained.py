@@ -10,7 +10,7 @@ trainer, evaluator and exporter use it exactly as they use `StoryTransformer`:
   cache written in place (`decoding.write_row`), never keras-hub's `slice_update` (which
   lowers to XLA ops stock TF Serving lacks).
 
-An architecture is one module (`t5.py`, `bart.py`) with a subclass that implements
+An architecture is one module (`t5.py`, `bart.py`, `t5gemma.py`) with a subclass that implements
 `decoding_weights`, `start_cache` and `decode_step`, and its special ids; `presets.py` maps
 keras-hub backbone classes to them.
 """
