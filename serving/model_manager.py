@@ -3,7 +3,9 @@
 The layout is TF Serving's: `<model_base_path>/<integer version>/saved_model.pb`. Only
 directories with an integer name count (a pusher's `.tmp-3` staging directory is ignored), a
 version without saved_model.pb is skipped until it has one, and a version that fails to load is
-logged and skipped until its saved_model.pb changes. The version policy picks which of the
+logged and retried as TF Serving retries it (up to `max_load_retries` more times,
+`retry_interval_s` apart), then skipped until any of its files changes (a push whose
+saved_model.pb landed before its variables is loaded once they are there). The version policy picks which of the
 loadable versions to serve; new ones are loaded, and warmed up, before retired ones are dropped,
 and a request keeps the Servable it started with, so no request is dropped by a reload.
 
@@ -143,14 +145,15 @@ class Servable:
         return self.signatures[name]
 
 
-def load_servable(name: str, version: int, path: str) -> Servable:
-    """Loads the SavedModel in `path` (its 'serve' meta graph, as TF Serving does)."""
+def load_servable(name: str, version: int, path: str, tags: tuple[str, ...] = ("serve",)) -> Servable:
+    """Loads the SavedModel in `path`: its meta graph with all of `tags` (TF Serving's
+    --saved_model_tags; "serve" by default)."""
     with tf.io.gfile.GFile(os.path.join(path, SAVED_MODEL_FILE), "rb") as f:
         saved_model = saved_model_pb2.SavedModel.FromString(f.read())
-    meta_graphs = [m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags]
+    meta_graphs = [m for m in saved_model.meta_graphs if set(tags) <= set(m.meta_info_def.tags)]
     if not meta_graphs:
-        raise ValueError(f"{path} has no meta graph tagged 'serve'")
-    return Servable(name, version, tf.saved_model.load(path, tags=["serve"]), meta_graphs[0])
+        raise ValueError(f"{path} has no meta graph tagged {','.join(tags)}")
+    return Servable(name, version, tf.saved_model.load(path, tags=list(tags)), meta_graphs[0])
 
 
 def warm_up(servable: Servable, path: str) -> int:
@@ -188,16 +191,20 @@ class ModelManager:
     """Serves the versions of one model that `policy` selects among those under `base_path`."""
 
     def __init__(self, name: str, base_path: str, policy: VersionPolicy, labels: dict[str, int],
-                 warmup: bool = True):
+                 warmup: bool = True, max_load_retries: int = 5, retry_interval_s: float = 60.0,
+                 tags: tuple[str, ...] = ("serve",)):
         self.name = name
         self.base_path = base_path
         self.policy = policy
         self.labels = labels
         self.warmup = warmup  # replay each version's warm-up requests before it takes traffic
+        self.max_load_retries = max_load_retries
+        self.retry_interval_s = retry_interval_s
+        self.tags = tags  # of the meta graph to load
         self._lock = threading.Lock()
         self._servables: dict[int, Servable] = {}  # replaced, never mutated, so readers need no lock
         self._states: dict[int, VersionStatus] = {}
-        self._failed: dict[int, tuple] = {}  # version -> fingerprint of the saved_model.pb that failed
+        self._failed: dict[int, FailedLoad] = {}
         self._stop = threading.Event()
         self._thread = None
 
@@ -231,7 +238,7 @@ class ModelManager:
             return
         servables = dict(self._servables)
         while True:
-            loadable = [v for v, path in on_disk.items() if self._failed.get(v) != _fingerprint(path)]
+            loadable = [v for v, path in on_disk.items() if self._may_load(v, path)]
             wanted = self.policy.select(loadable)
             missing = sorted(wanted - servables.keys(), reverse=True)
             if not missing:
@@ -267,11 +274,18 @@ class ModelManager:
             versions[int(name)] = path
         return versions
 
+    def _may_load(self, version: int, path: str) -> bool:
+        """False for a version that failed to load, until a retry is due or one of its files changed."""
+        failed = self._failed.get(version)
+        if failed is None or failed.fingerprint != _fingerprint(path):
+            return True
+        return failed.attempts <= self.max_load_retries and time.monotonic() - failed.at >= self.retry_interval_s
+
     def _load(self, version: int, path: str):
         self._set_state(version, State.LOADING)
         logging.info("Loading version %d of model %s from %s", version, self.name, path)
         try:
-            servable = load_servable(self.name, version, path)
+            servable = load_servable(self.name, version, path, self.tags)
             if self.warmup:
                 started = time.monotonic()
                 count = warm_up(servable, path)
@@ -279,10 +293,15 @@ class ModelManager:
                     logging.info("Warmed up version %d of model %s with %d requests in %.1f s", version, self.name,
                                  count, time.monotonic() - started)
         except Exception as e:  # any broken SavedModel or warm-up: log it, skip it, keep serving the others
-            self._failed[version] = _fingerprint(path)
+            fingerprint = _fingerprint(path)
+            previous = self._failed.get(version)
+            attempts = previous.attempts + 1 if previous and previous.fingerprint == fingerprint else 1
+            self._failed[version] = FailedLoad(fingerprint, attempts, time.monotonic())
             self._set_state(version, State.END, f"failed to load: {e}")
-            logging.error("Version %d of model %s failed to load and is skipped until %s changes: %s",
-                          version, self.name, os.path.join(path, SAVED_MODEL_FILE), e)
+            retries_left = self.max_load_retries - attempts + 1
+            logging.error("Version %d of model %s failed to load (%s); %s", version, self.name, e,
+                          f"retrying in {self.retry_interval_s:g} s ({retries_left} retries left)" if retries_left > 0
+                          else f"skipped until a file under {path} changes")
             return None
         self._failed.pop(version, None)
         self._set_state(version, State.AVAILABLE)
@@ -342,10 +361,22 @@ class ModelManager:
         return self.labels[label]
 
 
+@dataclasses.dataclass(frozen=True)
+class FailedLoad:
+    fingerprint: tuple  # the version's files when it failed
+    attempts: int  # failed loads of these files
+    at: float  # time.monotonic() of the last one
+
+
 def _fingerprint(path: str) -> tuple:
-    """Changes when a version's saved_model.pb is rewritten, so a fixed version is retried."""
+    """The names, sizes and modification times of a version's files: changes when any file is
+    added or rewritten, so a fixed or completed version is loaded again."""
     try:
-        stat = tf.io.gfile.stat(os.path.join(path, SAVED_MODEL_FILE))
+        files = []
+        for directory, _, names in tf.io.gfile.walk(path):
+            for name in names:
+                stat = tf.io.gfile.stat(os.path.join(directory, name))
+                files.append((os.path.relpath(os.path.join(directory, name), path), stat.length, stat.mtime_nsec))
     except tf.errors.OpError:
         return ()
-    return stat.mtime_nsec, stat.length
+    return tuple(sorted(files))

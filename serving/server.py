@@ -31,6 +31,16 @@ if typing.TYPE_CHECKING:  # names for the annotations; the modules load after th
     from serving.stats import Stats
 
 FLAGS = flags.FLAGS
+# TF Serving flags that storygen-serve accepts only to refuse with a sentence, and what to use instead.
+UNSUPPORTED_FLAGS = {
+    "model_config_file": "it serves one model: use --model_name, --model_base_path, --model_version_policy and "
+                         "--version_labels.",
+    "model_config_file_poll_wait_seconds": "it reads no model config file; versions are polled every "
+                                           "--file_system_poll_wait_seconds.",
+    "batching_parameters_file": "use --enable_batching with --max_batch_size, --batch_timeout_micros, "
+                                "--max_enqueued_batches and --num_batch_threads.",
+    "monitoring_config_file": "Prometheus metrics are always served at /monitoring/prometheus/metrics on the REST port.",
+}
 
 
 def define_flags():
@@ -38,7 +48,12 @@ def define_flags():
     flags.DEFINE_string("model_name", "storygen", "Name of the model in requests (ModelSpec.name, /v1/models/<name>).")
     flags.DEFINE_string("model_base_path", None, "Directory holding the model's integer-named version directories, "
                         "e.g. saved_models/storygen (any tf.io.gfile path).")
-    flags.mark_flag_as_required("model_base_path")
+    flags.DEFINE_bool("version", False, "Print storygen-serve's version and exit.")
+    flags.DEFINE_string("saved_model_tags", "serve", "Comma-separated tags of the SavedModel meta graph to load.")
+    flags.DEFINE_string("grpc_channel_arguments", "", "Comma-separated gRPC server arguments, e.g. "
+                        "grpc.max_concurrent_streams=100 (integer values are passed as integers).")
+    for name, instead in UNSUPPORTED_FLAGS.items():
+        flags.DEFINE_string(name, None, f"TF Serving's flag, not supported by storygen-serve: {instead}")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on; 0.0.0.0 (or ::) opens the server to the network.")
     flags.DEFINE_integer("port", 8500, "gRPC port.", lower_bound=1, upper_bound=65535)
     flags.DEFINE_integer("rest_api_port", 8501, "REST port; 0 turns the REST API off.", lower_bound=0,
@@ -51,6 +66,10 @@ def define_flags():
                        "0 looks once at startup.", lower_bound=0)
     flags.DEFINE_bool("enable_model_warmup", True, "Replay a version's assets.extra/tf_serving_warmup_requests "
                       "(storygen's exports have one) before it takes traffic.")
+    flags.DEFINE_integer("max_num_load_retries", 5, "Times a version that failed to load is tried again before it "
+                         "is skipped until one of its files changes.", lower_bound=0)
+    flags.DEFINE_integer("load_retry_interval_micros", 60_000_000, "Wait between load retries, in microseconds.",
+                         lower_bound=0)
     flags.DEFINE_bool("enable_batching", False, "Merge concurrent requests into one model call (dynamic batching).")
     flags.DEFINE_integer("max_batch_size", 32, "Most rows in one batched model call.", lower_bound=1)
     flags.DEFINE_integer("batch_timeout_micros", 1000, "Longest wait for more requests to fill a batch.",
@@ -82,6 +101,17 @@ def main():
 
 
 def _serve(args):
+    if FLAGS.version:
+        from importlib.metadata import version
+
+        print(f"storygen-serve {version('storygen')} (TensorFlow Serving's gRPC and REST APIs)")
+        return
+    for name, instead in UNSUPPORTED_FLAGS.items():
+        if FLAGS[name].present:
+            raise UserError(f"storygen-serve does not support --{name}: {instead}")
+    if not FLAGS.model_base_path:
+        raise UserError("--model_base_path is required: the folder holding the model's version directories, "
+                        "e.g. saved_models/storygen.")
     # Loaded after the flags are parsed, so that --help and flag errors answer at once.
     import tensorflow as tf
 
@@ -111,7 +141,10 @@ def _serve(args):
     signal.signal(signal.SIGINT, on_signal)
 
     stats = Stats()
-    manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, policy, labels, warmup=FLAGS.enable_model_warmup)
+    manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, policy, labels, warmup=FLAGS.enable_model_warmup,
+                           max_load_retries=FLAGS.max_num_load_retries,
+                           retry_interval_s=FLAGS.load_retry_interval_micros / 1e6,
+                           tags=tuple(tag.strip() for tag in FLAGS.saved_model_tags.split(",") if tag.strip()))
     batcher = None
     if FLAGS.enable_batching:
         batcher = Batcher(FLAGS.max_batch_size, FLAGS.batch_timeout_micros / 1e6, FLAGS.max_enqueued_batches,
@@ -166,7 +199,7 @@ def _bind_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:
         futures.ThreadPoolExecutor(max_workers=FLAGS.grpc_max_threads, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", FLAGS.max_request_bytes),
                  # gRPC sets SO_REUSEPORT by default, which would let a second server share the port silently.
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", 0)] + _channel_arguments(FLAGS.grpc_channel_arguments))
     add_services(server, predictor, stats, max_elements=FLAGS.max_request_bytes)
     host = f"[{FLAGS.host}]" if ":" in FLAGS.host else FLAGS.host
     try:
@@ -175,6 +208,17 @@ def _bind_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:
         raise UserError(f"Cannot listen for gRPC on {host}:{FLAGS.port} ({e}); is another server using the "
                         "port?") from None
     return server
+
+
+def _channel_arguments(text: str) -> list[tuple]:
+    """--grpc_channel_arguments 'a=1,b=x' -> [("a", 1), ("b", "x")]."""
+    arguments = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, equals, value = item.partition("=")
+        if not key or not equals:
+            raise UserError(f"--grpc_channel_arguments: '{item}' is not key=value.")
+        arguments.append((key.strip(), int(value) if value.strip().lstrip("-").isdigit() else value.strip()))
+    return arguments
 
 
 def _bind_rest(predictor: Predictor, stats: Stats) -> RestServer:

@@ -38,6 +38,16 @@ def test_help_answers_without_tensorflow(module, tmp_path):
      "error: Unknown command line flag 'no_such_flag'"),
     (["serving.server", "--model_base_path=/tmp", "--port=0"], EXIT_USAGE, "error: flag --port=0"),
     (["serving.server", "--model_base_path=/tmp", "stray"], EXIT_USAGE, "error: unexpected arguments stray"),
+    (["serving.server"], EXIT_USER_ERROR, "error: --model_base_path is required"),
+    # TF Serving's command lines: flags storygen-serve does not support are refused by name, not as unknown.
+    (["serving.server", "--model_config_file=models.config"], EXIT_USER_ERROR,
+     "error: storygen-serve does not support --model_config_file: it serves one model: use --model_name"),
+    (["serving.server", "--model_base_path=/tmp", "--batching_parameters_file=batching.config"], EXIT_USER_ERROR,
+     "error: storygen-serve does not support --batching_parameters_file: use --enable_batching"),
+    (["serving.server", "--model_base_path=/tmp", "--monitoring_config_file=monitoring.config"], EXIT_USER_ERROR,
+     "error: storygen-serve does not support --monitoring_config_file: Prometheus metrics"),
+    (["serving.server", "--model_base_path=/tmp", "--grpc_channel_arguments=grpc.max_concurrent_streams"],
+     EXIT_USER_ERROR, "error: --grpc_channel_arguments: 'grpc.max_concurrent_streams' is not key=value."),
     (["serving.client"], EXIT_USAGE, "error: flag --prompt=None"),
     (["serving.client", "--prompt=x", "--signature=score"], EXIT_USAGE, "error: flag --signature=score"),
     (["serving.client", "--prompt=x", "--rest=http://127.0.0.1:9", "--timeout=5"], EXIT_USER_ERROR,
@@ -47,3 +57,8 @@ def test_mistakes_are_one_line_with_their_exit_status(args, status, message):
     result = run_cli(*args)
     assert result.returncode == status and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_version_prints_and_exits_like_tf_servings():
+    result = run_cli("serving.server", "--version")
+    assert result.returncode == 0 and result.stdout.startswith("storygen-serve "), result.stderr

@@ -90,6 +90,61 @@ def test_a_version_that_fails_to_load_is_skipped_until_it_changes(base, saved):
     assert models.loaded_versions() == [2]
 
 
+def test_a_version_pushed_before_its_variables_loads_once_they_land(base, saved):
+    path, add = base
+    add(1)
+    version = os.path.join(path, "2")
+    os.makedirs(version)
+    shutil.copy(os.path.join(saved[2], "saved_model.pb"), version)  # a copy that is not atomic, half-way
+    models = manager(path)
+    models.poll()
+    assert models.loaded_versions() == [1]
+    shutil.copytree(os.path.join(saved[2], "variables"), os.path.join(version, "variables"))
+    models.poll()  # saved_model.pb is unchanged: the new files alone make the version worth loading again
+    assert models.loaded_versions() == [2]
+
+
+def test_failed_loads_are_retried_max_num_load_retries_times(base, monkeypatch):
+    """A transient failure heals on a retry with no file changed; a broken version is tried
+    1 + max_load_retries times, retry_interval_s apart, then left alone."""
+    from serving import model_manager
+
+    path, add = base
+    add(1)
+    add(2)
+    publish_version(stage_broken_version(path, 3), 3)
+    attempts = {2: 0, 3: 0}
+    real_load = model_manager.load_servable
+
+    def flaky_load(name, version, version_path, tags):
+        attempts[version] = attempts.get(version, 0) + 1
+        if version == 2 and attempts[2] == 1:
+            raise OSError("the file system hiccupped")
+        return real_load(name, version, version_path, tags)
+
+    monkeypatch.setattr(model_manager, "load_servable", flaky_load)
+    models = ModelManager("storygen", path, VersionPolicy.parse("specific:1,2,3"), {}, max_load_retries=2,
+                          retry_interval_s=0.3)
+    models.poll()
+    assert models.loaded_versions() == [1] and attempts == {1: 1, 2: 1, 3: 1}
+    models.poll()  # too soon for a retry
+    assert attempts == {1: 1, 2: 1, 3: 1}
+    for expected in (2, 3, 3):
+        time.sleep(0.35)
+        models.poll()
+        assert attempts[3] == expected
+    assert models.loaded_versions() == [1, 2]
+
+
+def test_saved_model_tags_pick_the_meta_graph(base):
+    path, add = base
+    add(1)
+    models = ModelManager("storygen", path, VersionPolicy.parse("latest"), {}, tags=("serve", "gpu"))
+    models.poll()
+    assert models.loaded_versions() == []
+    assert "no meta graph tagged serve,gpu" in models.statuses("storygen")[0].error
+
+
 def test_a_new_version_retires_the_old_one_without_breaking_its_requests(base):
     path, add = base
     add(1)
