@@ -17,20 +17,20 @@ import os
 import tensorflow as tf
 
 from components.config import ExportConfig
-from components.contract import SIGNATURES
+from components.contract import PARAMETER_DTYPES, SIGNATURES
 from components.model.decoding import StoryGenerator
 
 SAVED_MODEL_DIR = "saved_model"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")  # where TF Serving looks
 # One request per signature, in both languages: short, so that replaying them costs little
-# more than the graph optimisation they are there to trigger.
+# more than the graph optimisation they are there to trigger. (Plain values: a tensor made at
+# import would start TensorFlow's runtime, which MultiWorkerMirroredStrategy must configure first.)
 WARMUP_PROMPTS = ["从前有座山，", "Once upon a time"]
 WARMUP_INPUTS = {
     "serving_default": {},
-    "generate": {"max_new_tokens": tf.constant(4), "temperature": tf.constant(0.8), "top_k": tf.constant(40),
-                 "top_p": tf.constant(0.95), "seed": tf.constant(0, tf.int64)},
-    "beam_search": {"max_new_tokens": tf.constant(4), "num_beams": tf.constant(2)},
-    "score": {"story": tf.constant(["山里有座庙。", " there was a fox."])},
+    "generate": {"max_new_tokens": 4, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 0},
+    "beam_search": {"max_new_tokens": 4, "num_beams": 2},
+    "score": {"story": ["山里有座庙。", " there was a fox."]},
 }
 
 
@@ -53,7 +53,7 @@ def write_warmup_requests(saved_model_path: str) -> None:
         for signature, inputs in WARMUP_INPUTS.items():
             request = predict_pb2.PredictRequest()
             request.model_spec.signature_name = signature
-            for name, value in {"prompt": tf.constant(WARMUP_PROMPTS), **inputs}.items():
-                request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            for name, value in {"prompt": WARMUP_PROMPTS, **inputs}.items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=PARAMETER_DTYPES.get(name, tf.string)))
             writer.write(prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())

@@ -47,6 +47,10 @@ def not_found(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.NOT_FOUND, message)
 
 
+def failed_precondition(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
 def from_tf_error(error: tf.errors.OpError) -> ServingError:
     """The ServingError for an error raised inside a model graph, with the graph's message
     (e.g. a tf.debugging assertion) but without TF's node and op-name decorations."""

@@ -25,8 +25,12 @@ def add_services(server: grpc.Server, predictor: Predictor, stats: Stats, max_el
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor, stats), server)
 
 
-def _spec(model_spec) -> tuple[str, int | None, str | None]:
-    """(name, version, label) of a ModelSpec; version and label are a oneof, both may be unset."""
+def _spec(request) -> tuple[str, int | None, str | None]:
+    """(name, version, label) of a request's ModelSpec; version and label are a oneof, both may
+    be unset. A request without one is INVALID_ARGUMENT, as in TF Serving."""
+    if not request.HasField("model_spec"):
+        raise invalid_argument("Missing ModelSpec.")
+    model_spec = request.model_spec
     version = model_spec.version.value if model_spec.HasField("version") else None
     return model_spec.name, version, model_spec.version_label or None
 
@@ -59,7 +63,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def Predict(self, request, context):
         def answer(record):
-            name, version, label = _spec(request.model_spec)
+            name, version, label = _spec(request)
             record.target = f"{name}/{version or label or 'latest'}/{request.model_spec.signature_name}"
             servable, signature = self._predictor.find(name, version, label, request.model_spec.signature_name)
             inputs = {key: tensor_codec.proto_to_ndarray(key, proto, signature.input_dtype(key), self._max_elements)
@@ -83,7 +87,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             if list(request.metadata_field) != ["signature_def"]:
                 raise invalid_argument("metadata_field must be ['signature_def'], the only metadata this server "
                                        f"has; got {list(request.metadata_field)}.")
-            servable = self._predictor.manager.resolve(*_spec(request.model_spec))
+            servable = self._predictor.manager.resolve(*_spec(request))
             record.target = f"{servable.name}/{servable.version}"
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = servable.name
@@ -112,7 +116,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def GetModelStatus(self, request, context):
         def answer(record):
             record.target = request.model_spec.name
-            return model_status_response(self._manager.statuses(*_spec(request.model_spec)))
+            return model_status_response(self._manager.statuses(*_spec(request)))
 
         return _handle(self._stats, "GetModelStatus", context, answer)
 

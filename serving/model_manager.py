@@ -28,7 +28,7 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from serving.errors import from_tf_error, invalid_argument, not_found
+from serving.errors import failed_precondition, from_tf_error, invalid_argument, not_found
 
 DEFAULT_SIGNATURE = "serving_default"
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -139,8 +139,8 @@ class Servable:
 
     def signature(self, name: str) -> Signature:
         name = name or DEFAULT_SIGNATURE
-        if name not in self.signatures:
-            raise not_found(f"Version {self.version} of model '{self.name}' has no signature '{name}'; it has "
+        if name not in self.signatures:  # TF Serving's code for it: FAILED_PRECONDITION (HTTP 400)
+            raise failed_precondition(f"Version {self.version} of model '{self.name}' has no signature '{name}'; it has "
                             f"{', '.join(sorted(self.signatures))}.")
         return self.signatures[name]
 
@@ -355,8 +355,8 @@ class ModelManager:
             raise not_found(f"Model '{name}' is not served here; this server serves '{self.name}'.")
 
     def _label_version(self, label: str) -> int:
-        if label not in self.labels:
-            raise not_found(f"Model '{self.name}' has no version label '{label}'; labels: "
+        if label not in self.labels:  # TF Serving's code for it: INVALID_ARGUMENT
+            raise invalid_argument(f"Model '{self.name}' has no version label '{label}'; labels: "
                             f"{', '.join(sorted(self.labels)) or 'none (see --version_labels)'}.")
         return self.labels[label]
 

@@ -28,8 +28,10 @@ from serving.predictor import Predictor
 from serving.stats import RequestRecord, Stats
 
 METRICS_PATH = "/monitoring/prometheus/metrics"
-_MODEL_URL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-                        r"(?P<action>/metadata|:predict|:classify|:regress)?")
+# TF Serving matches the fixed parts of its URLs in any case (/V1/MODELS/...); model names and labels keep theirs.
+_MODEL_URL = re.compile(r"(?i:/v1/models/)(?P<name>[^/:]+)(?:(?i:/versions/)(?P<version>\d+)|(?i:/labels/)(?P<label>[^/:]+))?"
+                        r"(?P<action>(?i:/metadata|:predict|:classify|:regress))?")
+_MODELS_URL = re.compile(r"(?i:/v1/models)/?")
 # (HTTP method, URL action) -> the API method, named as over gRPC for the logs and counters.
 _ROUTES = {("GET", None): "GetModelStatus", ("GET", "/metadata"): "GetModelMetadata",
            ("POST", ":predict"): "Predict", ("POST", ":classify"): "Classify", ("POST", ":regress"): "Regress"}
@@ -46,12 +48,16 @@ class RestServer:
         self.timeout_s = timeout_s
         self._httpd = _HttpServer((host, port), self, max_connections)
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="rest", daemon=True)
+        self.draining = False
 
     def start(self) -> None:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stops accepting connections; requests already being handled finish on their threads."""
+        """Stops accepting connections; requests already being handled finish on their threads,
+        and a request that arrives later on a kept-alive connection is answered 503 with
+        `Connection: close`."""
+        self.draining = True
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -59,8 +65,11 @@ class RestServer:
         """(HTTP status, JSON-able body) for one API request; fills in `record` for the stats."""
         record.target = path
         match = _MODEL_URL.fullmatch(path)
-        record.method = (match and _ROUTES.get((method, match["action"]))) or "Unknown"
+        action = match and match["action"] and match["action"].lower()
+        record.method = (match and _ROUTES.get((method, action))) or "Unknown"
         try:
+            if _MODELS_URL.fullmatch(path):
+                raise invalid_argument("Missing model name in request.")
             if match is None:
                 raise not_found(f"No such URL: {path}; see /v1/models/<name>[/versions/<v>]...")
             if record.method == "Unknown":
@@ -89,8 +98,10 @@ class RestServer:
     def _metadata(self, handler, name, version, label):
         servable = self.predictor.manager.resolve(name, version, label)
         return {"model_spec": {"name": servable.name, "signature_name": "", "version": str(servable.version)},
+                # Every field, defaults too, as TF Serving writes it (a scalar's shape is {"dim": [], "unknown_rank": false}).
                 "metadata": {"signature_def": json_format.MessageToDict(servable.signature_def_map,
-                                                                        preserving_proto_field_name=True)}}
+                                                                        preserving_proto_field_name=True,
+                                                                        always_print_fields_with_no_presence=True)}}
 
     def _predict(self, handler, name, version, label):
         payload = handler.read_json(self.max_request_bytes)
@@ -134,6 +145,9 @@ class _HttpServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so clients reuse connections
+    # TCP_NODELAY: the headers and the body go out in two writes, and with Nagle's algorithm the
+    # body waited for the client's delayed ACK of the headers, 40 ms on every reused connection.
+    disable_nagle_algorithm = True
     server_version = "storygen-serve"
     timeout = 30  # seconds a connection may idle or trickle before it is closed
 
@@ -155,6 +169,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         if path == METRICS_PATH and method == "GET":
             self._send(200, app.stats.prometheus_text())
+            return
+        if app.draining:  # a request on a connection kept alive across SIGTERM: refused, and the connection closed
+            self.close_connection = True
+            self._send(503, {"error": "The server is shutting down; send the request to another replica."})
             return
         # The response is sent inside the request's accounting, so a draining server waits for it.
         with app.stats.request("rest") as record:

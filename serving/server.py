@@ -6,7 +6,8 @@ APIs, for machines where tensorflow_model_server is not available.
 
 Flags that tensorflow_model_server also has keep its names and meanings. The server binds
 127.0.0.1 unless --host says otherwise. SIGTERM (or Ctrl-C) stops accepting requests, lets the
-ones in flight finish (up to --drain_timeout_seconds) and exits 0.
+ones in flight finish (up to --drain_timeout_seconds) and exits 0, or 1 if it had to cut some.
+REST requests that arrive on kept-alive connections while it drains get 503 and `Connection: close`.
 """
 
 from __future__ import annotations
@@ -183,11 +184,10 @@ def _serve(args):
     if batcher:
         batcher.stop()
     manager.stop()
-    if drained:
-        logging.info("All requests answered; exiting.")
-    else:
-        logging.warning("Exiting with %d requests still in flight after %.0f s.", stats.in_flight(),
-                        FLAGS.drain_timeout_seconds)
+    if not drained:  # a non-zero exit, so that whoever stopped the server learns that requests were cut
+        raise UserError(f"Exiting with {stats.in_flight()} requests still in flight after "
+                        f"{FLAGS.drain_timeout_seconds:.0f} s of draining: they were cut.")
+    logging.info("All requests answered; exiting.")
 
 
 def _bind_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:

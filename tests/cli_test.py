@@ -24,6 +24,17 @@ def test_entry_points_import_no_tensorflow(module):
     assert result.stdout.strip() == "[]"
 
 
+def test_importing_the_steps_leaves_tensorflows_runtime_unstarted():
+    """MultiWorkerMirroredStrategy must configure TensorFlow's runtime before it starts, and the
+    pipeline imports its steps first: a tensor made at import (it happened) fails every
+    multi-worker run. (The runtime's handle is private; this test is its only reader.)"""
+    code = ("import components.exporter, components.trainer, components.evaluator, components.tuner, "
+            "components.pusher, components.model, components.tokenizer, components.ingest; "
+            "from tensorflow.python.eager import context; print(context.context()._context_handle is None)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
+
+
 def test_helpshort_lists_every_pipeline_flag_quickly():
     start = time.time()
     result = run_cli("pipeline.run", "--helpshort")

@@ -1,6 +1,9 @@
 """A server's life: a 20 s soak with 16 clients (no errors, bounded memory, summary lines), and
-SIGTERM while requests are in flight (they finish, new ones are refused, the exit code is 0)."""
+SIGTERM while requests are in flight (they finish, new ones are refused, also on kept-alive REST
+connections, and the exit code is 0; 1 when the drain ran out and requests were cut)."""
 
+import http.client
+import json
 import signal
 import threading
 import time
@@ -92,6 +95,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, base):
             results["rest"] = server.rest("/v1/models/storygen:predict", {
                 "signature_name": "generate", "inputs": {"prompt": ["slow"], "max_new_tokens": SLOW_MS, **GENERATE}})
 
+        kept_alive = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+        kept_alive.request("GET", "/v1/models/storygen")
+        first = kept_alive.getresponse()
+        assert first.status == 200 and first.read()
         threads = [threading.Thread(target=slow_grpc), threading.Thread(target=slow_rest)]
         for thread in threads:
             thread.start()
@@ -107,6 +114,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, base):
             server.predict(["new"], timeout=5)
         with pytest.raises(OSError):  # refused, or reset if it reached the closing listener
             server.rest("/v1/models/storygen")
+        # A connection kept alive from before the signal: its next request is refused, and it is closed.
+        kept_alive.request("POST", "/v1/models/storygen:predict", body=json.dumps({"instances": ["late"]}))
+        late = kept_alive.getresponse()
+        late_body = json.loads(late.read())
+        kept_alive.close()
         for thread in threads:
             thread.join()
         exit_code = server.proc.wait(30)
@@ -118,5 +130,30 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, base):
     status, body = results["rest"]
     assert (status, body["outputs"]["story"]) == (200, [expected_generation("slow", 1, SLOW_MS, 40, 3)])
     assert exit_code == 0
+    assert (late.status, late.getheader("Connection")) == (503, "close") and "shutting down" in late_body["error"]
     log = server.log()
     assert "SIGTERM received: draining 2 in-flight requests" in log and "All requests answered" in log
+
+
+@pytest.mark.slow
+def test_sigterm_that_has_to_cut_requests_exits_1(tmp_path, base):
+    server = ServerProcess(base, tmp_path / "server.log", "--max_new_tokens_limit=20000", "--drain_timeout_seconds=1")
+    try:
+        server.wait_ready(1)
+        def slow_rest():
+            try:
+                server.rest("/v1/models/storygen:predict", {"signature_name": "generate", "inputs": {
+                    "prompt": ["slow"], "max_new_tokens": 15000, **GENERATE}})
+            except OSError:
+                pass  # cut: the server exits under it
+
+        threading.Thread(target=slow_rest, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while server.metric("storygen_requests_in_flight") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        exit_code = server.proc.wait(30)
+    finally:
+        server.stop()
+    assert exit_code == 1
+    assert "Exiting with 1 requests still in flight after 1 s of draining: they were cut." in server.log()

@@ -198,7 +198,7 @@ def test_a_version_whose_warm_up_fails_is_not_served(base):
     assert status[2].state == END and "no signature 'no_such_signature'" in status[2].error
 
 
-def test_labels_and_versions_resolve_or_give_not_found(base):
+def test_labels_and_versions_resolve_or_give_tf_servings_errors(base):
     path, add = base
     add(1)
     add(2)
@@ -206,11 +206,13 @@ def test_labels_and_versions_resolve_or_give_not_found(base):
     models.poll()
     assert models.resolve("storygen", label="stable").version == 1
     assert models.resolve("storygen", version=2).version == 2
-    for kwargs, fragment in [({"label": "beta"}, "no version label 'beta'"), ({"label": "next"}, "not loaded"),
-                             ({"version": 5}, "Version 5"), ({"name": "poems"}, "not served here")]:
+    for kwargs, code, fragment in [({"label": "beta"}, "INVALID_ARGUMENT", "no version label 'beta'"),
+                                   ({"label": "next"}, "NOT_FOUND", "not loaded"),
+                                   ({"version": 5}, "NOT_FOUND", "Version 5"),
+                                   ({"name": "poems"}, "NOT_FOUND", "not served here")]:
         with pytest.raises(ServingError) as error:
             models.resolve(kwargs.pop("name", "storygen"), **kwargs)
-        assert error.value.code == grpc.StatusCode.NOT_FOUND and fragment in error.value.message
+        assert error.value.code == getattr(grpc.StatusCode, code) and fragment in error.value.message
 
 
 # ---------------------------------------------------------------------------------- hot reload
