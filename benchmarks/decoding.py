@@ -318,14 +318,16 @@ def pretrained_keras_hub_peer(preset_dir: str, new_tokens: int, jit_compile: boo
     start id followed by room for exactly `new_tokens`."""
     import keras_hub
     import numpy as np
+    import tensorflow as tf
 
     from components.model import presets
+    from components.tokenizer import Tokenizer
+    from components.transform import encode_prompts
 
     lm = keras_hub.models.Seq2SeqLM.from_preset(preset_dir)
     special = presets.special_ids(lm.preprocessor.tokenizer)
-    before, after = ([] if special.prompt_start is None else [special.prompt_start],
-                     [] if special.prompt_end is None else [special.prompt_end])
-    prompt_ids = np.concatenate([before, np.asarray(lm.preprocessor.tokenizer.tokenize(PROMPT_TEXT)), after]).astype("int32")
+    tokenizer = Tokenizer(lm.preprocessor.tokenizer, special)
+    prompt_ids = encode_prompts(tokenizer, tf.constant([PROMPT_TEXT]), PRETRAINED_PROMPT_WINDOW)[0].numpy()
     lm.preprocessor = None  # generate() takes and returns token ids
     lm.compile(sampler="greedy", jit_compile=jit_compile)
 

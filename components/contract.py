@@ -54,6 +54,9 @@ SIGNATURES = {
                                 Tensor("bits_per_char", "float32", (None,)))),
 }
 DEFAULT_SIGNATURE = "serving_default"
+# TF Serving's model warm-up file, inside a SavedModel: PredictionLog records that a server
+# replays before the version takes traffic (the exporter writes it, storygen-serve reads it).
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 
 # The scalar parameters a request may send, and their dtypes.
 PARAMETER_DTYPES = {tensor.name: tensor.dtype for signature in SIGNATURES.values() for tensor in signature.inputs

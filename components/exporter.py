@@ -17,11 +17,10 @@ import os
 import tensorflow as tf
 
 from components.config import ExportConfig
-from components.contract import PARAMETER_DTYPES, SIGNATURES
+from components.contract import PARAMETER_DTYPES, SIGNATURES, WARMUP_FILE
 from components.model.decoding import StoryGenerator
 
 SAVED_MODEL_DIR = "saved_model"
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")  # where TF Serving looks
 # One request per signature, in both languages: short, so that replaying them costs little
 # more than the graph optimisation they are there to trigger. (Plain values: a tensor made at
 # import would start TensorFlow's runtime, which MultiWorkerMirroredStrategy must configure first.)
@@ -48,8 +47,9 @@ def write_warmup_requests(saved_model_path: str) -> None:
     """Writes `WARMUP_FILE`: TFRecords of PredictionLog protos, one PredictRequest per signature."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-    os.makedirs(os.path.dirname(os.path.join(saved_model_path, WARMUP_FILE)), exist_ok=True)
-    with tf.io.TFRecordWriter(os.path.join(saved_model_path, WARMUP_FILE)) as writer:
+    warmup_path = os.path.join(saved_model_path, WARMUP_FILE)
+    os.makedirs(os.path.dirname(warmup_path), exist_ok=True)
+    with tf.io.TFRecordWriter(warmup_path) as writer:
         for signature, inputs in WARMUP_INPUTS.items():
             request = predict_pb2.PredictRequest()
             request.model_spec.signature_name = signature

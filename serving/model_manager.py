@@ -28,11 +28,11 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
+from components.contract import WARMUP_FILE
 from serving.errors import failed_precondition, from_tf_error, invalid_argument, not_found
 
 DEFAULT_SIGNATURE = "serving_default"
 SAVED_MODEL_FILE = "saved_model.pb"
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_REQUESTS = 1000  # TF Serving's limit
 
 State = ModelVersionStatus.State

@@ -98,7 +98,7 @@ def define_flags():
 def main():
     """Console script entry point (`storygen-serve`)."""
     define_flags()
-    cli.run(_serve, logs_info=True)
+    cli.run(_serve, logs_info=True, uses_tensorflow=False)
 
 
 def _serve(args):
@@ -113,7 +113,8 @@ def _serve(args):
     if not FLAGS.model_base_path:
         raise UserError("--model_base_path is required: the folder holding the model's version directories, "
                         "e.g. saved_models/storygen.")
-    # Loaded after the flags are parsed, so that --help and flag errors answer at once.
+    # Loaded after the flags are checked, so that --help, --version and flag errors answer at once.
+    cli.import_tensorflow()
     import tensorflow as tf
 
     from serving.batching import Batcher

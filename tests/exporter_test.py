@@ -10,7 +10,7 @@ import tensorflow as tf
 from components import exporter
 from components.common import BOS_ID, EOS_ID
 from components.config import ExportConfig
-from components.contract import SIGNATURES
+from components.contract import SIGNATURES, WARMUP_FILE
 from components.tokenizer import make_tokenizer
 
 PROMPTS = ["从前有座山，", "Once upon a time", "一只狐狸", "The dragon", "", "老渔夫说：", "A tailor", "山里有座庙。"]
@@ -56,7 +56,7 @@ def test_the_export_carries_a_warm_up_request_per_signature_that_it_answers(save
 
     from serving.model_manager import load_servable, warm_up
 
-    records = tf.data.TFRecordDataset(f"{saved_model}/{exporter.WARMUP_FILE}")
+    records = tf.data.TFRecordDataset(f"{saved_model}/{WARMUP_FILE}")
     requests = [prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request for r in records]
     assert sorted(r.model_spec.signature_name for r in requests) == sorted(SIGNATURES)
     assert warm_up(load_servable("storygen", 1, saved_model), saved_model) == len(SIGNATURES)

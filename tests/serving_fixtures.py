@@ -30,7 +30,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from components.contract import PARAMETER_DTYPES
+from components.contract import PARAMETER_DTYPES, WARMUP_FILE
 from components.model.decoding import input_signature
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,8 +230,6 @@ def predict_request(prompts, signature: str = "", *, model: str = MODEL_NAME, ve
 def write_warmup_requests(version_path: str, requests) -> None:
     """Writes TF Serving's warm-up file into a version: one PredictionLog record per PredictRequest."""
     from tensorflow_serving.apis import prediction_log_pb2
-
-    from serving.model_manager import WARMUP_FILE
 
     os.makedirs(os.path.join(version_path, os.path.dirname(WARMUP_FILE)), exist_ok=True)
     with tf.io.TFRecordWriter(os.path.join(version_path, WARMUP_FILE)) as writer:

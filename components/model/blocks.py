@@ -35,6 +35,13 @@ def layer_norm(x, weights):
     return (x - mean) * tf.math.rsqrt(variance + epsilon) * gamma + beta
 
 
+def rms_norm(x, weights):
+    """RMS normalisation over the last axis: x / sqrt(mean(x^2) + epsilon) * multiplier, no
+    centring and no bias (T5's multiplier is its scale; Gemma's is 1 + its scale)."""
+    multiplier, epsilon = weights
+    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + epsilon) * multiplier
+
+
 def decoder_block_weights(parts, d_model: int, ff_dim: int) -> dict:
     """One block's weights for `decoder_blocks_step` (`parts`: `internals.decoder_block_parts`)."""
     attention, cross = parts.self_attention, parts.cross_attention

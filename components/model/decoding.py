@@ -80,18 +80,22 @@ def empty_buffer(shape) -> tf.Tensor:
     return tf.raw_ops.Empty(shape=shape, dtype=tf.float32, init=True)
 
 
-def attend(query, keys, values, bias=None, soft_cap=None):
+def soft_cap(x, cap):
+    """Gemma's logit soft-capping, cap * tanh(x / cap): x squashed into (-cap, cap); x itself
+    when `cap` is None."""
+    return cap * tf.tanh(x / cap) if cap else x
+
+
+def attend(query, keys, values, bias=None, cap=None):
     """One query per row and head [B, heads, head_dim] (already scaled) attends to keys and
     values [T, B, heads, head_dim]; returns [B, heads, head_dim]. `bias` broadcasts to the
-    scores [T, B, heads]; `soft_cap` squashes the scores to (-soft_cap, soft_cap) with tanh
-    before the bias is added (Gemma's attention logit soft-capping). Grouped-query attention
+    scores [T, B, heads]; the scores are `soft_cap`ped at `cap` before the bias is added
+    (Gemma's attention logit soft-capping). Grouped-query attention
     passes query [B, kv_heads, groups, head_dim] and keys and values [T, B, kv_heads, 1,
     head_dim]. Products and sums rather than batch matmuls: the position-major layout is not
     a batch matmul's, and for one query per row they cost less than oneDNN's batch-matmul and
     softmax kernels, whose per-call overhead dominates at small batches."""
-    scores = tf.reduce_sum(keys * query, axis=-1)  # [T, B, heads]
-    if soft_cap:
-        scores = soft_cap * tf.tanh(scores / soft_cap)
+    scores = soft_cap(tf.reduce_sum(keys * query, axis=-1), cap)  # [T, B, heads]
     if bias is not None:
         scores += bias
     weights = tf.exp(scores - tf.reduce_max(scores, axis=0))

@@ -104,10 +104,8 @@ class PretrainedSeq2Seq(keras.Model):
         return tf.convert_to_tensor(embedding.reverse_embeddings)[:, : self.vocab_size]
 
     def project(self, states):
-        logits = tf.matmul(states, tf.cast(self.output_embeddings, states.dtype), transpose_b=True)
-        if self.logit_soft_cap:
-            logits = self.logit_soft_cap * tf.tanh(logits / self.logit_soft_cap)
-        return logits
+        return decoding.soft_cap(tf.matmul(states, tf.cast(self.output_embeddings, states.dtype), transpose_b=True),
+                                 self.logit_soft_cap)
 
     # ------------------------------------------------------------------ decoding
 

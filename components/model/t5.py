@@ -31,13 +31,8 @@ def _kernel(layer):
 
 
 def _rms_weights(layer):
+    """T5's layer norm (an RMS norm, `blocks.rms_norm`) as (scale, epsilon)."""
     return tf.convert_to_tensor(layer.weight), layer.epsilon
-
-
-def rms_norm(x, weights):
-    """T5's layer norm: x / sqrt(mean(x^2) + epsilon) * scale, no centring and no bias."""
-    scale, epsilon = weights
-    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + epsilon) * scale
 
 
 class T5(PretrainedSeq2Seq):
@@ -103,7 +98,7 @@ class T5(PretrainedSeq2Seq):
         bias = weights["position_bias"][self.max_story_tokens - 1 - position:][:, None, :]
         x, cache = blocks.decoder_blocks_step(tf.gather(weights["tokens"], token_ids), position, cache,
                                               weights["blocks"], self.backbone.num_heads, normalize_first=True,
-                                              norm=rms_norm, self_bias=bias)
-        x = self.scale_states(rms_norm(x, weights["norm"]))
+                                              norm=blocks.rms_norm, self_bias=bias)
+        x = self.scale_states(blocks.rms_norm(x, weights["norm"]))
         logits = tf.matmul(x, weights["head"])
         return logits, cache

@@ -18,19 +18,14 @@ import tensorflow as tf
 
 from components.common import SpecialIds
 from components.model import blocks
-from components.model.decoding import attend, dense, write_row
+from components.model.blocks import dense_weights, rms_norm
+from components.model.decoding import attend, dense, soft_cap, write_row
 from components.model.pretrained import PretrainedSeq2Seq
 
 
 def _norm_weights(layer):
-    """Gemma's RMSNormalization as (multiplier 1 + scale, epsilon)."""
+    """Gemma's RMSNormalization (x / rms(x) * (1 + scale), `blocks.rms_norm`) as (1 + scale, epsilon)."""
     return 1.0 + tf.convert_to_tensor(layer.scale), layer.epsilon
-
-
-def rms_norm(x, weights):
-    """x / sqrt(mean(x^2) + epsilon) * (1 + scale), as keras-hub's Gemma RMSNormalization computes it."""
-    multiplier, epsilon = weights
-    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + epsilon) * multiplier
 
 
 def rotary_tables(positions: int, head_dim: int, max_wavelength: float):
@@ -85,9 +80,6 @@ class T5Gemma(PretrainedSeq2Seq):
         backbone = self.backbone
         width = backbone.decoder_num_attention_heads * backbone.decoder_head_dim
 
-        def kernel(layer, inputs):
-            return blocks.dense_weights(layer, inputs)
-
         def scaled(weights, scale):
             return weights[0] * scale, None if weights[1] is None else weights[1] * scale
 
@@ -95,20 +87,20 @@ class T5Gemma(PretrainedSeq2Seq):
         for layer in backbone.decoder_layers:
             attention, cross, mlp = layer.self_attn, layer.cross_attn, layer.mlp
             # The query scale folded into the query kernel (rotation is linear, so it commutes).
-            query, key, value = (kernel(dense_layer, backbone.decoder_hidden_dim) for dense_layer in
+            query, key, value = (dense_weights(dense_layer, backbone.decoder_hidden_dim) for dense_layer in
                                  (attention.query_dense, attention.key_dense, attention.value_dense))
             query = scaled(query, attention.scaling)
             weights.append({
                 "pre_self_norm": _norm_weights(layer.pre_self_attn_layernorm),
                 "qkv": (tf.concat([query[0], key[0], value[0]], axis=1),
                         None if query[1] is None else tf.concat([query[1], key[1], value[1]], axis=0)),
-                "self_output": kernel(attention.output_dense, width),
+                "self_output": dense_weights(attention.output_dense, width),
                 "post_self_norm": _norm_weights(layer.post_self_attn_layernorm),
                 "pre_cross_norm": _norm_weights(layer.pre_cross_attn_layernorm),
-                "cross_query": scaled(kernel(cross.query_dense, backbone.decoder_hidden_dim), cross.scaling),
-                "cross_key": kernel(cross.key_dense, backbone.cross_attention_hidden_size),
-                "cross_value": kernel(cross.value_dense, backbone.cross_attention_hidden_size),
-                "cross_output": kernel(cross.output_dense, width),
+                "cross_query": scaled(dense_weights(cross.query_dense, backbone.decoder_hidden_dim), cross.scaling),
+                "cross_key": dense_weights(cross.key_dense, backbone.cross_attention_hidden_size),
+                "cross_value": dense_weights(cross.value_dense, backbone.cross_attention_hidden_size),
+                "cross_output": dense_weights(cross.output_dense, width),
                 "post_cross_norm": _norm_weights(layer.post_cross_attn_layernorm),
                 "pre_feedforward_norm": _norm_weights(layer.pre_feedforward_layernorm),
                 # The gate's and the up projection's kernels side by side, one matmul.
@@ -138,7 +130,7 @@ class T5Gemma(PretrainedSeq2Seq):
         groups = heads // kv_heads
         batch = tf.shape(token_ids)[0]
         cos, sin = weights["cos"][position], weights["sin"][position]
-        soft_cap = backbone.attn_logit_softcapping
+        attention_cap = backbone.attn_logit_softcapping
 
         # Grouped-query attention: a query [B, kv_heads, groups, head_dim] attends to keys and
         # values [T, B, kv_heads, 1, head_dim]. (Every head its own keys: no grouping at all.)
@@ -163,14 +155,14 @@ class T5Gemma(PretrainedSeq2Seq):
                 values.append(write_row(cache.values[i], position, value[None]))
                 first = 0 if block["sliding_window"] is None else tf.maximum(0, position - block["sliding_window"])
                 attended = attend(query_heads(query), shared(keys[i][first: position + 1]),
-                                  shared(values[i][first: position + 1]), soft_cap=soft_cap)
+                                  shared(values[i][first: position + 1]), cap=attention_cap)
                 return dense(tf.reshape(attended, [batch, heads * head_dim]), block["self_output"])
 
             def cross_attention(h):
                 query = query_heads(dense(h, block["cross_query"]))
                 bias = cache.cross_bias[..., None] if groups > 1 else cache.cross_bias
                 attended = attend(query, shared(cache.cross_keys[i]), shared(cache.cross_values[i]), bias,
-                                  soft_cap=soft_cap)
+                                  cap=attention_cap)
                 return dense(tf.reshape(attended, [batch, heads * head_dim]), block["cross_output"])
 
             def feedforward(h):
@@ -181,7 +173,4 @@ class T5Gemma(PretrainedSeq2Seq):
             x = sublayer(x, "cross", cross_attention)
             x = sublayer(x, "feedforward", feedforward)
         x = rms_norm(x, weights["norm"])
-        logits = tf.matmul(x, weights["head"])
-        if self.logit_soft_cap:
-            logits = self.logit_soft_cap * tf.tanh(logits / self.logit_soft_cap)
-        return logits, cache._replace(keys=keys, values=values)
+        return soft_cap(tf.matmul(x, weights["head"]), self.logit_soft_cap), cache._replace(keys=keys, values=values)
