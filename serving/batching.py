@@ -8,6 +8,10 @@ when a newer batch with its key was opened. At most `max_enqueued_batches` batch
 request that would need another one fails at once with RESOURCE_EXHAUSTED, so overload shows
 up as fast rejections rather than growing latency. Batch inputs are concatenated as they are
 (string[B] prompts need no padding), so the key must also hold their shapes apart from B.
+
+A request whose deadline passes, or whose caller goes, stops waiting at once: if its batch has not
+started it runs without it, and a running batch whose callers have all gone is cancelled, so no
+model time is spent for callers that are no longer there.
 """
 
 import collections
@@ -17,35 +21,39 @@ import time
 import grpc
 import numpy as np
 from absl import logging
+from tensorflow.python.eager.cancellation import CancellationManager
 
-from serving.errors import ServingError, invalid_argument
+from serving.errors import ServingError, caller_gone, invalid_argument
 
 
 class _Task:
     """One request waiting for its share of a batch."""
 
-    def __init__(self, inputs: dict, rows: int, deadline: float | None):
+    def __init__(self, inputs: dict, rows: int, deadline: float | None, batch: "_Batch"):
         self.inputs = inputs
         self.rows = rows
         self.deadline = deadline
-        self.abandoned = False  # its caller stopped waiting (deadline): do not run it
+        self.batch = batch
+        self.abandoned = False  # its caller stopped waiting (deadline, or gone): do not run it
         self.done = threading.Event()
         self.outputs = None
         self.error = None
 
     def finish(self, outputs=None, error=None) -> None:
-        self.outputs, self.error = outputs, error
-        self.done.set()
+        if not self.done.is_set():  # the first answer stands (a caller gone, or the batch's)
+            self.outputs, self.error = outputs, error
+            self.done.set()
 
 
 class _Batch:
     def __init__(self, key, run, batch_inputs: frozenset):
         self.key = key
-        self.run = run
+        self.run = run  # run(inputs, cancellation)
         self.batch_inputs = batch_inputs
         self.tasks: list[_Task] = []
         self.rows = 0
         self.created = time.monotonic()
+        self.cancellation = CancellationManager()  # cancelled when every caller of a running batch has gone
 
 
 class Batcher:
@@ -66,16 +74,17 @@ class Batcher:
             thread.start()
 
     def submit(self, key, run, inputs: dict[str, np.ndarray], batch_inputs: frozenset,
-               deadline: float | None = None) -> dict[str, np.ndarray]:
-        """Runs `run(inputs)` as part of a batch and returns this request's rows of the outputs.
+               deadline: float | None = None, on_caller_gone=None) -> dict[str, np.ndarray]:
+        """Runs `run(inputs, cancellation)` as part of a batch and returns this request's rows of the
+        outputs.
 
         `key` must be hashable and equal only for requests that `run` can serve together;
-        `batch_inputs` names the inputs to concatenate; `deadline` is a time.monotonic() value."""
+        `batch_inputs` names the inputs to concatenate; `deadline` is a time.monotonic() value;
+        `on_caller_gone(callback)` registers a callback for when the caller stops waiting."""
         rows = len(inputs[next(iter(batch_inputs))])
         if rows > self.max_batch_size:
             raise invalid_argument(f"The request has {rows} rows, more than one batch holds "
                                    f"(--max_batch_size={self.max_batch_size}); split it.")
-        task = _Task(inputs, rows, deadline)
         with self._cond:
             if self._stopped:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down; retry on another one.")
@@ -88,15 +97,18 @@ class Batcher:
                 batch = _Batch(key, run, batch_inputs)
                 self._queue.append(batch)
                 self._open[key] = batch
+            task = _Task(inputs, rows, deadline, batch)
             batch.tasks.append(task)
             batch.rows += rows
             if batch.rows == self.max_batch_size:
                 del self._open[key]  # full: ready to run
             self._cond.notify()
+        if on_caller_gone is not None:
+            on_caller_gone(lambda: self._abandon(task, caller_gone(deadline)))
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not task.done.wait(timeout):
-            task.abandoned = True  # if its batch has not started yet, it runs without this request
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "The deadline passed before the model answered.")
+            self._abandon(task, ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                             "The deadline passed before the model answered."))
         if task.error is not None:
             raise task.error
         return task.outputs
@@ -108,6 +120,17 @@ class Batcher:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()
+
+    def _abandon(self, task: _Task, error: ServingError) -> None:
+        """Answers `task` with `error` unless it has its answer; a batch that has not started runs
+        without the task, and one that no caller waits for any more is cancelled."""
+        with self._cond:
+            if task.done.is_set():
+                return
+            task.abandoned = True
+            task.finish(error=error)
+            if all(t.done.is_set() for t in task.batch.tasks):
+                task.batch.cancellation.start_cancel()
 
     # ---- batch threads
 
@@ -181,7 +204,7 @@ class Batcher:
         inputs = {name: np.concatenate([t.inputs[name] for t in tasks]) if name in batch.batch_inputs
                   else tasks[0].inputs[name]
                   for name in tasks[0].inputs}
-        outputs = batch.run(inputs)
+        outputs = batch.run(inputs, batch.cancellation)
         total = sum(t.rows for t in tasks)
         for name, array in outputs.items():
             if array.ndim == 0 or array.shape[0] != total:

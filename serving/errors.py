@@ -2,6 +2,7 @@
 one-sentence message. The REST API maps the same code to its HTTP status."""
 
 import re
+import time
 
 import grpc
 import tensorflow as tf
@@ -49,6 +50,15 @@ def not_found(message: str) -> ServingError:
 
 def failed_precondition(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def caller_gone(deadline: float | None) -> ServingError:
+    """The error of a request whose caller stopped waiting, for the counters (no one reads it):
+    DEADLINE_EXCEEDED if its deadline (a time.monotonic() value) has passed, else CANCELLED. gRPC
+    ends a call at its deadline a moment before this process's reading of it, hence the slack."""
+    if deadline is not None and time.monotonic() >= deadline - 0.1:
+        return ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "The deadline passed before the model answered.")
+    return ServingError(grpc.StatusCode.CANCELLED, "The caller cancelled the request.")
 
 
 def from_tf_error(error: tf.errors.OpError) -> ServingError:

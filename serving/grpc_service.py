@@ -70,7 +70,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                       for key, proto in request.inputs.items()}
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
-            outputs = self._predictor.predict(servable, signature, inputs, list(request.output_filter), deadline)
+            outputs = self._predictor.predict(servable, signature, inputs, list(request.output_filter), deadline,
+                                              on_caller_gone=context.add_callback)
             record.target = f"{servable.name}/{servable.version}/{signature.name}"
             response = predict_pb2.PredictResponse()
             response.model_spec.name = servable.name

@@ -16,20 +16,24 @@ first call (TensorFlow optimises a function's graph then: seconds for a large mo
 whose warm-up fails is not served, as one that fails to load.
 """
 
+import contextlib
 import dataclasses
 import os
 import threading
 import time
 
+import grpc
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  registers the SentencePiece ops that storygen's graphs use
 from absl import logging
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.python.eager import cancellation as tf_cancellation
+from tensorflow.python.eager.cancellation import CancellationManager
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from components.contract import WARMUP_FILE
-from serving.errors import failed_precondition, from_tf_error, invalid_argument, not_found
+from serving.errors import ServingError, failed_precondition, from_tf_error, invalid_argument, not_found
 
 DEFAULT_SIGNATURE = "serving_default"
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -113,14 +117,34 @@ class Signature:
                                    f"{', '.join(sorted(self.inputs))}.")
         return self.inputs[name].dtype
 
-    def __call__(self, inputs: dict) -> dict:
-        """Runs the signature on numpy inputs; errors raised in the graph become ServingErrors."""
+    def __call__(self, inputs: dict, cancellation: CancellationManager | None = None) -> dict:
+        """Runs the signature on numpy inputs; errors raised in the graph become ServingErrors.
+        `cancellation.start_cancel()` from another thread stops the call (CANCELLED)."""
         tensors = {k: tf.constant(v, dtype=self.inputs[k].dtype) for k, v in inputs.items()}
         try:
-            outputs = self._function(**tensors)
+            with _cancelled_by(cancellation):
+                outputs = self._function(**tensors)
+        except tf.errors.CancelledError:
+            raise ServingError(grpc.StatusCode.CANCELLED, "The model call was cancelled: its callers had gone.") from None
         except tf.errors.OpError as e:
             raise from_tf_error(e) from None
         return {k: v.numpy() for k, v in outputs.items()}
+
+
+# TensorFlow passes a function call the CancellationManager that its `cancellation` module's
+# context() returns, which reads one process-wide global: two threads making cancellable calls at
+# once would take each other's. The call reads it on the calling thread, so a per-thread one works.
+_call_cancellation = threading.local()
+tf_cancellation.context = lambda: getattr(_call_cancellation, "manager", None)
+
+
+@contextlib.contextmanager
+def _cancelled_by(manager: CancellationManager | None):
+    _call_cancellation.manager = manager
+    try:
+        yield
+    finally:
+        _call_cancellation.manager = None
 
 
 class Servable:

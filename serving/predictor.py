@@ -6,13 +6,16 @@ one sentence naming the input, before any model time is spent on it.
 """
 
 import dataclasses
+import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
+from tensorflow.python.eager.cancellation import CancellationManager
 
 from serving.batching import Batcher
-from serving.errors import ServingError, invalid_argument
+from serving.errors import ServingError, caller_gone, invalid_argument
 from serving.model_manager import ModelManager, Servable, Signature
 from serving.stats import Stats
 
@@ -37,19 +40,23 @@ class Predictor:
         return servable, servable.signature(signature_name)
 
     def predict(self, servable: Servable, signature: Signature, inputs: dict[str, np.ndarray],
-                output_filter=(), deadline: float | None = None) -> dict[str, np.ndarray]:
+                output_filter=(), deadline: float | None = None,
+                on_caller_gone: Callable[[Callable[[], None]], object] | None = None) -> dict[str, np.ndarray]:
         """The outputs of `signature` for `inputs` (only those in `output_filter`, if given).
-        `deadline` is a time.monotonic() value after which the caller no longer waits."""
+
+        `deadline` is a time.monotonic() value: past it the request fails with DEADLINE_EXCEEDED
+        and no model time is spent on it any more (a call it alone waits for is cancelled).
+        `on_caller_gone(callback)` registers a callback for when the caller stops waiting (gRPC's
+        `context.add_callback`); its request is then dropped, or its call cancelled, the same way."""
         self._check(signature, inputs)
         for name in output_filter:
             if name not in signature.outputs:
                 raise invalid_argument(f"output_filter names '{name}', which signature '{signature.name}' does not "
                                        f"have; its outputs are {', '.join(sorted(signature.outputs))}.")
-        if deadline is not None and time.monotonic() >= deadline:
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "The deadline passed before the request started.")
+        _check_deadline(deadline, "before the request started")
 
-        def run(batch_inputs):
-            outputs = signature(batch_inputs)
+        def run(batch_inputs, cancellation=None):
+            outputs = signature(batch_inputs, cancellation)
             self.stats.record_model_call(_rows(signature, batch_inputs))
             return outputs
 
@@ -59,9 +66,9 @@ class Predictor:
             key = (servable, signature.name) + tuple(
                 (name, array.shape[1:]) if name in signature.batch_inputs else (name, tuple(array.ravel().tolist()))
                 for name, array in sorted(inputs.items()))
-            outputs = self.batcher.submit(key, run, inputs, signature.batch_inputs, deadline)
+            outputs = self.batcher.submit(key, run, inputs, signature.batch_inputs, deadline, on_caller_gone)
         else:
-            outputs = run(inputs)
+            outputs = _run_cancellable(run, inputs, deadline, on_caller_gone)
         if output_filter:
             outputs = {name: outputs[name] for name in output_filter}
         return outputs
@@ -108,6 +115,31 @@ class Predictor:
                 value.decode("utf-8")
             except UnicodeDecodeError:
                 raise invalid_argument(f"Input '{name}' element {i} is not valid UTF-8 text.") from None
+
+
+def _check_deadline(deadline: float | None, when: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The deadline passed {when}.")
+
+
+def _run_cancellable(run, inputs: dict[str, np.ndarray], deadline: float | None, on_caller_gone) -> dict:
+    """`run(inputs)`, cancelled at `deadline` or when the caller goes."""
+    cancellation = CancellationManager()
+    timer = None
+    if deadline is not None:
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), cancellation.start_cancel)
+        timer.start()
+    if on_caller_gone is not None:
+        on_caller_gone(cancellation.start_cancel)
+    try:
+        return run(inputs, cancellation)
+    except ServingError as e:
+        if e.code == grpc.StatusCode.CANCELLED:  # by the timer or the caller's going
+            raise caller_gone(deadline) from None
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def _rows(signature: Signature, inputs: dict[str, np.ndarray]) -> int:

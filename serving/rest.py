@@ -1,4 +1,4 @@
-"""TF Serving's REST API over HTTP/1.1 (stdlib http.server, a thread per connection):
+"""TF Serving's REST API over HTTP/1.1, served by aiohttp on an asyncio event loop of its own:
 
   GET  /v1/models/{name}[/versions/{v}|/labels/{l}]             model status
   GET  /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata    signature_def metadata
@@ -7,18 +7,26 @@
   GET  /monitoring/prometheus/metrics                           request and batching counters
 
 Errors are {"error": "<one sentence>"} with the HTTP status of their gRPC code.
+
+Connections cost no thread: idle and slow clients wait on the event loop (aiohttp parses HTTP/1.1
+strictly, with chunked bodies and keep-alive, and refuses a request with both Content-Length and
+Transfer-Encoding), and only Predict's work runs on `--rest_api_num_threads` threads. A request
+has `--rest_api_timeout_in_ms` from its first byte of body to its answer: a body that has not
+arrived by then is 408, an answer that has not is 504, and the model call is cancelled.
 """
 
+import asyncio
+import functools
 import json
+import logging as std_logging
 import re
-import socket
 import threading
 import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent import futures
 
 import grpc
 from absl import logging
+from aiohttp import web
 from google.protobuf import json_format
 
 from serving import tensor_codec
@@ -38,31 +46,78 @@ _ROUTES = {("GET", None): "GetModelStatus", ("GET", "/metadata"): "GetModelMetad
 
 
 class RestServer:
-    """The REST API on `host:port`, served from a background thread until `shutdown()`."""
+    """The REST API on `host:port`: `start()` serves it from a background thread, `shutdown()`
+    stops taking connections (SIGTERM), `close()` ends it once requests have drained."""
 
     def __init__(self, host: str, port: int, predictor: Predictor, stats: Stats, *, max_request_bytes: int,
-                 timeout_s: float, max_connections: int):
+                 timeout_s: float, num_threads: int, backlog: int = 1024, keepalive_timeout_s: float = 30):
         self.predictor = predictor
         self.stats = stats
         self.max_request_bytes = max_request_bytes
         self.timeout_s = timeout_s
-        self._httpd = _HttpServer((host, port), self, max_connections)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="rest", daemon=True)
         self.draining = False
+        self._executor = futures.ThreadPoolExecutor(num_threads, thread_name_prefix="rest")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rest-loop", daemon=True)
+        # Bound here, before the loop runs, so that a port in use fails at once; connections wait in the backlog.
+        self._runner, self._site = self._loop.run_until_complete(self._bind(host, port, backlog, keepalive_timeout_s))
+
+    async def _bind(self, host, port, backlog, keepalive_timeout_s):
+        # No access log: Stats logs one line per request. Requests are drained before cleanup, so it need not wait.
+        server = web.Server(self._answer, keepalive_timeout=keepalive_timeout_s, access_log=None,
+                            logger=_ProtocolErrorLog(std_logging.getLogger("aiohttp.server")))
+        runner = web.ServerRunner(server, shutdown_timeout=1)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        return runner, site
 
     def start(self) -> None:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stops accepting connections; requests already being handled finish on their threads,
-        and a request that arrives later on a kept-alive connection is answered 503 with
-        `Connection: close`."""
+        """Stops accepting connections; requests being handled finish, and a request that
+        arrives later on a kept-alive connection is answered 503 with `Connection: close`."""
         self.draining = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        asyncio.run_coroutine_threadsafe(self._site.stop(), self._loop).result()
 
-    def handle(self, handler: "_Handler", method: str, path: str, record: RequestRecord) -> tuple[int, object]:
+    def close(self) -> None:
+        """Closes every connection and stops the loop and the threads."""
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        self._executor.shutdown()
+
+    # ---- requests (on the event loop)
+
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == METRICS_PATH and request.method == "GET":
+            return _response(200, self.stats.prometheus_text())
+        if self.draining:  # a request on a connection kept alive across SIGTERM: refused, and the connection closed
+            response = _response(503, {"error": "The server is shutting down; send the request to another replica."})
+            response.force_close()
+            return response
+        # The response is sent inside the request's accounting, so a draining server waits for it.
+        with self.stats.request("rest") as record:
+            status, body = await self._route(request, record)
+            response = _response(status, body)
+            unread_body = status in (408, 413)
+            if unread_body:
+                response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            if unread_body:  # close now rather than read and discard the rest of a body we refused
+                request.protocol.force_close()
+            return response
+
+    async def _route(self, request: web.BaseRequest, record: RequestRecord) -> tuple[int, object]:
         """(HTTP status, JSON-able body) for one API request; fills in `record` for the stats."""
+        method, path = request.method, request.path
         record.target = path
         match = _MODEL_URL.fullmatch(path)
         action = match and match["action"] and match["action"].lower()
@@ -78,10 +133,16 @@ class RestServer:
             if record.method in ("Classify", "Regress"):
                 raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                                    f"{record.method} is not implemented by storygen-serve.")
-            answer = {"GetModelStatus": self._status, "GetModelMetadata": self._metadata,
-                      "Predict": self._predict}[record.method]
             version = int(match["version"]) if match["version"] else None
-            return 200, answer(handler, match["name"], version, match["label"])
+            name, label = match["name"], match["label"]
+            if record.method == "GetModelStatus":
+                return 200, self._status(name, version, label)
+            if record.method == "GetModelMetadata":
+                return 200, self._metadata(name, version, label)
+            deadline = time.monotonic() + self.timeout_s
+            body = await self._read_body(request, deadline)
+            return 200, await self._run(functools.partial(self._predict, body, name, version, label, deadline),
+                                        deadline)
         except ServingError as e:
             record.code = e.code
             return e.http_status, {"error": e.message}
@@ -90,12 +151,41 @@ class RestServer:
             record.code = grpc.StatusCode.INTERNAL
             return 500, {"error": f"Internal error: {e}"}
 
-    def _status(self, handler, name, version, label):
+    async def _read_body(self, request: web.BaseRequest, deadline: float) -> bytes:
+        """The whole body (chunked or not) within --max_request_bytes, by the deadline."""
+        if (request.content_length or 0) > self.max_request_bytes:
+            raise _body_too_large(request.content_length, self.max_request_bytes)
+
+        async def read():
+            body = bytearray()
+            async for chunk in request.content.iter_any():
+                body += chunk
+                if len(body) > self.max_request_bytes:
+                    raise _body_too_large(f"over {len(body)}", self.max_request_bytes)
+            return bytes(body)
+
+        try:
+            return await asyncio.wait_for(read(), deadline - time.monotonic())
+        except TimeoutError:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The request body did not arrive within "
+                               f"{self.timeout_s:g} s (--rest_api_timeout_in_ms).", http_status=408) from None
+
+    async def _run(self, work, deadline: float):
+        """`work()` on a REST thread, answered DEADLINE_EXCEEDED (504) at the deadline; the
+        predictor drops or cancels the model call then too."""
+        try:
+            return await asyncio.wait_for(self._loop.run_in_executor(self._executor, work),
+                                          deadline - time.monotonic())
+        except TimeoutError:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The deadline passed: no answer within "
+                               f"{self.timeout_s:g} s (--rest_api_timeout_in_ms).") from None
+
+    def _status(self, name, version, label):
         response = model_status_response(self.predictor.manager.statuses(name, version, label))
         return json_format.MessageToDict(response, preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=True)
 
-    def _metadata(self, handler, name, version, label):
+    def _metadata(self, name, version, label):
         servable = self.predictor.manager.resolve(name, version, label)
         return {"model_spec": {"name": servable.name, "signature_name": "", "version": str(servable.version)},
                 # Every field, defaults too, as TF Serving writes it (a scalar's shape is {"dim": [], "unknown_rank": false}).
@@ -103,123 +193,41 @@ class RestServer:
                                                                         preserving_proto_field_name=True,
                                                                         always_print_fields_with_no_presence=True)}}
 
-    def _predict(self, handler, name, version, label):
-        payload = handler.read_json(self.max_request_bytes)
-        signature_name = payload.get("signature_name", "")
-        if not isinstance(signature_name, str):
-            raise invalid_argument('"signature_name" must be a string.')
-        servable, signature = self.predictor.find(name, version, label, signature_name)
-        inputs, row_format = tensor_codec.decode_json_request(payload, signature)
-        outputs = self.predictor.predict(servable, signature, inputs, deadline=time.monotonic() + self.timeout_s)
-        return tensor_codec.encode_json_response(outputs, row_format)
-
-
-class _HttpServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that answers 503 at once beyond `max_connections` connections,
-    so a flood of clients cannot start unbounded threads."""
-
-    def __init__(self, address, app: RestServer, max_connections: int):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.app = app
-        self._slots = threading.BoundedSemaphore(max_connections)
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            body = json.dumps({"error": "Too many concurrent REST connections; retry later."}).encode()
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            except OSError:
-                pass  # the client is gone already
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, so clients reuse connections
-    # TCP_NODELAY: the headers and the body go out in two writes, and with Nagle's algorithm the
-    # body waited for the client's delayed ACK of the headers, 40 ms on every reused connection.
-    disable_nagle_algorithm = True
-    server_version = "storygen-serve"
-    timeout = 30  # seconds a connection may idle or trickle before it is closed
-
-    def do_GET(self):
-        self._answer("GET")
-
-    def do_POST(self):
-        self._answer("POST")
-
-    def do_PUT(self):
-        self._answer("PUT")
-
-    def do_DELETE(self):
-        self._answer("DELETE")
-
-    def _answer(self, method: str) -> None:
-        self.body_read = False
-        app = self.server.app
-        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        if path == METRICS_PATH and method == "GET":
-            self._send(200, app.stats.prometheus_text())
-            return
-        if app.draining:  # a request on a connection kept alive across SIGTERM: refused, and the connection closed
-            self.close_connection = True
-            self._send(503, {"error": "The server is shutting down; send the request to another replica."})
-            return
-        # The response is sent inside the request's accounting, so a draining server waits for it.
-        with app.stats.request("rest") as record:
-            status, body = app.handle(self, method, path, record)
-            self._send(status, body)
-
-    def _send(self, status: int, body) -> None:
-        """Sends a JSON body (or text, for the metrics)."""
-        if not self.body_read and self.headers.get("Content-Length", "0") != "0":
-            self.close_connection = True  # the unread body would be taken for the next request
-        if isinstance(body, str):
-            data, content_type = body.encode("utf-8"), "text/plain; version=0.0.4"
-        else:
-            data, content_type = json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json"
-        try:
-            self.send_response(status)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            self.close_connection = True  # the client went away; nothing left to tell it
-
-    def read_json(self, max_bytes: int) -> dict:
-        """The request body parsed as a JSON object, within `max_bytes`."""
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True  # a chunked body, if any, was not read
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "The request needs a Content-Length header.",
-                               http_status=411)
-        if int(length) > max_bytes:
-            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"The request body is {length} bytes, over this "
-                                                                    f"server's limit of {max_bytes}.", http_status=413)
-        body = self.rfile.read(int(length))
-        self.body_read = True
+    def _predict(self, body: bytes, name, version, label, deadline: float) -> dict:
         try:
             payload = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise invalid_argument(f"The request body is not valid JSON: {e}.") from None
         if not isinstance(payload, dict):
             raise invalid_argument("The request body must be a JSON object.")
-        return payload
+        signature_name = payload.get("signature_name", "")
+        if not isinstance(signature_name, str):
+            raise invalid_argument('"signature_name" must be a string.')
+        servable, signature = self.predictor.find(name, version, label, signature_name)
+        inputs, row_format = tensor_codec.decode_json_request(payload, signature)
+        outputs = self.predictor.predict(servable, signature, inputs, deadline=deadline)
+        return tensor_codec.encode_json_response(outputs, row_format)
 
-    def log_request(self, code="-", size="-"):
-        pass  # Stats.request already logs one line per request
 
-    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
-        logging.debug("REST %s " + format, self.client_address[0], *args)
+class _ProtocolErrorLog(std_logging.LoggerAdapter):
+    """aiohttp's log of requests it refused before the handler saw them (malformed HTTP): one
+    warning line each, without the parser's traceback, as they are the client's mistakes."""
+
+    def log(self, level, msg, *args, exc_info=None, **kwargs):
+        if isinstance(exc_info, BaseException):
+            msg, args = msg + ": %s", (*args, " ".join(str(exc_info).split()))
+        self.logger.log(min(level, std_logging.WARNING), msg, *args, **kwargs)
+
+
+def _body_too_large(length, limit: int) -> ServingError:
+    return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"The request body is {length} bytes, over this "
+                                                            f"server's limit of {limit}.", http_status=413)
+
+
+def _response(status: int, body) -> web.Response:
+    """A JSON response (or text, for the metrics)."""
+    if isinstance(body, str):
+        return web.Response(status=status, body=body.encode("utf-8"),
+                            headers={"Content-Type": "text/plain; version=0.0.4"})
+    return web.Response(status=status, body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                        content_type="application/json")

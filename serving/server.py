@@ -80,8 +80,8 @@ def define_flags():
     flags.DEFINE_integer("num_batch_threads", os.cpu_count() or 1, "Batches run in parallel.", lower_bound=1)
     # Every request waiting for a batch holds a gRPC thread, so this also bounds how full batches get.
     flags.DEFINE_integer("grpc_max_threads", 64, "Threads answering gRPC requests.", lower_bound=1)
-    flags.DEFINE_integer("rest_api_num_threads", 64, "Most concurrent REST connections; beyond it new ones get 503.",
-                         lower_bound=1)
+    flags.DEFINE_integer("rest_api_num_threads", 64, "Threads running REST Predict requests (connections need none); "
+                         "more requests wait for one.", lower_bound=1)
     flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "Deadline of a REST request.", lower_bound=1)
     flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest gRPC message or REST body accepted.",
                          lower_bound=1024)
@@ -181,12 +181,15 @@ def _serve(args):
     logging.info("%s received: draining %d in-flight requests (at most %.0f s).", received[0], in_flight,
                  FLAGS.drain_timeout_seconds)
     drained = stats.wait_idle(FLAGS.drain_timeout_seconds)
+    cut = stats.in_flight()
     grpc_stopped.wait()
+    if rest_server:
+        rest_server.close()
     if batcher:
         batcher.stop()
     manager.stop()
     if not drained:  # a non-zero exit, so that whoever stopped the server learns that requests were cut
-        raise UserError(f"Exiting with {stats.in_flight()} requests still in flight after "
+        raise UserError(f"Exiting with {cut} requests still in flight after "
                         f"{FLAGS.drain_timeout_seconds:.0f} s of draining: they were cut.")
     logging.info("All requests answered; exiting.")
 
@@ -227,7 +230,7 @@ def _bind_rest(predictor: Predictor, stats: Stats) -> RestServer:
 
     try:
         return RestServer(FLAGS.host, FLAGS.rest_api_port, predictor, stats, max_request_bytes=FLAGS.max_request_bytes,
-                          timeout_s=FLAGS.rest_api_timeout_in_ms / 1000, max_connections=FLAGS.rest_api_num_threads)
+                          timeout_s=FLAGS.rest_api_timeout_in_ms / 1000, num_threads=FLAGS.rest_api_num_threads)
     except OSError as e:
         raise UserError(f"Cannot listen for REST on {FLAGS.host}:{FLAGS.rest_api_port} ({e}); is another server "
                         "using the port?") from None

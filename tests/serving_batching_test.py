@@ -27,7 +27,7 @@ class FakeModel:
         self.calls = []
         self.gate = gate
 
-    def __call__(self, inputs):
+    def __call__(self, inputs, cancellation=None):
         if self.gate is not None:
             self.gate.wait(10)
         self.calls.append(inputs["x"].tolist())
@@ -158,7 +158,7 @@ def server(tmp_path_factory):
     """Batching on with small limits: 4 rows per batch, 2 waiting batches, one batch at a time."""
     with serve_stub_versions(tmp_path_factory.mktemp("serving_batching"), [1], "--enable_batching",
                              "--max_batch_size=4", "--batch_timeout_micros=100000", "--max_enqueued_batches=2",
-                             "--num_batch_threads=1", "--max_new_tokens_limit=2000") as process:
+                             "--num_batch_threads=1", "--max_new_tokens_limit=15000") as process:
         yield process
 
 
@@ -211,7 +211,10 @@ def test_full_queue_answers_resource_exhausted_and_http_429(server):
     assert generate(server, "after", 1, 1) == expected_generation("after", 1, 1, 40, 1)
 
 
-def test_grpc_deadline_is_honoured_while_batched(server):
-    assert generate(server, "slow", 5, 600, timeout=0.2) == CODE.DEADLINE_EXCEEDED
-    assert generate(server, "fast", 5, 1) == expected_generation("fast", 1, 1, 40, 5)
+def test_grpc_deadline_is_honoured_while_batched_and_cancels_the_batch(server):
+    """Its caller gone, the 15 s batch is cancelled: the next batch gets the only batch thread at once."""
+    started = time.monotonic()
+    assert generate(server, "slow", 5, 15000, timeout=0.5) == CODE.DEADLINE_EXCEEDED
+    assert generate(server, "fast", 6, 1) == expected_generation("fast", 1, 1, 40, 6)
+    assert time.monotonic() - started < 4
     assert stories(server.prediction.Predict(predict_request(["默认"]), timeout=30)) == ["默认 v1"]

@@ -1,0 +1,64 @@
+"""Deadlines against a real server process with one thread for each protocol's requests: a
+request past its deadline is answered DEADLINE_EXCEEDED (REST 504) on time, and its model call is
+cancelled, so the next request does not wait behind work for a caller that has gone. The stub
+model's generate takes max_new_tokens milliseconds."""
+
+import time
+
+import grpc
+import pytest
+
+from serving_fixtures import expected_generation, predict_request, serve_stub_versions
+
+GENERATE = dict(temperature=0.5, top_k=40, top_p=0.9, seed=7)
+SLOW_MS = 15000  # a call that would hold the only thread for 15 s if it were not cancelled
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serve_stub_versions(tmp_path_factory.mktemp("serving_deadline"), [1], "--grpc_max_threads=1",
+                             "--rest_api_num_threads=1", "--rest_api_timeout_in_ms=1000",
+                             f"--max_new_tokens_limit={SLOW_MS}", "--file_system_poll_wait_seconds=0") as process:
+        yield process
+
+
+def rest_generate(server, prompt, max_new_tokens):
+    return server.rest("/v1/models/storygen:predict", {"signature_name": "generate", "inputs": {
+        "prompt": [prompt], "max_new_tokens": max_new_tokens, **GENERATE}})
+
+
+def assert_next_request_is_prompt(server, protocol):
+    started = time.monotonic()
+    if protocol == "rest":
+        status, body = rest_generate(server, "next", 5)
+        assert status == 200, body
+        story = body["outputs"]["story"][0]
+    else:
+        response = server.predict(["next"], "generate", timeout=30, max_new_tokens=5, **GENERATE)
+        story = response.outputs["story"].string_val[0].decode()
+    assert story == expected_generation("next", 1, 5, 40, 7)
+    assert time.monotonic() - started < 3
+
+
+def test_rest_timeout_answers_504_and_cancels_the_model_call(server):
+    started = time.monotonic()
+    status, body = rest_generate(server, "slow", SLOW_MS)
+    assert status == 504 and body["error"].startswith("The deadline passed"), body
+    assert 0.9 < time.monotonic() - started < 3
+    assert_next_request_is_prompt(server, "rest")
+
+
+def test_grpc_deadline_answers_deadline_exceeded_and_cancels_the_model_call(server):
+    with pytest.raises(grpc.RpcError) as error:
+        server.predict(["slow"], "generate", timeout=1.0, max_new_tokens=SLOW_MS, **GENERATE)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_next_request_is_prompt(server, "grpc")
+
+
+def test_a_grpc_call_its_client_cancels_stops_its_model_call(server):
+    request = predict_request(["slow"], "generate", max_new_tokens=SLOW_MS, **GENERATE)
+    call = server.prediction.Predict.future(request, timeout=60)
+    time.sleep(1.0)
+    assert call.cancel()
+    assert_next_request_is_prompt(server, "grpc")
+    assert server.metric("storygen_requests_total", protocol="grpc", method="Predict", code="CANCELLED") == 1
