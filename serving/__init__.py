@@ -3,7 +3,8 @@ client works against it unchanged (and the storygen client works against a real 
 
 Modules, one concern each:
   server.py         flags and `main()`: wires everything together, drains on SIGTERM
-  model_manager.py  finds, loads and retires versions under the model base path
+  models.py         the models served: from the flags or a ModelServerConfig file, re-read as it changes
+  model_manager.py  finds, loads and retires the versions of one model under its base path
   predictor.py      the request path shared by both APIs: resolve, check, run (batched or not)
   batching.py       dynamic batching of concurrent requests into one model call
   grpc_service.py   tensorflow.serving.PredictionService and ModelService

@@ -57,10 +57,17 @@ class _Batch:
 
 
 class Batcher:
-    """Merges concurrent `submit` calls with equal keys into one `run` call per batch."""
+    """Merges concurrent `submit` calls with equal keys into one `run` call per batch. With
+    `allowed_batch_sizes`, a batch is padded (with copies of its first row) to the smallest allowed
+    size that holds it, as TF Serving pads, so the model sees few distinct batch sizes."""
 
     def __init__(self, max_batch_size: int, batch_timeout_s: float, max_enqueued_batches: int,
-                 num_batch_threads: int):
+                 num_batch_threads: int, allowed_batch_sizes: tuple[int, ...] = ()):
+        if allowed_batch_sizes and (list(allowed_batch_sizes) != sorted(set(allowed_batch_sizes))
+                                    or allowed_batch_sizes[-1] != max_batch_size):
+            raise ValueError(f"allowed_batch_sizes {list(allowed_batch_sizes)} must increase and end with "
+                             f"max_batch_size ({max_batch_size}).")
+        self.allowed_batch_sizes = tuple(allowed_batch_sizes)
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
         self.max_enqueued_batches = max_enqueued_batches
@@ -201,11 +208,14 @@ class Batcher:
         return None
 
     def _run_tasks(self, batch: _Batch, tasks: list[_Task]) -> None:
-        inputs = {name: np.concatenate([t.inputs[name] for t in tasks]) if name in batch.batch_inputs
-                  else tasks[0].inputs[name]
+        total = sum(t.rows for t in tasks)
+        size = next((s for s in self.allowed_batch_sizes if s >= total), total)
+        inputs = {name: _padded(np.concatenate([t.inputs[name] for t in tasks]), size)
+                  if name in batch.batch_inputs else tasks[0].inputs[name]
                   for name in tasks[0].inputs}
         outputs = batch.run(inputs, batch.cancellation)
-        total = sum(t.rows for t in tasks)
+        outputs = {name: array[:total] if array.ndim and array.shape[0] == size else array
+                   for name, array in outputs.items()}
         for name, array in outputs.items():
             if array.ndim == 0 or array.shape[0] != total:
                 raise ServingError(grpc.StatusCode.INTERNAL, f"Output '{name}' has shape {list(array.shape)}, not "
@@ -214,3 +224,56 @@ class Batcher:
         parts = {name: np.split(array, offsets) for name, array in outputs.items()}
         for i, task in enumerate(tasks):
             task.finish(outputs={name: pieces[i] for name, pieces in parts.items()})
+
+
+def _padded(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` with copies of its first row appended up to `rows` rows."""
+    return array if len(array) == rows else np.concatenate([array, np.repeat(array[:1], rows - len(array), axis=0)])
+
+
+# The batching flags of storygen-serve, which --batching_parameters_file replaces.
+BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads")
+
+# TF Serving's BatchingParameters (tensorflow_serving/servables/tensorflow/session_bundle_config.proto),
+# the text proto of --batching_parameters_file; tensorflow-serving-api does not ship it. The fields
+# storygen-serve honours, with TF Serving's names and numbers: (number, name, type).
+_BATCHING_FIELDS = [(1, "max_batch_size", "Int64Value"), (2, "batch_timeout_micros", "Int64Value"),
+                    (3, "max_enqueued_batches", "Int64Value"), (4, "num_batch_threads", "Int64Value"),
+                    (5, "thread_pool_name", "StringValue"), (6, "allowed_batch_sizes", "repeated int64"),
+                    (7, "pad_variable_length_inputs", "bool")]
+
+
+def read_batching_parameters(path: str) -> dict:
+    """The fields set in the BatchingParameters text file at `path`, as {name: value}; ValueError,
+    naming the file, for one that does not parse (e.g. a field storygen-serve does not support)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
+    from tensorflow.io import gfile
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(descriptor_pb2.FileDescriptorProto.FromString(wrappers_pb2.DESCRIPTOR.serialized_pb))
+    proto = descriptor_pb2.FileDescriptorProto(name="storygen/batching_parameters.proto", package="tensorflow.serving",
+                                               syntax="proto3", dependency=[wrappers_pb2.DESCRIPTOR.name])
+    message = proto.message_type.add(name="BatchingParameters")
+    field = descriptor_pb2.FieldDescriptorProto
+    for number, name, kind in _BATCHING_FIELDS:
+        if kind == "repeated int64":
+            message.field.add(name=name, number=number, label=field.LABEL_REPEATED, type=field.TYPE_INT64)
+        elif kind == "bool":
+            message.field.add(name=name, number=number, label=field.LABEL_OPTIONAL, type=field.TYPE_BOOL)
+        else:
+            message.field.add(name=name, number=number, label=field.LABEL_OPTIONAL, type=field.TYPE_MESSAGE,
+                              type_name=f".google.protobuf.{kind}")
+    pool.Add(proto)
+    parameters = message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))()
+    with gfile.GFile(path) as f:
+        text = f.read()
+    try:
+        text_format.Parse(text, parameters)
+    except text_format.ParseError as e:
+        raise ValueError(f"--batching_parameters_file {path}: {e} (storygen-serve reads "
+                         f"{', '.join(name for _, name, _ in _BATCHING_FIELDS)})") from None
+    values = {}
+    for descriptor, value in parameters.ListFields():
+        values[descriptor.name] = (tuple(value) if descriptor.name == "allowed_batch_sizes"
+                                   else value.value if descriptor.message_type else value)
+    return values

@@ -1,20 +1,21 @@
 """tensorflow.serving.PredictionService and tensorflow.serving.ModelService over gRPC, with the
 service classes generated in tensorflow-serving-api, so TF Serving's clients work unchanged.
 
-Predict and GetModelMetadata are served; Classify, Regress and MultiInference (tf.Example
-APIs that storygen's text signatures have no use for) and HandleReloadConfigRequest (the
-model comes from --model_base_path) answer UNIMPLEMENTED.
+Predict, GetModelMetadata, GetModelStatus and HandleReloadConfigRequest are served; Classify,
+Regress and MultiInference (tf.Example APIs that storygen's text signatures have no use for)
+answer UNIMPLEMENTED.
 """
 
 import time
 
 import grpc
 from absl import logging
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_management_pb2,
+                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
 from serving import tensor_codec
 from serving.errors import ServingError, invalid_argument
+from serving.models import specs_from_config
 from serving.predictor import Predictor
 from serving.stats import Stats
 
@@ -88,7 +89,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             if list(request.metadata_field) != ["signature_def"]:
                 raise invalid_argument("metadata_field must be ['signature_def'], the only metadata this server "
                                        f"has; got {list(request.metadata_field)}.")
-            servable = self._predictor.manager.resolve(*_spec(request))
+            servable = self._predictor.models.resolve(*_spec(request))
             record.target = f"{servable.name}/{servable.version}"
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = servable.name
@@ -111,18 +112,30 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
     def __init__(self, predictor: Predictor, stats: Stats):
-        self._manager = predictor.manager
+        self._models = predictor.models
         self._stats = stats
 
     def GetModelStatus(self, request, context):
         def answer(record):
             record.target = request.model_spec.name
-            return model_status_response(self._manager.statuses(*_spec(request)))
+            return model_status_response(self._models.statuses(*_spec(request)))
 
         return _handle(self._stats, "GetModelStatus", context, answer)
 
     def HandleReloadConfigRequest(self, request, context):
-        return _unimplemented(self._stats, "HandleReloadConfigRequest", context)
+        """Serves the request's ModelServerConfig from now on; answers once its models' versions
+        are loaded (or have failed to), as TF Serving does."""
+        def answer(record):
+            try:
+                specs = specs_from_config(request.config)
+            except ValueError as e:
+                raise invalid_argument(f"The config cannot be served: {e}") from None
+            record.target = ",".join(spec.name for spec in specs)
+            self._models.apply(specs)
+            self._models.poll()
+            return model_management_pb2.ReloadConfigResponse()
+
+        return _handle(self._stats, "HandleReloadConfigRequest", context, answer)
 
 
 def model_status_response(statuses) -> get_model_status_pb2.GetModelStatusResponse:

@@ -229,28 +229,8 @@ class ModelManager:
         self._servables: dict[int, Servable] = {}  # replaced, never mutated, so readers need no lock
         self._states: dict[int, VersionStatus] = {}
         self._failed: dict[int, FailedLoad] = {}
-        self._stop = threading.Event()
-        self._thread = None
 
     # ---- polling
-
-    def start_polling(self, interval_s: float) -> None:
-        """Polls the base path every `interval_s` seconds in a background thread."""
-        self._thread = threading.Thread(target=self._poll_loop, args=(interval_s,), name="version-poller",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-
-    def _poll_loop(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            try:
-                self.poll()
-            except Exception:  # a transient file-system error must not end hot reloading
-                logging.exception("Polling %s failed; will retry.", self.base_path)
 
     def poll(self) -> None:
         """Loads the versions the policy wants that are not loaded yet, then retires the rest."""

@@ -16,7 +16,8 @@ from tensorflow.python.eager.cancellation import CancellationManager
 
 from serving.batching import Batcher
 from serving.errors import ServingError, caller_gone, invalid_argument
-from serving.model_manager import ModelManager, Servable, Signature
+from serving.model_manager import Servable, Signature
+from serving.models import Models
 from serving.stats import Stats
 
 
@@ -28,15 +29,15 @@ class Limits:
 
 
 class Predictor:
-    def __init__(self, manager: ModelManager, limits: Limits, stats: Stats, batcher: Batcher | None = None):
-        self.manager = manager
+    def __init__(self, models: Models, limits: Limits, stats: Stats, batcher: Batcher | None = None):
+        self.models = models
         self.limits = limits
         self.stats = stats
         self.batcher = batcher
 
     def find(self, name: str, version: int | None, label: str | None,
              signature_name: str) -> tuple[Servable, Signature]:
-        servable = self.manager.resolve(name, version, label)
+        servable = self.models.resolve(name, version, label)
         return servable, servable.signature(signature_name)
 
     def predict(self, servable: Servable, signature: Signature, inputs: dict[str, np.ndarray],

@@ -181,12 +181,12 @@ class RestServer:
                                f"{self.timeout_s:g} s (--rest_api_timeout_in_ms).") from None
 
     def _status(self, name, version, label):
-        response = model_status_response(self.predictor.manager.statuses(name, version, label))
+        response = model_status_response(self.predictor.models.statuses(name, version, label))
         return json_format.MessageToDict(response, preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=True)
 
     def _metadata(self, name, version, label):
-        servable = self.predictor.manager.resolve(name, version, label)
+        servable = self.predictor.models.resolve(name, version, label)
         return {"model_spec": {"name": servable.name, "signature_name": "", "version": str(servable.version)},
                 # Every field, defaults too, as TF Serving writes it (a scalar's shape is {"dim": [], "unknown_rank": false}).
                 "metadata": {"signature_def": json_format.MessageToDict(servable.signature_def_map,

@@ -1,8 +1,9 @@
-r"""storygen-serve: serves the versions of one SavedModel over TensorFlow Serving's gRPC and REST
+r"""storygen-serve: serves the versions of SavedModels over TensorFlow Serving's gRPC and REST
 APIs, for machines where tensorflow_model_server is not available.
 
     python -m serving.server --model_name storygen --model_base_path saved_models/storygen \
         --port 8500 --rest_api_port 8501
+    python -m serving.server --model_config_file models.config --model_config_file_poll_wait_seconds 60
 
 Flags that tensorflow_model_server also has keep its names and meanings. The server binds
 127.0.0.1 unless --host says otherwise. SIGTERM (or Ctrl-C) stops accepting requests, lets the
@@ -32,18 +33,6 @@ if typing.TYPE_CHECKING:  # names for the annotations; the modules load after th
     from serving.stats import Stats
 
 FLAGS = flags.FLAGS
-# TF Serving flags that storygen-serve accepts only to refuse with a sentence, and what to use instead.
-UNSUPPORTED_FLAGS = {
-    "model_config_file": "it serves one model: use --model_name, --model_base_path, --model_version_policy and "
-                         "--version_labels.",
-    "model_config_file_poll_wait_seconds": "it reads no model config file; versions are polled every "
-                                           "--file_system_poll_wait_seconds.",
-    "batching_parameters_file": "use --enable_batching with --max_batch_size, --batch_timeout_micros, "
-                                "--max_enqueued_batches and --num_batch_threads.",
-    "monitoring_config_file": "Prometheus metrics are always served at /monitoring/prometheus/metrics on the REST port.",
-}
-
-
 def define_flags():
     """Defines the server's flags (in a function, so importing this module defines none)."""
     flags.DEFINE_string("model_name", "storygen", "Name of the model in requests (ModelSpec.name, /v1/models/<name>).")
@@ -53,8 +42,15 @@ def define_flags():
     flags.DEFINE_string("saved_model_tags", "serve", "Comma-separated tags of the SavedModel meta graph to load.")
     flags.DEFINE_string("grpc_channel_arguments", "", "Comma-separated gRPC server arguments, e.g. "
                         "grpc.max_concurrent_streams=100 (integer values are passed as integers).")
-    for name, instead in UNSUPPORTED_FLAGS.items():
-        flags.DEFINE_string(name, None, f"TF Serving's flag, not supported by storygen-serve: {instead}")
+    flags.DEFINE_string("model_config_file", None, "TF Serving's ModelServerConfig text file naming the models to "
+                        "serve (name, base_path, model_version_policy, version_labels); instead of --model_base_path.")
+    flags.DEFINE_float("model_config_file_poll_wait_seconds", 0, "Seconds between reads of --model_config_file; 0 "
+                       "reads it once.", lower_bound=0)
+    flags.DEFINE_string("batching_parameters_file", None, "TF Serving's BatchingParameters text file (max_batch_size, "
+                        "batch_timeout_micros, max_enqueued_batches, num_batch_threads, allowed_batch_sizes); "
+                        "with --enable_batching, instead of the batching flags.")
+    flags.DEFINE_string("monitoring_config_file", None, "TF Serving's flag, not supported by storygen-serve: "
+                        "Prometheus metrics are always served at /monitoring/prometheus/metrics on the REST port.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on; 0.0.0.0 (or ::) opens the server to the network.")
     flags.DEFINE_integer("port", 8500, "gRPC port.", lower_bound=1, upper_bound=65535)
     flags.DEFINE_integer("rest_api_port", 8501, "REST port; 0 turns the REST API off.", lower_bound=0,
@@ -107,29 +103,25 @@ def _serve(args):
 
         print(f"storygen-serve {version('storygen')} (TensorFlow Serving's gRPC and REST APIs)")
         return
-    for name, instead in UNSUPPORTED_FLAGS.items():
-        if FLAGS[name].present:
-            raise UserError(f"storygen-serve does not support --{name}: {instead}")
-    if not FLAGS.model_base_path:
-        raise UserError("--model_base_path is required: the folder holding the model's version directories, "
-                        "e.g. saved_models/storygen.")
+    if FLAGS.monitoring_config_file:
+        raise UserError("storygen-serve does not support --monitoring_config_file: Prometheus metrics are always "
+                        "served at /monitoring/prometheus/metrics on the REST port.")
+    if FLAGS.model_config_file and FLAGS.model_base_path:
+        raise UserError("--model_config_file and --model_base_path both say which models to serve; use one.")
+    if not FLAGS.model_config_file and not FLAGS.model_base_path:
+        raise UserError("--model_base_path is required (or --model_config_file): the folder holding the model's "
+                        "version directories, e.g. saved_models/storygen.")
+    if FLAGS.batching_parameters_file and not FLAGS.enable_batching:
+        raise UserError("--batching_parameters_file needs --enable_batching.")
     # Loaded after the flags are checked, so that --help, --version and flag errors answer at once.
     cli.import_tensorflow()
-    import tensorflow as tf
 
-    from serving.batching import Batcher
-    from serving.model_manager import ModelManager, VersionPolicy, parse_labels
+    from serving.models import Models
     from serving.predictor import Limits, Predictor
     from serving.stats import Stats
 
-    try:
-        policy = VersionPolicy.parse(FLAGS.model_version_policy)
-        labels = parse_labels(FLAGS.version_labels)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if not tf.io.gfile.isdir(FLAGS.model_base_path):
-        raise UserError(f"--model_base_path {FLAGS.model_base_path} is not a directory; point it at the folder "
-                        "holding the version directories, e.g. saved_models/storygen.")
+    specs = _model_specs()
+    batcher = _batcher() if FLAGS.enable_batching else None
 
     # Handle SIGTERM from the start, so that one arriving while the model loads also drains cleanly.
     stopping = threading.Event()
@@ -143,33 +135,28 @@ def _serve(args):
     signal.signal(signal.SIGINT, on_signal)
 
     stats = Stats()
-    manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, policy, labels, warmup=FLAGS.enable_model_warmup,
-                           max_load_retries=FLAGS.max_num_load_retries,
-                           retry_interval_s=FLAGS.load_retry_interval_micros / 1e6,
-                           tags=tuple(tag.strip() for tag in FLAGS.saved_model_tags.split(",") if tag.strip()))
-    batcher = None
-    if FLAGS.enable_batching:
-        batcher = Batcher(FLAGS.max_batch_size, FLAGS.batch_timeout_micros / 1e6, FLAGS.max_enqueued_batches,
-                          FLAGS.num_batch_threads)
+    models = Models(specs, warmup=FLAGS.enable_model_warmup, max_load_retries=FLAGS.max_num_load_retries,
+                    retry_interval_s=FLAGS.load_retry_interval_micros / 1e6,
+                    tags=tuple(tag.strip() for tag in FLAGS.saved_model_tags.split(",") if tag.strip()))
     limits = Limits(FLAGS.max_prompt_bytes, FLAGS.max_request_batch_size, FLAGS.max_new_tokens_limit)
-    predictor = Predictor(manager, limits, stats, batcher)
+    predictor = Predictor(models, limits, stats, batcher)
     # Bind both ports before loading the model, so that a port in use fails at once.
     grpc_server = _bind_grpc(predictor, stats)
     rest_server = _bind_rest(predictor, stats) if FLAGS.rest_api_port else None
 
-    manager.poll()
-    if not manager.loaded_versions():
-        logging.warning("No loadable version of %s under %s yet; waiting for one.", FLAGS.model_name,
-                        FLAGS.model_base_path)
+    models.poll()
+    for name, versions in models.loaded_versions().items():
+        if not versions:
+            logging.warning("No loadable version of model %s yet; waiting for one.", name)
     grpc_server.start()
     if rest_server:
         rest_server.start()
-    if FLAGS.file_system_poll_wait_seconds > 0:
-        manager.start_polling(FLAGS.file_system_poll_wait_seconds)
+    models.start_polling(FLAGS.file_system_poll_wait_seconds, FLAGS.model_config_file,
+                         FLAGS.model_config_file_poll_wait_seconds)
     threading.Thread(target=_log_summaries, args=(stats, stopping), name="summary", daemon=True).start()
-    logging.info("Serving model %s (versions %s) on gRPC %s:%d%s, batching %s", FLAGS.model_name,
-                 manager.loaded_versions(), FLAGS.host, FLAGS.port,
-                 f" and REST {FLAGS.host}:{FLAGS.rest_api_port}" if rest_server else "",
+    logging.info("Serving %s on gRPC %s:%d%s, batching %s",
+                 ", ".join(f"model {name} (versions {versions})" for name, versions in models.loaded_versions().items()),
+                 FLAGS.host, FLAGS.port, f" and REST {FLAGS.host}:{FLAGS.rest_api_port}" if rest_server else "",
                  "on" if batcher else "off")
     stopping.wait()
 
@@ -187,11 +174,62 @@ def _serve(args):
         rest_server.close()
     if batcher:
         batcher.stop()
-    manager.stop()
+    models.stop()
     if not drained:  # a non-zero exit, so that whoever stopped the server learns that requests were cut
         raise UserError(f"Exiting with {cut} requests still in flight after "
                         f"{FLAGS.drain_timeout_seconds:.0f} s of draining: they were cut.")
     logging.info("All requests answered; exiting.")
+
+
+def _model_specs():
+    """The models to serve: those of --model_config_file, or the one of --model_name and --model_base_path."""
+    import tensorflow as tf
+
+    from serving.model_manager import VersionPolicy, parse_labels
+    from serving.models import ModelSpec, read_model_config
+
+    if FLAGS.model_config_file:
+        try:
+            return read_model_config(FLAGS.model_config_file)
+        except tf.errors.OpError as e:
+            raise UserError(f"Cannot read --model_config_file {FLAGS.model_config_file}: {e.message}") from None
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    try:
+        policy = VersionPolicy.parse(FLAGS.model_version_policy)
+        labels = parse_labels(FLAGS.version_labels)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not tf.io.gfile.isdir(FLAGS.model_base_path):
+        raise UserError(f"--model_base_path {FLAGS.model_base_path} is not a directory; point it at the folder "
+                        "holding the version directories, e.g. saved_models/storygen.")
+    return [ModelSpec(FLAGS.model_name, FLAGS.model_base_path, policy, labels)]
+
+
+def _batcher():
+    """The Batcher of --max_batch_size and the other batching flags, or of --batching_parameters_file."""
+    import tensorflow as tf
+
+    from serving.batching import BATCHING_FLAGS, Batcher, read_batching_parameters
+
+    values = {name: FLAGS[name].value for name in BATCHING_FLAGS}
+    if FLAGS.batching_parameters_file:
+        given = [f"--{name}" for name in BATCHING_FLAGS if FLAGS[name].present]
+        if given:
+            raise UserError(f"{', '.join(given)} and --batching_parameters_file both set batching parameters; "
+                            "use one.")
+        try:
+            values.update(read_batching_parameters(FLAGS.batching_parameters_file))
+        except tf.errors.OpError as e:
+            raise UserError(f"Cannot read --batching_parameters_file {FLAGS.batching_parameters_file}: "
+                            f"{e.message}") from None
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    try:
+        return Batcher(values["max_batch_size"], values["batch_timeout_micros"] / 1e6, values["max_enqueued_batches"],
+                       values["num_batch_threads"], values.get("allowed_batch_sizes", ()))
+    except ValueError as e:
+        raise UserError(f"Batching parameters: {e}") from None
 
 
 def _bind_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:

@@ -310,8 +310,8 @@ BAD_OTHER_RPCS = {
     "regress": ("prediction.Regress", regression_pb2.RegressionRequest(), CODE.UNIMPLEMENTED, "Regress"),
     "multi inference": ("prediction.MultiInference", inference_pb2.MultiInferenceRequest(), CODE.UNIMPLEMENTED,
                         "MultiInference"),
-    "reload config": ("models.HandleReloadConfigRequest", model_management_pb2.ReloadConfigRequest(),
-                      CODE.UNIMPLEMENTED, "HandleReloadConfigRequest"),
+    "reload config without models": ("models.HandleReloadConfigRequest", model_management_pb2.ReloadConfigRequest(),
+                                     CODE.INVALID_ARGUMENT, "names no model"),
     "metadata field": ("prediction.GetModelMetadata", get_model_metadata_pb2.GetModelMetadataRequest(
         model_spec={"name": "storygen"}, metadata_field=["graph"]), CODE.INVALID_ARGUMENT, "signature_def"),
     "status of unknown model": ("models.GetModelStatus", _status(model="poems"), CODE.NOT_FOUND, "poems"),

@@ -59,8 +59,8 @@ def submit_all(batcher, model, requests):
 def make_batcher():
     batchers = []
 
-    def make(max_batch_size=8, timeout_s=0.2, max_enqueued_batches=10, threads=1):
-        batchers.append(Batcher(max_batch_size, timeout_s, max_enqueued_batches, threads))
+    def make(max_batch_size=8, timeout_s=0.2, max_enqueued_batches=10, threads=1, allowed_batch_sizes=()):
+        batchers.append(Batcher(max_batch_size, timeout_s, max_enqueued_batches, threads, allowed_batch_sizes))
         return batchers[-1]
 
     yield make
@@ -81,6 +81,16 @@ def test_requests_with_different_scalars_are_not_merged(make_batcher):
     assert sorted(map(sorted, model.calls)) == [[1, 3, 4], [2]]
     assert [r["s"].tolist() for r in results] == [[7], [8], [7, 7]]
     assert results[2]["y"].tolist() == [6, 8]
+
+
+def test_a_batch_is_padded_to_the_smallest_allowed_size_with_its_first_row(make_batcher):
+    model = FakeModel()
+    results = submit_all(make_batcher(allowed_batch_sizes=(2, 4, 8)), model, [([i + 1], 0) for i in range(3)])
+    assert len(model.calls) == 1 and len(model.calls[0]) == 4
+    assert model.calls[0][3] == model.calls[0][0]  # the padding repeats the first row
+    assert sorted(r["y"].tolist() for r in results) == [[2], [4], [6]]  # and is cut from the outputs
+    with pytest.raises(ValueError, match="must increase and end with max_batch_size"):
+        Batcher(8, 0.1, 10, 1, (2, 4))
 
 
 def test_a_full_batch_runs_without_waiting_for_the_timeout(make_batcher):

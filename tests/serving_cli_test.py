@@ -39,11 +39,18 @@ def test_help_answers_without_tensorflow(module, tmp_path):
     (["serving.server", "--model_base_path=/tmp", "--port=0"], EXIT_USAGE, "error: flag --port=0"),
     (["serving.server", "--model_base_path=/tmp", "stray"], EXIT_USAGE, "error: unexpected arguments stray"),
     (["serving.server"], EXIT_USER_ERROR, "error: --model_base_path is required"),
-    # TF Serving's command lines: flags storygen-serve does not support are refused by name, not as unknown.
-    (["serving.server", "--model_config_file=models.config"], EXIT_USER_ERROR,
-     "error: storygen-serve does not support --model_config_file: it serves one model: use --model_name"),
-    (["serving.server", "--model_base_path=/tmp", "--batching_parameters_file=batching.config"], EXIT_USER_ERROR,
-     "error: storygen-serve does not support --batching_parameters_file: use --enable_batching"),
+    # TF Serving's configuration files: read, or refused with one sentence.
+    (["serving.server", "--model_config_file=/nonexistent/models.config"], EXIT_USER_ERROR,
+     "error: Cannot read --model_config_file /nonexistent/models.config"),
+    (["serving.server", "--model_config_file=/dev/null"], EXIT_USER_ERROR,
+     "error: --model_config_file /dev/null: model_config_list names no model."),
+    (["serving.server", "--model_config_file=/dev/null", "--model_base_path=/tmp"], EXIT_USER_ERROR,
+     "error: --model_config_file and --model_base_path both say which models to serve; use one."),
+    (["serving.server", "--model_base_path=/tmp", "--batching_parameters_file=/dev/null"], EXIT_USER_ERROR,
+     "error: --batching_parameters_file needs --enable_batching."),
+    (["serving.server", "--model_base_path=/tmp", "--enable_batching", "--batching_parameters_file=/dev/null",
+      "--max_batch_size=8"], EXIT_USER_ERROR,
+     "error: --max_batch_size and --batching_parameters_file both set batching parameters; use one."),
     (["serving.server", "--model_base_path=/tmp", "--monitoring_config_file=monitoring.config"], EXIT_USER_ERROR,
      "error: storygen-serve does not support --monitoring_config_file: Prometheus metrics"),
     (["serving.server", "--model_base_path=/tmp", "--grpc_channel_arguments=grpc.max_concurrent_streams"],
@@ -56,6 +63,26 @@ def test_help_answers_without_tensorflow(module, tmp_path):
 def test_mistakes_are_one_line_with_their_exit_status(args, status, message):
     result = run_cli(*args)
     assert result.returncode == status and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("model_config_file", 'model_config_list { config { name: "a" base_path: "/tmp" model_platform: "onnx" } }',
+     "model 'a' has model_platform 'onnx'; storygen-serve serves TensorFlow SavedModels"),
+    ("model_config_file", 'model_config_list { config { name: "a" base_path: "/tmp" } config { name: "a" '
+                          'base_path: "/var" } }', "model names must differ; got a, a."),
+    ("model_config_file", "model_config_list { config { name: ", "1:36 : '': Expected string"),
+    ("batching_parameters_file", "max_execution_batch_size { value: 64 }",
+     'has no field named "max_execution_batch_size". (storygen-serve reads max_batch_size, '),
+    ("batching_parameters_file", "max_batch_size { value: 8 } allowed_batch_sizes: 4 allowed_batch_sizes: 6",
+     "Batching parameters: allowed_batch_sizes [4, 6] must increase and end with max_batch_size (8)."),
+])
+def test_a_config_file_storygen_serve_cannot_honour_is_one_line(tmp_path, name, text, message):
+    path = tmp_path / f"{name}.txt"
+    path.write_text(text)
+    model = [] if name == "model_config_file" else ["--model_base_path=/tmp", "--enable_batching"]
+    result = run_cli("serving.server", f"--{name}={path}", *model)
+    assert result.returncode == EXIT_USER_ERROR and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 

@@ -128,13 +128,15 @@ def free_ports(count: int) -> list[int]:
 
 
 class ServerProcess:
-    """`python -m serving.server` on free loopback ports; `flags` are extra server flags."""
+    """`python -m serving.server` on free loopback ports; `flags` are extra server flags (with
+    model_base_path None, they name the models, e.g. --model_config_file)."""
 
-    def __init__(self, model_base_path: str, log_path: str, *flags: str):
+    def __init__(self, model_base_path: str | None, log_path: str, *flags: str):
         self.grpc_port, self.rest_port = free_ports(2)
         self.log_path = str(log_path)
-        command = [sys.executable, "-m", "serving.server", f"--model_base_path={model_base_path}",
-                   f"--port={self.grpc_port}", f"--rest_api_port={self.rest_port}", *flags]
+        models = [f"--model_base_path={model_base_path}"] if model_base_path else []
+        command = [sys.executable, "-m", "serving.server", *models, f"--port={self.grpc_port}",
+                   f"--rest_api_port={self.rest_port}", *flags]
         env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
