@@ -64,8 +64,9 @@ class RestServer:
 
     async def _bind(self, host, port, backlog, keepalive_timeout_s):
         # No access log: Stats logs one line per request. Requests are drained before cleanup, so it need not wait.
-        server = web.Server(self._answer, keepalive_timeout=keepalive_timeout_s, access_log=None,
-                            logger=_ProtocolErrorLog(std_logging.getLogger("aiohttp.server")))
+        # handler_cancellation: a client that disconnects cancels its handler, and so its model call.
+        server = web.Server(self._answer, handler_cancellation=True, keepalive_timeout=keepalive_timeout_s,
+                            access_log=None, logger=_ProtocolErrorLog(std_logging.getLogger("aiohttp.server")))
         runner = web.ServerRunner(server, shutdown_timeout=1)
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True)
@@ -104,13 +105,17 @@ class RestServer:
             return response
         # The response is sent inside the request's accounting, so a draining server waits for it.
         with self.stats.request("rest") as record:
-            status, body = await self._route(request, record)
-            response = _response(status, body)
-            unread_body = status in (408, 413)
-            if unread_body:
-                response.force_close()
-            await response.prepare(request)
-            await response.write_eof()
+            try:
+                status, body = await self._route(request, record)
+                response = _response(status, body)
+                unread_body = status in (408, 413)
+                if unread_body:
+                    response.force_close()
+                await response.prepare(request)
+                await response.write_eof()
+            except (asyncio.CancelledError, ConnectionError):
+                record.code = grpc.StatusCode.CANCELLED  # the client went away before its answer
+                raise
             if unread_body:  # close now rather than read and discard the rest of a body we refused
                 request.protocol.force_close()
             return response
@@ -141,8 +146,7 @@ class RestServer:
                 return 200, self._metadata(name, version, label)
             deadline = time.monotonic() + self.timeout_s
             body = await self._read_body(request, deadline)
-            return 200, await self._run(functools.partial(self._predict, body, name, version, label, deadline),
-                                        deadline)
+            return 200, await self._run(functools.partial(self._predict, body, name, version, label), deadline)
         except ServingError as e:
             record.code = e.code
             return e.http_status, {"error": e.message}
@@ -170,15 +174,20 @@ class RestServer:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The request body did not arrive within "
                                f"{self.timeout_s:g} s (--rest_api_timeout_in_ms).", http_status=408) from None
 
-    async def _run(self, work, deadline: float):
-        """`work()` on a REST thread, answered DEADLINE_EXCEEDED (504) at the deadline; the
-        predictor drops or cancels the model call then too."""
+    async def _run(self, predict, deadline: float):
+        """`predict(deadline, on_caller_gone)` on a REST thread, answered DEADLINE_EXCEEDED (504) at
+        the deadline; if the client goes first, its model call is cancelled."""
+        gone = []  # what to call if the caller goes: the predictor registers its cancellation here
         try:
-            return await asyncio.wait_for(self._loop.run_in_executor(self._executor, work),
+            return await asyncio.wait_for(self._loop.run_in_executor(self._executor, predict, deadline, gone.append),
                                           deadline - time.monotonic())
         except TimeoutError:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The deadline passed: no answer within "
                                f"{self.timeout_s:g} s (--rest_api_timeout_in_ms).") from None
+        except asyncio.CancelledError:
+            for callback in gone:
+                callback()
+            raise
 
     def _status(self, name, version, label):
         response = model_status_response(self.predictor.models.statuses(name, version, label))
@@ -193,7 +202,7 @@ class RestServer:
                                                                         preserving_proto_field_name=True,
                                                                         always_print_fields_with_no_presence=True)}}
 
-    def _predict(self, body: bytes, name, version, label, deadline: float) -> dict:
+    def _predict(self, body: bytes, name, version, label, deadline: float, on_caller_gone) -> dict:
         try:
             payload = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -205,7 +214,7 @@ class RestServer:
             raise invalid_argument('"signature_name" must be a string.')
         servable, signature = self.predictor.find(name, version, label, signature_name)
         inputs, row_format = tensor_codec.decode_json_request(payload, signature)
-        outputs = self.predictor.predict(servable, signature, inputs, deadline=deadline)
+        outputs = self.predictor.predict(servable, signature, inputs, deadline=deadline, on_caller_gone=on_caller_gone)
         return tensor_codec.encode_json_response(outputs, row_format)
 
 

@@ -3,6 +3,8 @@ request past its deadline is answered DEADLINE_EXCEEDED (REST 504) on time, and 
 cancelled, so the next request does not wait behind work for a caller that has gone. The stub
 model's generate takes max_new_tokens milliseconds."""
 
+import json
+import socket
 import time
 
 import grpc
@@ -12,12 +14,13 @@ from serving_fixtures import expected_generation, predict_request, serve_stub_ve
 
 GENERATE = dict(temperature=0.5, top_k=40, top_p=0.9, seed=7)
 SLOW_MS = 15000  # a call that would hold the only thread for 15 s if it were not cancelled
+REST_TIMEOUT_S = 6
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with serve_stub_versions(tmp_path_factory.mktemp("serving_deadline"), [1], "--grpc_max_threads=1",
-                             "--rest_api_num_threads=1", "--rest_api_timeout_in_ms=1000",
+                             "--rest_api_num_threads=1", f"--rest_api_timeout_in_ms={REST_TIMEOUT_S * 1000}",
                              f"--max_new_tokens_limit={SLOW_MS}", "--file_system_poll_wait_seconds=0") as process:
         yield process
 
@@ -44,8 +47,23 @@ def test_rest_timeout_answers_504_and_cancels_the_model_call(server):
     started = time.monotonic()
     status, body = rest_generate(server, "slow", SLOW_MS)
     assert status == 504 and body["error"].startswith("The deadline passed"), body
-    assert 0.9 < time.monotonic() - started < 3
+    assert REST_TIMEOUT_S - 0.1 < time.monotonic() - started < REST_TIMEOUT_S + 2
     assert_next_request_is_prompt(server, "rest")
+
+
+def test_a_rest_client_that_disconnects_stops_its_model_call(server):
+    """Well before the REST deadline: only the disconnect can have freed the one REST thread."""
+    body = json.dumps({"signature_name": "generate", "inputs": {"prompt": ["slow"], "max_new_tokens": SLOW_MS,
+                                                               **GENERATE}}).encode()
+    with socket.create_connection(("127.0.0.1", server.rest_port)) as connection:
+        connection.sendall(b"POST /v1/models/storygen:predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.5)
+    assert_next_request_is_prompt(server, "rest")
+    deadline = time.monotonic() + 5
+    while server.metric("storygen_requests_total", protocol="rest", code="CANCELLED") < 1:
+        assert time.monotonic() < deadline, "the disconnected request was not counted as CANCELLED"
+        time.sleep(0.05)
 
 
 def test_grpc_deadline_answers_deadline_exceeded_and_cancels_the_model_call(server):
