@@ -12,6 +12,9 @@ import pytest
 from google.protobuf import text_format
 from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2
 
+from serving.batching import read_batching_parameters
+from serving.model_manager import VersionPolicy
+from serving.models import ModelSpec, read_model_config
 from serving_fixtures import (AVAILABLE, ServerProcess, expected_generation, expected_story, predict_request,
                               save_version, stories)
 
@@ -26,6 +29,46 @@ model_config_list {
   config { name: "fables"  base_path: "%(root)s/fables" }
 }
 """
+
+
+def test_model_config_file_is_read_with_tf_servings_defaults(tmp_path):
+    path = tmp_path / "models.config"
+    path.write_text(CONFIG % {"root": "/m"})
+    assert read_model_config(str(path)) == [
+        ModelSpec("stories", "/m/stories", VersionPolicy("specific", versions=frozenset({1, 3})),
+                  {"stable": 1, "canary": 3}),
+        ModelSpec("fables", "/m/fables", VersionPolicy("latest", count=1), {})]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "model_config_list names no model."),
+    ('model_config_list { config { name: "a" base_path: "/m" } config { name: "a" base_path: "/n" } }',
+     "model names must differ; got a, a."),
+    ('model_config_list { config { name: "a" } }', "every model needs a name and a base_path"),
+    ('model_config_list { config { name: "a" base_path: "/m" model_version_policy { specific {} } } }',
+     "a specific version policy needs at least one version."),
+    ('model_config_list { config { name: "a" base_path: "/m" logging_config {} } }', "does not log requests"),
+    ('custom_model_config { }', "custom_model_config is not supported"),
+    ("model_config_list { config { name: ", "1:36 : '': Expected string"),
+])
+def test_a_model_config_storygen_serve_cannot_serve_is_refused_with_the_reason(tmp_path, text, message):
+    path = tmp_path / "models.config"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="^--model_config_file .*models.config: ") as error:
+        read_model_config(str(path))
+    assert message in str(error.value)
+
+
+def test_batching_parameters_file_is_read_as_tf_servings_text_proto(tmp_path):
+    path = tmp_path / "batching.config"
+    path.write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 0 }\nthread_pool_name { value: "
+                    "'p' }\nallowed_batch_sizes: 4\nallowed_batch_sizes: 8\npad_variable_length_inputs: true\n")
+    assert read_batching_parameters(str(path)) == {
+        "max_batch_size": 8, "batch_timeout_micros": 0, "thread_pool_name": "p", "allowed_batch_sizes": (4, 8),
+        "pad_variable_length_inputs": True}
+    path.write_text("enable_large_batch_splitting: true")
+    with pytest.raises(ValueError, match='no field named "enable_large_batch_splitting"'):
+        read_batching_parameters(str(path))
 
 
 def available(server, model) -> list[int]:
