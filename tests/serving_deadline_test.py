@@ -14,7 +14,7 @@ from serving_fixtures import expected_generation, predict_request, serve_stub_ve
 
 GENERATE = dict(temperature=0.5, top_k=40, top_p=0.9, seed=7)
 SLOW_MS = 15000  # a call that would hold the only thread for 15 s if it were not cancelled
-REST_TIMEOUT_S = 6
+REST_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def assert_next_request_is_prompt(server, protocol):
         response = server.predict(["next"], "generate", timeout=30, max_new_tokens=5, **GENERATE)
         story = response.outputs["story"].string_val[0].decode()
     assert story == expected_generation("next", 1, 5, 40, 7)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 2
 
 
 def test_rest_timeout_answers_504_and_cancels_the_model_call(server):
@@ -58,7 +58,7 @@ def test_a_rest_client_that_disconnects_stops_its_model_call(server):
     with socket.create_connection(("127.0.0.1", server.rest_port)) as connection:
         connection.sendall(b"POST /v1/models/storygen:predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
                            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        time.sleep(0.5)
+        time.sleep(0.3)
     assert_next_request_is_prompt(server, "rest")
     deadline = time.monotonic() + 5
     while server.metric("storygen_requests_total", protocol="rest", code="CANCELLED") < 1:

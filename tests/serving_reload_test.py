@@ -269,6 +269,28 @@ def test_hot_reload_under_load_drops_no_request(tmp_path, saved):
 
 
 @pytest.mark.slow
+def test_20_reloads_keep_rss_within_50_mb_of_the_first(tiny_pipeline, tmp_path):
+    """Each load of the tiny export used to stay in memory for good (~80 MB: TensorFlow's global
+    gradient registry held the loaded functions); now a retired version's memory is reused."""
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+    path = str(tmp_path / "storygen")
+    os.makedirs(path)
+    models = manager(path, warmup=False)  # warm-up adds time, not leaks: its memory went with the load's
+    rss = []
+    for version in range(1, 22):
+        staged = os.path.join(path, f".tmp-{version}")
+        shutil.copytree(os.path.join(tiny_pipeline.model_base_path, "1"), staged)
+        publish_version(staged, version)
+        models.poll()
+        assert models.loaded_versions() == [version]
+        rss.append(rss_mb())
+    assert rss[20] - rss[1] <= 50, [round(r) for r in rss]
+
+
+@pytest.mark.slow
 def test_a_version_swap_under_8_clients_keeps_p99_within_2x_of_steady_state(tiny_pipeline, tmp_path):
     """The tiny pipeline's export: version 2 is warmed up before it takes traffic, so no client
     pays its graphs' first calls (without warm-up, requests waited up to 8.1 s here)."""
