@@ -34,8 +34,7 @@ class _Task:
         self.rows = rows
         self.deadline = deadline
         self.batch = batch
-        self.abandoned = False  # its caller stopped waiting (deadline, or gone): do not run it
-        self.done = threading.Event()
+        self.done = threading.Event()  # set before its batch runs only if its caller stopped waiting
         self.outputs = None
         self.error = None
 
@@ -111,11 +110,10 @@ class Batcher:
                 del self._open[key]  # full: ready to run
             self._cond.notify()
         if on_caller_gone is not None:
-            on_caller_gone(lambda: self._abandon(task, caller_gone(deadline)))
+            on_caller_gone(lambda: self._abandon(task))
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not task.done.wait(timeout):
-            self._abandon(task, ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                             "The deadline passed before the model answered."))
+            self._abandon(task)
         if task.error is not None:
             raise task.error
         return task.outputs
@@ -128,14 +126,13 @@ class Batcher:
         for thread in self._threads:
             thread.join()
 
-    def _abandon(self, task: _Task, error: ServingError) -> None:
-        """Answers `task` with `error` unless it has its answer; a batch that has not started runs
-        without the task, and one that no caller waits for any more is cancelled."""
+    def _abandon(self, task: _Task) -> None:
+        """Answers `task` for a caller that stopped waiting, unless it has its answer; a batch that
+        has not started runs without the task, and one that no caller waits for any more is cancelled."""
         with self._cond:
             if task.done.is_set():
                 return
-            task.abandoned = True
-            task.finish(error=error)
+            task.finish(error=caller_gone(task.deadline))
             if all(t.done.is_set() for t in task.batch.tasks):
                 task.batch.cancellation.start_cancel()
 
@@ -174,7 +171,7 @@ class Batcher:
         now = time.monotonic()
         tasks = []
         for task in batch.tasks:
-            if task.abandoned:
+            if task.done.is_set():  # its caller has gone
                 continue
             if task.deadline is not None and task.deadline <= now:
                 task.finish(error=ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -87,6 +87,7 @@ class Models:
     def __init__(self, specs: list[ModelSpec], **manager_options):
         self._manager_options = manager_options
         self._managers: dict[str, ModelManager] = {}  # replaced, never mutated, so readers need no lock
+        self._specs: list[ModelSpec] = []  # what the managers serve
         self._lock = threading.Lock()  # one apply or poll at a time
         self._stop = threading.Event()
         self._thread = None
@@ -105,7 +106,7 @@ class Models:
                 managers[spec.name] = manager
             for name in self._managers.keys() - managers.keys():
                 logging.info("Model %s is no longer configured: unloaded (in-flight requests finish on it).", name)
-            self._managers = managers
+            self._managers, self._specs = managers, list(specs)
 
     def poll(self) -> None:
         """Loads and retires the versions of every model (see ModelManager.poll)."""
@@ -150,14 +151,11 @@ class Models:
         except (ValueError, tf.errors.OpError) as e:
             logging.log_every_n_seconds(logging.ERROR, "%s; keeping the models already configured.", 60, e)
             return False
-        if [(s.name, s.base_path, s.policy, s.labels) for s in specs] == self._config():
+        if specs == self._specs:
             return False
         logging.info("%s changed: now serving %s.", config_file, ", ".join(s.name for s in specs) or "no model")
         self.apply(specs)
         return True
-
-    def _config(self) -> list[tuple]:
-        return [(m.name, m.base_path, m.policy, m.labels) for m in self._managers.values()]
 
     # ---- lookups
 

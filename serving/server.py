@@ -33,6 +33,8 @@ if typing.TYPE_CHECKING:  # names for the annotations; the modules load after th
     from serving.stats import Stats
 
 FLAGS = flags.FLAGS
+
+
 def define_flags():
     """Defines the server's flags (in a function, so importing this module defines none)."""
     flags.DEFINE_string("model_name", "storygen", "Name of the model in requests (ModelSpec.name, /v1/models/<name>).")
