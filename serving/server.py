@@ -78,6 +78,8 @@ def define_flags():
     flags.DEFINE_integer("num_batch_threads", os.cpu_count() or 1, "Batches run in parallel.", lower_bound=1)
     # Every request waiting for a batch holds a gRPC thread, so this also bounds how full batches get.
     flags.DEFINE_integer("grpc_max_threads", 64, "Threads answering gRPC requests.", lower_bound=1)
+    flags.DEFINE_integer("grpc_max_concurrent_rpcs", 10_000, "Most gRPC requests running or waiting for a thread; "
+                         "beyond it requests fail at once with RESOURCE_EXHAUSTED.", lower_bound=1)
     flags.DEFINE_integer("rest_api_num_threads", 64, "Threads running REST Predict requests (connections need none); "
                          "more requests wait for one.", lower_bound=1)
     flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "Deadline of a REST request.", lower_bound=1)
@@ -241,9 +243,17 @@ def _bind_grpc(predictor: Predictor, stats: Stats) -> grpc.Server:
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=FLAGS.grpc_max_threads, thread_name_prefix="grpc"),
-        options=[("grpc.max_receive_message_length", FLAGS.max_request_bytes),
-                 # gRPC sets SO_REUSEPORT by default, which would let a second server share the port silently.
-                 ("grpc.so_reuseport", 0)] + _channel_arguments(FLAGS.grpc_channel_arguments))
+        maximum_concurrent_rpcs=FLAGS.grpc_max_concurrent_rpcs,
+        # gRPC uses the first of repeated arguments, so --grpc_channel_arguments come first to override these.
+        options=_channel_arguments(FLAGS.grpc_channel_arguments) + [
+            ("grpc.max_receive_message_length", FLAGS.max_request_bytes),
+            # gRPC sets SO_REUSEPORT by default, which would let a second server share the port silently.
+            ("grpc.so_reuseport", 0),
+            # gRPC core drops calls at random (CANCELLED, unseen by the server) once more than 1,000 wait for
+            # Python to pick them up, which a burst of calls does in moments. Let every burst through: the limit
+            # that answers is maximum_concurrent_rpcs, with RESOURCE_EXHAUSTED.
+            ("grpc.server.max_pending_requests", 1 << 20),
+            ("grpc.server.max_pending_requests_hard_limit", 1 << 20)])
     add_services(server, predictor, stats, max_elements=FLAGS.max_request_bytes)
     host = f"[{FLAGS.host}]" if ":" in FLAGS.host else FLAGS.host
     try:
