@@ -109,3 +109,15 @@ def tiny_pipeline(tmp_path_factory):
     pipeline.run("first")
     pipeline.run("second")
     return pipeline
+
+
+TWO_EPOCHS = "two_epochs"
+
+
+@pytest.fixture(scope="session")
+def two_epoch_run(tiny_pipeline):
+    """The tiny configuration trained for two epochs instead of ten, as run TWO_EPOCHS of the
+    tiny pipeline (its ingest and tokenizer reused): the one-process reference of the
+    distributed tests, and a later model worse than version 2, which --max_bpc_regression=0
+    keeps from being pushed. Returns the run's CompletedProcess."""
+    return tiny_pipeline.run(TWO_EPOCHS, "--epochs=2", "--max_bpc_regression=0.0")

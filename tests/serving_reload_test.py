@@ -2,12 +2,14 @@
 retiring (the ModelManager in-process), then hot reload in a real server while 8 clients keep
 asking: no request fails and the new version answers within two poll intervals."""
 
+import gc
 import os
 import shutil
 import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from tensorflow_serving.apis import get_model_status_pb2
 
@@ -287,15 +289,16 @@ def test_20_reloads_keep_rss_within_50_mb_of_the_first(tiny_pipeline, tmp_path):
         models.poll()
         assert models.loaded_versions() == [version]
         rss.append(rss_mb())
-    assert rss[20] - rss[1] <= 50, [round(r) for r in rss]
+    # Medians of five: from one reload to the next RSS swings by up to ~50 MB as the allocator
+    # reuses the retired version's memory, while a leak adds ~80 MB per reload.
+    after_first, after_twentieth = np.median(rss[1:6]), np.median(rss[16:21])
+    assert after_twentieth - after_first <= 50, [round(r) for r in rss]
 
 
 @pytest.mark.slow
 def test_a_version_swap_under_8_clients_keeps_p99_within_2x_of_steady_state(tiny_pipeline, tmp_path):
     """The tiny pipeline's export: version 2 is warmed up before it takes traffic, so no client
     pays its graphs' first calls (without warm-up, requests waited up to 8.1 s here)."""
-    import numpy as np
-
     path = str(tmp_path / "storygen")
     shutil.copytree(os.path.join(tiny_pipeline.model_base_path, "1"), os.path.join(path, "1"))
     server = ServerProcess(path, tmp_path / "server.log", f"--file_system_poll_wait_seconds={POLL_S}")
@@ -314,6 +317,9 @@ def test_a_version_swap_under_8_clients_keeps_p99_within_2x_of_steady_state(tiny
                 except grpc.RpcError as e:
                     failures.append(f"{e.code()}: {e.details()}")
 
+        # This process holds every earlier test's objects: its garbage collections would pause the
+        # clients, and count as the server's latency.
+        gc.disable()
         with clients_running(8, client):
             time.sleep(8)
             pushed = time.monotonic()
@@ -323,6 +329,7 @@ def test_a_version_swap_under_8_clients_keeps_p99_within_2x_of_steady_state(tiny
             server.wait_ready(2, timeout_s=60)
             time.sleep(5)
     finally:
+        gc.enable()
         server.stop()
     steady = [seconds for started, seconds in latencies if 2 < started - latencies[0][0] and started < pushed]
     swap = [seconds for started, seconds in latencies if started >= pushed]
