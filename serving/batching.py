@@ -86,7 +86,8 @@ class Batcher:
 
         `key` must be hashable and equal only for requests that `run` can serve together;
         `batch_inputs` names the inputs to concatenate; `deadline` is a time.monotonic() value;
-        `on_caller_gone(callback)` registers a callback for when the caller stops waiting."""
+        `on_caller_gone(callback)` registers a callback for when the caller stops waiting, or returns
+        False if it already has."""
         rows = len(inputs[next(iter(batch_inputs))])
         if rows > self.max_batch_size:
             raise invalid_argument(f"The request has {rows} rows, more than one batch holds "
@@ -109,8 +110,8 @@ class Batcher:
             if batch.rows == self.max_batch_size:
                 del self._open[key]  # full: ready to run
             self._cond.notify()
-        if on_caller_gone is not None:
-            on_caller_gone(lambda: self._abandon(task))
+        if on_caller_gone is not None and not on_caller_gone(lambda: self._abandon(task)):
+            self._abandon(task)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not task.done.wait(timeout):
             self._abandon(task)

@@ -42,13 +42,14 @@ class Predictor:
 
     def predict(self, servable: Servable, signature: Signature, inputs: dict[str, np.ndarray],
                 output_filter=(), deadline: float | None = None,
-                on_caller_gone: Callable[[Callable[[], None]], object] | None = None) -> dict[str, np.ndarray]:
+                on_caller_gone: Callable[[Callable[[], None]], bool] | None = None) -> dict[str, np.ndarray]:
         """The outputs of `signature` for `inputs` (only those in `output_filter`, if given).
 
         `deadline` is a time.monotonic() value: past it the request fails with DEADLINE_EXCEEDED
         and no model time is spent on it any more (a call it alone waits for is cancelled).
-        `on_caller_gone(callback)` registers a callback for when the caller stops waiting (gRPC's
-        `context.add_callback`); its request is then dropped, or its call cancelled, the same way."""
+        `on_caller_gone(callback)` registers a callback for when the caller stops waiting, or returns
+        False if it already has (gRPC's `context.add_callback`); its request is then dropped, or its
+        call cancelled, the same way."""
         self._check(signature, inputs)
         for name in output_filter:
             if name not in signature.outputs:
@@ -130,8 +131,8 @@ def _run_cancellable(run, inputs: dict[str, np.ndarray], deadline: float | None,
     if deadline is not None:
         timer = threading.Timer(max(0.0, deadline - time.monotonic()), cancellation.start_cancel)
         timer.start()
-    if on_caller_gone is not None:
-        on_caller_gone(cancellation.start_cancel)
+    if on_caller_gone is not None and not on_caller_gone(cancellation.start_cancel):
+        cancellation.start_cancel()  # gone already: the call fails at once
     try:
         return run(inputs, cancellation)
     except ServingError as e:

@@ -45,6 +45,28 @@ _ROUTES = {("GET", None): "GetModelStatus", ("GET", "/metadata"): "GetModelMetad
            ("POST", ":predict"): "Predict", ("POST", ":classify"): "Classify", ("POST", ":regress"): "Regress"}
 
 
+class _Caller:
+    """A REST caller's going, told to the predictor the way gRPC's `context.add_callback` tells it:
+    a callback added before the caller leaves runs when it does; adding one after returns False."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._callbacks = []
+        self._gone = False
+
+    def add_callback(self, callback) -> bool:
+        with self._lock:
+            if not self._gone:
+                self._callbacks.append(callback)
+            return not self._gone
+
+    def leave(self) -> None:
+        with self._lock:
+            self._gone = True
+        for callback in self._callbacks:
+            callback()
+
+
 class RestServer:
     """The REST API on `host:port`: `start()` serves it from a background thread, `shutdown()`
     stops taking connections (SIGTERM), `close()` ends it once requests have drained."""
@@ -177,16 +199,16 @@ class RestServer:
     async def _run(self, predict, deadline: float):
         """`predict(deadline, on_caller_gone)` on a REST thread, answered DEADLINE_EXCEEDED (504) at
         the deadline; if the client goes first, its model call is cancelled."""
-        gone = []  # what to call if the caller goes: the predictor registers its cancellation here
+        caller = _Caller()
         try:
-            return await asyncio.wait_for(self._loop.run_in_executor(self._executor, predict, deadline, gone.append),
+            return await asyncio.wait_for(self._loop.run_in_executor(self._executor, predict, deadline,
+                                                                     caller.add_callback),
                                           deadline - time.monotonic())
         except TimeoutError:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The deadline passed: no answer within "
                                f"{self.timeout_s:g} s (--rest_api_timeout_in_ms).") from None
         except asyncio.CancelledError:
-            for callback in gone:
-                callback()
+            caller.leave()
             raise
 
     def _status(self, name, version, label):

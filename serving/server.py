@@ -162,7 +162,10 @@ def _serve(args):
                  ", ".join(f"model {name} (versions {versions})" for name, versions in models.loaded_versions().items()),
                  FLAGS.host, FLAGS.port, f" and REST {FLAGS.host}:{FLAGS.rest_api_port}" if rest_server else "",
                  "on" if batcher else "off")
-    stopping.wait()
+    # Timed waits: the kernel hands a process's signal to any of its threads, and when that is not this
+    # one, Python runs the handler only once this thread next runs Python code, which a bare wait never does.
+    while not stopping.wait(0.2):
+        pass
 
     in_flight = stats.in_flight()
     grpc_stopped = grpc_server.stop(grace=FLAGS.drain_timeout_seconds)  # refuses new RPCs at once

@@ -141,6 +141,17 @@ def test_a_request_past_its_deadline_fails_and_is_not_run(make_batcher):
     assert model.calls == [[1]]
 
 
+def test_a_request_whose_caller_has_already_gone_is_cancelled_and_not_run(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(timeout_s=0)
+    with pytest.raises(ServingError) as error:  # gRPC's add_callback returns False once the call has ended
+        batcher.submit(("model", 0), model, {"x": np.array([1]), "s": np.array(0)}, BATCH,
+                       on_caller_gone=lambda callback: False)
+    assert error.value.code == CODE.CANCELLED
+    submit(batcher, model, [2])
+    assert model.calls == [[2]]
+
+
 def test_a_bad_request_does_not_fail_the_requests_merged_with_it(make_batcher):
     model = FakeModel()
     good, bad = submit_all(make_batcher(), model, [([1], 0), ([-1], 0)])

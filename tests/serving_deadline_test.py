@@ -1,15 +1,20 @@
 """Deadlines against a real server process with one thread for each protocol's requests: a
 request past its deadline is answered DEADLINE_EXCEEDED (REST 504) on time, and its model call is
 cancelled, so the next request does not wait behind work for a caller that has gone. The stub
-model's generate takes max_new_tokens milliseconds."""
+model's generate takes max_new_tokens milliseconds. In-process: a caller that has gone before its
+model call starts (its gRPC call ended, its REST connection closed) has that call cancelled."""
 
 import json
 import socket
 import time
 
 import grpc
+import numpy as np
 import pytest
 
+from serving.errors import ServingError
+from serving.predictor import _run_cancellable
+from serving.rest import _Caller
 from serving_fixtures import expected_generation, predict_request, serve_stub_versions
 
 GENERATE = dict(temperature=0.5, top_k=40, top_p=0.9, seed=7)
@@ -80,3 +85,23 @@ def test_a_grpc_call_its_client_cancels_stops_its_model_call(server):
     assert call.cancel()
     assert_next_request_is_prompt(server, "grpc")
     assert server.metric("storygen_requests_total", protocol="grpc", method="Predict", code="CANCELLED") == 1
+
+
+def test_a_caller_gone_before_its_model_call_starts_has_the_call_cancelled():
+    caller = _Caller()  # a REST caller, which tells its going as gRPC's context.add_callback does
+    told = []
+    assert caller.add_callback(lambda: told.append("added before"))
+    caller.leave()
+    assert told == ["added before"]
+    assert not caller.add_callback(lambda: told.append("added after"))
+    assert told == ["added before"]
+
+    def run(inputs, cancellation):  # as a model call does: cancelled before it starts, it fails at once
+        if cancellation.is_cancelled:
+            raise ServingError(grpc.StatusCode.CANCELLED, "The model call was cancelled.")
+        return inputs
+
+    with pytest.raises(ServingError) as error:
+        _run_cancellable(run, {"x": np.ones(1)}, None, caller.add_callback)
+    assert error.value.code == grpc.StatusCode.CANCELLED
+    assert _run_cancellable(run, {"x": np.ones(1)}, None, _Caller().add_callback)["x"].tolist() == [1.0]

@@ -12,10 +12,10 @@ from serving_fixtures import predict_request, serve_stub_versions
 BURST = 3000
 
 
-def burst_codes(server) -> collections.Counter:
-    """Status codes of BURST Predict calls sent at once on one channel."""
-    request = predict_request(["从前有座山"])
-    calls = [server.prediction.Predict.future(request, timeout=120) for _ in range(BURST)]
+def burst_codes(server, count: int = BURST, request=None) -> collections.Counter:
+    """Status codes of `count` Predict calls (of `request`, by default a story) sent at once on one channel."""
+    request = request or predict_request(["从前有座山"])
+    calls = [server.prediction.Predict.future(request, timeout=120) for _ in range(count)]
     codes = collections.Counter()
     for call in calls:
         try:
@@ -34,9 +34,14 @@ def test_3000_simultaneous_calls_are_all_answered_and_counted(tmp_path):
 
 
 def test_calls_beyond_the_concurrency_limit_are_refused_with_resource_exhausted(tmp_path):
+    # The stub's generate sleeps 50 ms in the graph, so the first 100 calls take seconds to answer, far
+    # longer than sending the burst takes: the limit binds.
+    slow = predict_request(["从前有座山"], "generate", max_new_tokens=50, temperature=0.5, top_k=40, top_p=0.9,
+                           seed=3)
     with serve_stub_versions(tmp_path, [1], "--file_system_poll_wait_seconds=0",
                              "--grpc_max_concurrent_rpcs=100") as server:
-        codes = burst_codes(server)
+        codes = burst_codes(server, 300, slow)
         assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert codes[grpc.StatusCode.OK] >= 100, codes
         assert server.metric("storygen_requests_total", protocol="grpc", method="Predict",
                              code="OK") == codes[grpc.StatusCode.OK]

@@ -2,8 +2,10 @@
 SIGTERM while requests are in flight (they finish, new ones are refused, also on kept-alive REST
 connections, and the exit code is 0; 1 when the drain ran out and requests were cut)."""
 
+import ctypes
 import http.client
 import json
+import os
 import signal
 import threading
 import time
@@ -157,3 +159,17 @@ def test_sigterm_that_has_to_cut_requests_exits_1(tmp_path, base):
         server.stop()
     assert exit_code == 1
     assert "Exiting with 1 requests still in flight after 1 s of draining: they were cut." in server.log()
+
+
+def test_sigterm_taken_by_another_thread_still_stops_the_server(tmp_path, base):
+    # The kernel gives a process's signal to any of its threads; send it to one that is not the main thread.
+    server = ServerProcess(base, tmp_path / "server.log")
+    try:
+        server.wait_ready(1)
+        other_threads = [int(tid) for tid in os.listdir(f"/proc/{server.proc.pid}/task") if int(tid) != server.proc.pid]
+        assert ctypes.CDLL(None, use_errno=True).tgkill(server.proc.pid, other_threads[-1], signal.SIGTERM) == 0
+        exit_code = server.proc.wait(10)
+    finally:
+        server.stop()
+    assert exit_code == 0
+    assert "SIGTERM received: draining 0 in-flight requests" in server.log()
