@@ -9,7 +9,9 @@ Exit status:
     0  done
     1  a UserError: a bad path, record, flag value or environment, said in one sentence
     2  a usage error: an unknown flag, a value of the wrong type, an unexpected argument
-(`--help` and `--helpshort` print the flags and exit 1, as absl's do.)
+    3  (`pipeline.run`) every step ran, but the evaluator did not bless the model, so it was not pushed
+(`--help` and `--helpshort` print the flags and exit 1, as absl's do; `pipeline.run` lists
+them grouped by step.)
 
 TensorFlow's C++ start-up lines (the oneDNN notices, CUDA stubs and `cuInit` failures on a
 machine without a GPU, the CPU-feature notice) are silenced, and Python logging is kept to
@@ -26,18 +28,25 @@ from components.common import UserError
 
 EXIT_USER_ERROR = 1
 EXIT_USAGE = 2
+EXIT_NOT_PUSHED = 3
 ERROR_MARK = "error: "  # what starts the one sentence of a failure, after the program's name
 
 
-def run(main, *, max_args: int = 0, usage: str = "", uses_tensorflow: bool = True, logs_info: bool = False):
+def run(main, *, max_args: int = 0, usage: str = "", uses_tensorflow: bool = True, logs_info: bool = False,
+        flags_help=None):
     """Parses the flags, then calls `main(args)` with the positional arguments (at most
     `max_args`; `usage` names them in the error). A UserError ends the program with its
     sentence on stderr and status 1; a usage error with status 2. With `uses_tensorflow`,
     TensorFlow is imported (quietly) before `main` runs. `logs_info` keeps absl's INFO lines
-    (a server's request and summary lines); otherwise only warnings are logged."""
+    (a server's request and summary lines); otherwise only warnings are logged. `flags_help()`,
+    if given, is what `--help` and `--helpshort` list instead of absl's one alphabetical group."""
     program = _program_name()
 
     def parse(argv):
+        if flags_help and any(arg in ("--help", "--helpshort", "-?") for arg in argv[1:]):
+            doc = (sys.modules["__main__"].__doc__ or "").strip()
+            print(f"{doc}\n\nflags:\n\n{flags_help()}\n\n--helpfull lists absl's own flags too.")
+            sys.exit(1)  # as absl's help does
         try:
             args = flags.FLAGS(argv)[1:]
         except flags.Error as e:
@@ -110,4 +119,8 @@ def _quiet_python_logs(logs_info: bool):
 
     if not logs_info:
         logging.set_verbosity(logging.WARNING)
-    python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)
+    tensorflow_log = python_logging.getLogger("tensorflow")
+    tensorflow_log.setLevel(python_logging.WARNING)
+    # The steps trace a function once per batch shape on purpose (scoring, decoding), which
+    # TensorFlow reports as excessive retracing.
+    tensorflow_log.addFilter(lambda record: "tf.function retracing" not in record.getMessage())

@@ -54,6 +54,20 @@ class UserError(Exception):
 _SPACE_RUN = re.compile(r"\s+")
 
 
+def format_duration(seconds: float) -> str:
+    """A duration as a person reads it: '45 s', '3 min 05 s', '2 h 07 min'.
+
+    >>> format_duration(185.2)
+    '3 min 05 s'
+    """
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def normalize_text(text: str) -> str:
     """NFC with runs of whitespace folded to one space; full-width punctuation is kept as is."""
     return _SPACE_RUN.sub(" ", unicodedata.normalize("NFC", text)).strip()

@@ -36,9 +36,10 @@ import tensorflow as tf
 
 from components import corpus
 from components.char_ngram import CharNGramModel
-from components.config import EvaluationConfig, ExportConfig
-from components.records import iterate_split, read_split
+from components.config import BUILTIN_PREFIX, EvaluationConfig, ExportConfig
+from components.records import iterate_split, read_split, split_size
 from components.model.decoding import StoryGenerator
+from components.progress import Progress
 from components.text_metrics import SPAN_CHARS, CopyIndex, copy_metrics, generation_metrics
 from components.transform import example_features, padding_values, spelled
 
@@ -168,6 +169,7 @@ def _likelihood(model, tokenizer, examples_dir, ngram, *, batch_size, max_prompt
     features = example_features(examples_dir, "test", tokenizer, **options).padded_batch(
         batch_size, padding_values=dict(padding_values(special), lang=tf.constant("")))
     raw = read_split(examples_dir, "test").padded_batch(batch_size)  # tags vary in number: pad with ""
+    progress = Progress("evaluator", "scored test windows", split_size(examples_dir, "test"))
     for batch, records in tf.data.Dataset.zip(features, raw):
         nll, texts = score(batch["encoder_ids"], batch["decoder_ids"], batch["targets"])
         targets = batch["targets"].numpy()
@@ -181,13 +183,15 @@ def _likelihood(model, tokenizer, examples_dir, ngram, *, batch_size, max_prompt
             whole = len(text) == len(story) and int(records["ends_story"][row]) == 1
             ngram_nll = -ngram.log_prob(text, context=prompt, with_end=whole)
             stats = np.array([nll[row], unigram_nll[row], ngram_nll, mask[row].sum(), len(text), 0, 0, 0])
-            accepted = corpus.accept(prompt, story, lang) if whole and lang in corpus.LANGS else None
+            grammar = _from_grammar(records["source"][row].numpy().decode("utf-8"), lang)
+            accepted = corpus.accept(prompt, story, lang) if whole and grammar else None
             if accepted is not None and accepted.accepted:
                 exact_nll = -(accepted.log_prob - accepted.prompt_log_prob)
                 stats[5:] = nll[row], exact_nll, len(text)
             scored.append((prompt, story))
             for key in ["all", f"lang:{lang}"] + [f"tag:{t}" for t in tags]:
                 totals[key] += stats
+        progress.update(len(scored))
     slices = {key: _summary(value) for key, value in sorted(totals.items())}
     return {"test": slices.pop("all"),
             "by_lang": {k[5:]: v for k, v in slices.items() if k.startswith("lang:")},
@@ -229,8 +233,12 @@ def _generation(generator, records, copy_index, settings, *, max_new_tokens, bat
     """Continuations of the records' prompts with each of DECODINGS' `settings` (temperature,
     top_k, top_p, seed): {decoding: metrics per slice}, and sample stories per language."""
     prompts = [r["prompt"] for r in records]
-    stories = {decoding: _continue(generator, prompts, settings[decoding], max_new_tokens, batch_size)
-               for decoding in DECODINGS}
+    progress = Progress("evaluator", "continued test prompts", len(DECODINGS) * len(prompts))
+    stories = {}
+    for decoding in DECODINGS:
+        done_before = len(prompts) * len(stories)
+        stories[decoding] = _continue(generator, prompts, settings[decoding], max_new_tokens, batch_size,
+                                      on_batch=lambda done: progress.update(done_before + done))
     generation = {decoding: _sliced_metrics(records, stories[decoding], copy_index) for decoding in DECODINGS}
     samples = {}
     for i, record in enumerate(records):
@@ -241,15 +249,16 @@ def _generation(generator, records, copy_index, settings, *, max_new_tokens, bat
     return generation, samples
 
 
-def _continue(generator, prompts, setting, max_new_tokens, batch_size) -> list[str]:
+def _continue(generator, prompts, setting, max_new_tokens, batch_size, on_batch=lambda done: None) -> list[str]:
     """The generator's stories for `prompts` with one sampling setting. A prompt's story
-    depends on the seed and not on the rest of its batch."""
+    depends on the seed and not on the rest of its batch. `on_batch(stories so far)` follows each batch."""
     stories = []
     for i in range(0, len(prompts), batch_size):
         out = generator.generate(tf.constant(prompts[i:i + batch_size]), tf.constant(max_new_tokens),
                                  tf.constant(setting["temperature"], tf.float32), tf.constant(setting["top_k"]),
                                  tf.constant(setting["top_p"], tf.float32), tf.constant(setting["seed"], tf.int64))
         stories += [s.decode("utf-8", errors="replace") for s in out["story"].numpy()]
+        on_batch(len(stories))
     return stories
 
 
@@ -263,14 +272,19 @@ def _sliced_metrics(records, stories, copy_index) -> dict:
     return {key: _generation_slice(triples) for key, triples in sorted(slices.items())}
 
 
+def _from_grammar(source: str, lang: str) -> bool:
+    """Whether a record is a story of the built-in grammar, which its exact metrics apply to."""
+    return source.startswith(BUILTIN_PREFIX) and lang in corpus.LANGS
+
+
 def _generation_slice(triples) -> dict:
     """The metrics of one slice's (record, generated story, its Copies) triples."""
     records, stories, copies = zip(*triples)
     metrics = generation_metrics([r["prompt"] for r in records], [r["story"] for r in records], stories,
                                  [r["lang"] for r in records])
     metrics.update(copy_metrics(copies))
-    builtin = [(r, s) for r, s, _ in triples if r["lang"] in corpus.LANGS and corpus.protagonist(r["prompt"])]
-    if builtin:
+    builtin = [(r, s) for r, s, _ in triples if _from_grammar(r["source"], r["lang"]) and corpus.protagonist(r["prompt"])]
+    if builtin:  # only stories the built-in grammar wrote have its acceptance and a hero to keep
         metrics["grammar_acceptance_rate"] = sum(
             corpus.accept(r["prompt"], s, r["lang"]).accepted for r, s in builtin) / len(builtin)
         metrics["protagonist_kept_rate"] = sum(

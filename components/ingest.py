@@ -26,7 +26,8 @@ import tensorflow as tf
 from components import sources
 from components.common import SPLITS, UserError, detect_lang, normalize_text
 from components.config import IngestConfig
-from components.records import to_example
+from components.progress import Progress
+from components.records import STATISTICS_FILE, to_example
 from components.validate import Quarantine, RecordValidator, load_schema
 
 # Story, prompt and example lengths in characters are counted in these buckets (lower edges).
@@ -194,8 +195,13 @@ def ingest(config: IngestConfig, output_dir: str) -> dict:
     writers = _ShardWriters(output_dir, config.num_shards)
     undecodable, undecodable_file = sources.undecodable_reason(config.encoding), None  # the first file not in --encoding
     records = sources.read_source(config.data, config)
+    progress = Progress("ingest", "records read")
+    read = story_bytes = 0
     try:
         for raw, location in records:
+            read += 1
+            progress.update(read, lambda: f", {read / progress.elapsed():,.0f} records/s, "
+                                          f"{story_bytes / 1e6 / progress.elapsed():.1f} MB/s of stories")
             result = raw if isinstance(raw, str) else _examples_of(raw, location, validator, config.window_bytes)
             if isinstance(result, str):
                 stats.add_bad(result)
@@ -204,6 +210,7 @@ def ingest(config: IngestConfig, output_dir: str) -> dict:
                     undecodable_file = undecodable_file or location.source
                 continue
             story, examples = result
+            story_bytes += len(story.encode("utf-8"))
             split = split_of(story, config.eval_fraction, config.test_fraction)
             writers.write(split, story, examples)
             stats.add_story(split, story, examples)
@@ -211,8 +218,8 @@ def ingest(config: IngestConfig, output_dir: str) -> dict:
         records.close()  # stops any reader threads now, should a record have raised
         writers.close()
         quarantine.close()
-    summary = stats.summary(time.time() - start)
-    with tf.io.gfile.GFile(f"{output_dir}/statistics.json", "w") as f:
+    summary = {"source": config.data, **stats.summary(time.time() - start)}
+    with tf.io.gfile.GFile(f"{output_dir}/{STATISTICS_FILE}", "w") as f:
         f.write(json.dumps(summary, indent=2, ensure_ascii=False))
     _write_summary(summary, f"{output_dir}/logs")
     _check_outcome(summary, config, quarantine.path, undecodable_file)
@@ -221,8 +228,8 @@ def ingest(config: IngestConfig, output_dir: str) -> dict:
 
 def describe(summary: dict) -> str:
     """The pipeline's one-line summary of the ingest step."""
-    return (f"{summary['stories']} stories -> {summary['examples']} examples, {summary['quarantined']} quarantined, "
-            f"{summary['stories_per_second']:.0f} stories/s")
+    return (f"{summary['source']}: {summary['stories']} stories -> {summary['examples']} examples, "
+            f"{summary['quarantined']} quarantined, {summary['stories_per_second']:.0f} stories/s")
 
 
 class _ShardWriters:
@@ -273,13 +280,24 @@ def _check_outcome(summary, config: IngestConfig, quarantine_path, undecodable_f
     if undecodable_file and (too_many_bad or bad == total):
         raise UserError(f"{undecodable_file} is not {encoding} text: pass --encoding with its encoding "
                         f"(e.g. --encoding=gbk); {bad} of {total} records are bad, see {quarantine_path}.")
+    most_often = ""
+    if bad:
+        reason, count = next(iter(summary["quarantine_reasons"].items()))
+        most_often = f"most often {count}× {reason}"
     if bad == total:
         raise UserError(f"The corpus at '{data}' has no usable stories "
-                        + (f"({bad} bad records, see {quarantine_path})." if bad else "(it holds no records)."))
+                        + (f"({bad} bad records, {most_often}): see {quarantine_path}." if bad
+                           else "(it holds no records)."))
     if too_many_bad:
-        reason, count = next(iter(summary["quarantine_reasons"].items()))
         raise UserError(f"{bad} of {total} records ({bad / total:.1%}) are bad, over --max_bad_fraction="
-                        f"{max_bad_fraction} (most often {count}× {reason}): see {quarantine_path}.")
-    if summary["examples"]["train"] == 0:
-        raise UserError(f"The corpus at '{data}' gave no training examples: add stories or lower "
-                        "--eval_fraction/--test_fraction.")
+                        f"{max_bad_fraction} ({most_often}): see {quarantine_path}.")
+    fractions = {"train": 1, "eval": config.eval_fraction, "test": config.test_fraction}
+    empty = [split for split in SPLITS if fractions[split] > 0 and summary["examples"][split] == 0]
+    if empty:
+        stories = total - bad
+        fix = ("add stories, or lower --eval_fraction/--test_fraction" if "train" in empty
+               else "add stories, or raise " + " and ".join(f"--{split}_fraction" for split in empty))
+        if sources.whole_text_files(data, config):
+            fix = f"give --text_separator to split each .txt file into stories (without it a file is one), or {fix}"
+        raise UserError(f"The corpus at '{data}' gave no {' or '.join(empty)} examples: its {stories} "
+                        f"{'story goes' if stories == 1 else 'stories go'} to the splits whole; {fix}.")

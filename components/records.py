@@ -10,6 +10,8 @@ are all read from it.
 ('tags',)
 """
 
+import json
+
 import tensorflow as tf
 from tensorflow_metadata.proto.v0 import schema_pb2
 
@@ -17,6 +19,7 @@ from components.common import UserError
 from components.validate import load_schema
 
 ENDS_STORY = "ends_story"
+STATISTICS_FILE = "statistics.json"  # what ingest counted, beside the splits
 
 
 def _features(schema: schema_pb2.Schema):
@@ -53,11 +56,18 @@ def split_pattern(examples_dir: str, split: str) -> str:
     return f"{examples_dir}/{split}-*.tfrecord"
 
 
+def split_size(examples_dir: str, split: str) -> int:
+    """How many examples the ingest step wrote to `split` (from its statistics)."""
+    with tf.io.gfile.GFile(f"{examples_dir}/{STATISTICS_FILE}") as f:
+        return json.load(f)["examples"][split]
+
+
 def read_split(examples_dir: str, split: str) -> tf.data.Dataset:
     """Parsed examples of one split, in a stable order (shards sorted, read one after another)."""
     files = sorted(tf.io.gfile.glob(split_pattern(examples_dir, split)))
     if not files:
-        raise UserError(f"No {split} examples in {examples_dir}: run the ingest step first.")
+        raise UserError(f"No {split} examples in {examples_dir}: the ingest step wrote none for this split "
+                        "(see --eval_fraction and --test_fraction).")
 
     def parse(serialized):
         features = tf.io.parse_single_example(serialized, FEATURE_SPEC)

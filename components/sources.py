@@ -89,6 +89,13 @@ def read_source(spec: str, config: IngestConfig):
         yield from _read_ahead(paths, lambda path: _read_file(path, config), config.num_parallel_reads)
 
 
+def whole_text_files(spec: str, config: IngestConfig) -> bool:
+    """Whether `spec` reads .txt files as one story each (no --text_separator splits them)."""
+    if config.text_separator is not None or spec.startswith((BUILTIN_PREFIX, TFDS_PREFIX)):
+        return False
+    return any(_kind(path) == ".txt" for path in _expand(spec))
+
+
 def _read_builtin(spec, config):
     """Stories sampled from the built-in grammar; `builtin:NAME#index` locates each."""
     name = spec[len(BUILTIN_PREFIX):]
@@ -172,8 +179,8 @@ def _read_jsonl(path, config):
                 yield undecodable_reason(config.encoding), location
                 continue
             except json.JSONDecodeError as e:
-                if line.strip():
-                    yield f"not valid JSON ({e.msg})", location
+                if line.strip():  # e.msg is cut before its position ("Invalid control character at")
+                    yield f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})", location
                 continue
             yield (_fields(values, config) if isinstance(values, dict) else "a JSON line must be an object"), location
 

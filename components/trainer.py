@@ -34,6 +34,7 @@ from components.common import PAD_ID, UserError
 from components.config import SCHEDULES, STRATEGIES, ModelConfig, TrainingConfig
 from components.model import build_model, presets, save_model
 from components.model.decoding import StoryGenerator
+from components.progress import Progress
 
 HISTORY_FILE = "history.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -407,6 +408,10 @@ class Trainer:
         stream = train_data.repeat().skip(self.step)
         iterator = iter(self.strategy.experimental_distribute_dataset(_shard_by_data(stream)))
         start_time, stopped, last_plan = time.time(), "completed", None
+        # Every 10 s: the step, the epoch, its mean loss, tokens per second and the time left.
+        progress = Progress("trainer", "step", total_steps, done=self.step,
+                            deadline=start_time + time_budget if time_budget else None)
+        epochs_in_total, session_tokens = math.ceil(total_steps / steps_per_epoch), 0.0
         while self.step < total_steps:
             epoch = self.step // steps_per_epoch
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
@@ -427,6 +432,9 @@ class Trainer:
                 batch_loss, batch_tokens, norm = float(batch_loss), float(batch_tokens), float(norm)
                 loss_sum, tokens, norm_sum, steps = loss_sum + batch_loss, tokens + batch_tokens, norm_sum + norm, steps + 1
                 epoch_tokens += batch_tokens
+                session_tokens += batch_tokens
+                progress.update(step + 1, lambda: f" (epoch {epoch + 1}/{epochs_in_total}), loss "
+                                f"{loss_sum / max(tokens, 1.0):.4f}, {session_tokens / progress.elapsed():.0f} tokens/s")
                 writers.step_scalars(step + 1, loss=batch_loss / max(batch_tokens, 1.0),
                                      learning_rate=self._learning_rate(), gradient_norm=norm)
                 if manager and (step + 1) % checkpoint_every_steps == 0:

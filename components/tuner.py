@@ -39,7 +39,7 @@ from keras_tuner.engine.trial import Trial, TrialStatus
 from tensorboard.plugins.hparams import api as hparams_api
 
 from components import cli, tokenizer, trainer, transform
-from components.common import UserError
+from components.common import UserError, format_duration
 from components.config import (TUNED_MODEL_FIELDS, TUNED_TRAINING_FIELDS, TUNERS, ModelConfig, TrainingConfig,
                                TunerConfig)
 from components.model import build_model
@@ -194,7 +194,8 @@ def declare(hp, space: dict) -> dict:
 
 class TimeBudgetOracle:
     """Oracle mixin: once `time_budget` seconds have passed, no new trial starts (the first
-    always does). It lives in the oracle so that a chief stops all of its workers."""
+    always does). It lives in the oracle so that a chief stops all of its workers, and says
+    as each trial starts which one it is and about when the search will end."""
 
     def __init__(self, *args, time_budget: float = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -205,7 +206,19 @@ class TimeBudgetOracle:
         if self.time_budget and self.trials and time.time() - self.start > self.time_budget:
             print(f"[tuner] time budget of {self.time_budget:g}s spent: no new trials.", flush=True)
             return {"status": TrialStatus.STOPPED, "values": None}
-        return super().populate_space(trial_id)
+        response = super().populate_space(trial_id)
+        if response["status"] == TrialStatus.RUNNING:
+            self._report_start(len(self.trials) + 1)
+        return response
+
+    def _report_start(self, number: int):
+        """`[tuner] trial k of n`, with the time left from the pace of the trials so far and the budget."""
+        elapsed = time.time() - self.start
+        left = [max(self.time_budget - elapsed, 0.0)] if self.time_budget else []
+        if self.max_trials and number > 1:
+            left.append(elapsed / (number - 1) * (self.max_trials - number + 1))
+        print(f"[tuner] trial {number}" + (f" of {self.max_trials}" if self.max_trials else "")
+              + (f", about {format_duration(min(left))} left" if left else ""), flush=True)
 
 
 class HyperbandOracle(TimeBudgetOracle, keras_tuner.oracles.HyperbandOracle):

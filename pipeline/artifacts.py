@@ -7,8 +7,9 @@ into place only when it succeeded, so a folder with a manifest is always complet
 
 A step is skipped when its folder in this run is already complete (resuming a crashed run),
 or copied from another run whose manifest has the same cache key: the same step, code,
-parameters and input fingerprints (as TFX's caching does). A step that crashed, in this run or
-another, is resumed from what it left when it runs again with the same cache key.
+parameters and input fingerprints (as TFX's caching does). A step that was killed or
+interrupted, in this run or another, is resumed from what it left when it runs again with the
+same cache key. A step that failed with an error leaves nothing: a rerun would fail the same way.
 """
 
 import glob
@@ -28,12 +29,13 @@ CODE_DIRS = ("components", "pipeline", "schemas")
 
 
 def fingerprint(path: str) -> str:
-    """sha256 over a file's or folder's relative paths and contents (manifests excluded)."""
+    """sha256 over a folder's relative paths and contents (manifests excluded), or a file's name
+    and contents: a reader goes by the name (the same bytes as .jsonl and .txt are other stories)."""
     digest = hashlib.sha256()
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(root, name) for root, _, names in os.walk(path) for name in names if name not in (MANIFEST, ".cache_key"))
     for file in files:
-        digest.update(os.path.relpath(file, path).encode())
+        digest.update((os.path.basename(file) if file == path else os.path.relpath(file, path)).encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -101,13 +103,18 @@ class PipelineRun:
             crashed = self._crashed_attempt(name, cache_key) if self.use_cache else None
             if crashed:
                 os.rename(crashed, partial)
-                print(f"[{name}] taking over the unfinished attempt in {crashed}", flush=True)
+                print(f"[{name}] resuming what run {os.path.basename(os.path.dirname(crashed))} left when it was "
+                      "stopped (the same step, code, parameters and inputs)", flush=True)
             else:
                 os.makedirs(partial)
                 with open(key_file, "w") as f:
                     f.write(cache_key)
         print(f"[{name}] running ...", flush=True)
-        metrics = fn(partial)
+        try:
+            metrics = fn(partial)
+        except Exception:  # not KeyboardInterrupt: an interrupted step keeps its folder, to be resumed
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         manifest = {
             "step": name, "run_id": self.run_id, "cache_key": cache_key,
             "inputs": inputs, "parameters": parameters,
@@ -123,7 +130,7 @@ class PipelineRun:
         return manifest
 
     def _crashed_attempt(self, name, cache_key):
-        """The newest unfinished folder of this step, in another run, with the same cache key."""
+        """The newest folder of this step that a killed or interrupted run left, with the same cache key."""
         folders = glob.glob(os.path.join(self.pipeline_root, "*", f".{name}.partial"))
         for folder in sorted(folders, key=os.path.getmtime, reverse=True):
             if _read_text(os.path.join(folder, ".cache_key")) == cache_key:

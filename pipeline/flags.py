@@ -5,6 +5,8 @@ field that several steps share is one flag. `pipeline/configs/*.flags` hold othe
 configurations (--flagfile). Nothing here imports TensorFlow.
 """
 
+import dataclasses
+import textwrap
 import typing
 
 from absl import flags
@@ -22,6 +24,24 @@ def define_pipeline_flags(flag_values: flags.FlagValues = FLAGS):
     flags.register_validator(
         "profile_steps", lambda v: v is None or (len(v) == 2 and all(x.isdigit() for x in v)),
         message="--profile_steps takes two step numbers, e.g. --profile_steps=10,20", flag_values=flag_values)
+
+
+def grouped_help(flag_values: flags.FlagValues = FLAGS) -> str:
+    """`--help`: the pipeline's flags grouped by the step they configure, in the pipeline's order
+    (a flag that several steps share is listed with the first)."""
+    groups, listed = [], set()
+    for step in dataclasses.fields(PipelineConfig):
+        names = [field.name for field in dataclasses.fields(step.type)
+                 if "help" in field.metadata and field.name not in listed]
+        listed.update(names)
+        lines = [f"{step.name}:"]
+        for name in names:
+            flag = flag_values[name]
+            syntax = f"--[no]{name}" if flag.boolean else f"--{name}"
+            lines += textwrap.wrap(f"{syntax}: {flag.help}", 100, initial_indent="  ", subsequent_indent="    ")
+            lines.append(f"    (default: {flag.default_as_str})")
+        groups.append("\n".join(lines))
+    return "\n\n".join(groups)
 
 
 def pipeline_config(flag_values: flags.FlagValues = FLAGS) -> PipelineConfig:

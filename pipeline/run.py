@@ -9,9 +9,10 @@ screen. A step's config is its cache key. Flags are in pipeline/flags.py.
 
 import dataclasses
 import os
+import sys
 import time
 
-from absl import flags, logging
+from absl import logging
 
 from components import cli
 from components.common import UserError
@@ -20,7 +21,6 @@ from pipeline import flags as storygen_flags
 from pipeline.artifacts import PipelineRun
 
 storygen_flags.define_pipeline_flags()
-flags.adopt_module_key_flags(storygen_flags)  # --helpshort lists the pipeline's flags
 
 
 def run_pipeline(config: PipelineConfig) -> dict:
@@ -115,7 +115,13 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
 
 def main():
-    cli.run(lambda args: run_pipeline(storygen_flags.pipeline_config()))
+    cli.run(_run, flags_help=storygen_flags.grouped_help)
+
+
+def _run(args):
+    last = run_pipeline(storygen_flags.pipeline_config())
+    if last["step"] == "pusher" and not last["metrics"]["pushed"]:
+        sys.exit(cli.EXIT_NOT_PUSHED)  # the pusher's line has said why; a script must not take this for a push
 
 
 if __name__ == "__main__":

@@ -44,17 +44,35 @@ def test_step_writes_manifest_and_renames_into_place(tmp_path, capsys):
     assert "[make] 5 chars" in capsys.readouterr().out
 
 
-def test_failed_step_leaves_nothing_that_looks_complete(tmp_path):
-    run = PipelineRun(str(tmp_path), "r1")
-
+def test_a_step_that_fails_leaves_nothing_for_a_later_run(tmp_path, capsys):
     def fail(out):
         write(out, "half.txt", "half")
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        run.step("make", fail, inputs={}, parameters=MakeConfig(), describe=str)
-    assert not (tmp_path / "r1" / "make").exists()
-    assert not (tmp_path / "r1" / ".make.partial" / "manifest.json").exists()
+        PipelineRun(str(tmp_path), "r1").step("make", fail, inputs={}, parameters=MakeConfig(), describe=str)
+    assert os.listdir(tmp_path / "r1") == []
+    PipelineRun(str(tmp_path), "r2").step("make", lambda out: write(out, "a.txt", "whole"), inputs={},
+                                          parameters=MakeConfig(), describe=str)
+    assert "resuming" not in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "r2" / "make")) == ["a.txt", "manifest.json"]
+
+
+def test_an_interrupted_step_is_resumed_by_the_next_run_with_the_same_cache_key(tmp_path, capsys):
+    def interrupted(out):
+        write(out, "checkpoint.txt", "step 80")
+        raise KeyboardInterrupt  # as Ctrl-C; a kill -9 leaves the same folder
+
+    with pytest.raises(KeyboardInterrupt):
+        PipelineRun(str(tmp_path), "r1").step("make", interrupted, inputs={}, parameters=MakeConfig(), describe=str)
+    PipelineRun(str(tmp_path), "r2").step("make", lambda out: {"files": sorted(os.listdir(out))}, inputs={},
+                                          parameters=MakeConfig(n=2), describe=str)
+    assert "resuming" not in capsys.readouterr().out  # other parameters: nothing to resume
+    manifest = PipelineRun(str(tmp_path), "r3").step("make", lambda out: {"files": sorted(os.listdir(out))},
+                                                     inputs={}, parameters=MakeConfig(), describe=str)
+    assert "[make] resuming what run r1 left when it was stopped" in capsys.readouterr().out
+    assert manifest["metrics"] == {"files": [".cache_key", "checkpoint.txt"]}
+    assert not (tmp_path / "r1" / ".make.partial").exists()
 
 
 def test_cache_reuses_equal_steps_only(tmp_path):
@@ -98,3 +116,14 @@ def test_fingerprint_covers_names_and_contents(tmp_path):
     second = fingerprint(str(tmp_path / "a"))
     (tmp_path / "a" / "x").rename(tmp_path / "a" / "y")
     assert len({first, second, fingerprint(str(tmp_path / "a"))}) == 3
+
+
+def test_the_same_bytes_under_another_kind_of_name_are_another_input(tmp_path, capsys):
+    """`--data='corpus/*'` over stories.jsonl, then over the same bytes renamed stories.txt."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "stories.jsonl").write_text('{"story": "A fox ran. It hid."}\n')
+    step = dict(inputs={"data": str(tmp_path / "corpus" / "*")}, parameters=MakeConfig(), describe=str)
+    PipelineRun(str(tmp_path / "runs"), "r1").step("make", lambda out: {}, **step)
+    (tmp_path / "corpus" / "stories.jsonl").rename(tmp_path / "corpus" / "stories.txt")
+    PipelineRun(str(tmp_path / "runs"), "r2").step("make", lambda out: {}, **step)
+    assert "reused" not in capsys.readouterr().out

@@ -2,6 +2,8 @@
 one-sentence errors with documented exit codes, no TensorFlow start-up noise."""
 
 import dataclasses
+import os
+import re
 import subprocess
 import sys
 import time
@@ -35,12 +37,20 @@ def test_importing_the_steps_leaves_tensorflows_runtime_unstarted():
     assert result.stdout.strip() == "True"
 
 
-def test_helpshort_lists_every_pipeline_flag_quickly():
+@pytest.mark.parametrize("option", ["--help", "--helpshort"])
+def test_help_lists_every_pipeline_flag_by_step_quickly(option):
     start = time.time()
-    result = run_cli("pipeline.run", "--helpshort")
+    result = run_cli("pipeline.run", option)
     seconds = time.time() - start
     assert all(f"--{name}:" in result.stdout or f"--[no]{name}:" in result.stdout for name in config.flag_fields())
-    assert seconds < 2.5, f"--helpshort took {seconds:.1f}s: something imports TensorFlow"
+    assert seconds < 2.5, f"{option} took {seconds:.1f}s: something imports TensorFlow"
+    # One group per step, in the pipeline's order, each holding its own flags.
+    groups = re.findall(r"^(\w+):$", result.stdout, re.MULTILINE)
+    assert groups == ["flags", "run", "ingest", "tokenizer", "model", "training", "tuner", "evaluation", "export",
+                      "push"]
+    ingest = result.stdout.split("\ningest:\n")[1].split("\n\n")[0]
+    assert "--data:" in ingest and "--text_separator:" in ingest and "--epochs:" not in ingest
+    assert "--verbosity" not in result.stdout  # absl's own flags are --helpfull's"
 
 
 def test_flags_are_the_config_fields_with_their_defaults():
@@ -108,6 +118,29 @@ def test_errors_are_one_sentence_with_their_exit_status(args, status, message, t
     assert result.returncode == status
     assert result.stderr.startswith("python -m pipeline.run: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+RETRACING = '''
+import tensorflow as tf
+from components import cli
+
+def main(args):
+    double = tf.function(lambda x: 2 * x)
+    for length in range(1, 8):  # a trace per shape: TensorFlow warns after the fifth
+        double(tf.zeros([length]))
+
+cli.run(main)
+'''
+
+
+def test_retracing_warnings_are_silenced_unless_asked_for(tmp_path):
+    (tmp_path / "retrace.py").write_text(RETRACING)
+    command = [sys.executable, str(tmp_path / "retrace.py")]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    quiet = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    verbose = subprocess.run(command + ["--verbosity=0"], capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == verbose.returncode == 0, quiet.stderr
+    assert "retracing" not in quiet.stderr and "tf.function retracing" in verbose.stderr
 
 
 def test_tensorflow_start_up_lines_are_silenced_unless_asked_for(tmp_path):

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from components.cli import EXIT_NOT_PUSHED
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = os.path.join(REPO, "pipeline", "configs", "tiny.flags")
 
@@ -86,11 +88,11 @@ class TinyPipeline:
         self.model_base_path = os.path.join(self.serving_model_dir, "storygen")
         self.results = {}
 
-    def run(self, run_id, *extra):
+    def run(self, run_id, *extra, exit_code=0):
         result = run_cli("pipeline.run", f"--flagfile={TINY_FLAGS}", f"--pipeline_root={self.pipeline_root}",
                          f"--serving_model_dir={self.serving_model_dir}", f"--run_id={run_id}", *extra)
         self.results[run_id] = result
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.returncode == exit_code, result.stdout[-3000:] + result.stderr[-3000:]
         return result
 
     def step_dir(self, run_id, step):
@@ -119,5 +121,5 @@ def two_epoch_run(tiny_pipeline):
     """The tiny configuration trained for two epochs instead of ten, as run TWO_EPOCHS of the
     tiny pipeline (its ingest and tokenizer reused): the one-process reference of the
     distributed tests, and a later model worse than version 2, which --max_bpc_regression=0
-    keeps from being pushed. Returns the run's CompletedProcess."""
-    return tiny_pipeline.run(TWO_EPOCHS, "--epochs=2", "--max_bpc_regression=0.0")
+    keeps from being pushed (exit status 3). Returns the run's CompletedProcess."""
+    return tiny_pipeline.run(TWO_EPOCHS, "--epochs=2", "--max_bpc_regression=0.0", exit_code=EXIT_NOT_PUSHED)

@@ -13,10 +13,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from components import evaluator
+from components import evaluator, progress
 from components.config import EvaluationConfig, ExportConfig
-from components.records import iterate_split
-from components.text_metrics import repeated_ngram_rate, units
+from components.records import iterate_split, split_size
+from components.text_metrics import CopyIndex, repeated_ngram_rate, units
 from conftest import TWO_EPOCHS
 from serving_fixtures import free_ports
 
@@ -167,7 +167,7 @@ def test_scoring_is_traced_once_for_every_batch_shape(tiny_model, spm_proto):
 
 
 def test_evaluate_reports_greedy_and_sampled_continuations(tiny_model, spm_proto, small_examples, tmp_path,
-                                                           monkeypatch):
+                                                           monkeypatch, capsys):
     """The random tiny model on the small corpus: every number is its own, but their structure,
     the references' repetition, the sampling that reproduces the sampled stories and the first
     model's blessing against the 5-gram are the evaluator's."""
@@ -175,17 +175,23 @@ def test_evaluate_reports_greedy_and_sampled_continuations(tiny_model, spm_proto
 
     continuations = []  # (generator, prompts, setting, stories) of each decoding
 
-    def recorded(generator, prompts, setting, max_new_tokens, batch_size):
-        stories = continue_(generator, prompts, setting, max_new_tokens, batch_size)
+    def recorded(generator, prompts, setting, max_new_tokens, batch_size, **progress):
+        stories = continue_(generator, prompts, setting, max_new_tokens, batch_size, **progress)
         continuations.append((generator, prompts, setting, stories))
         return stories
 
     continue_ = evaluator._continue
     monkeypatch.setattr(evaluator, "_continue", recorded)
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)  # a progress line after every batch
     config = EvaluationConfig(batch_size=4, eval_generate_count=6, seed=3)
     metrics = evaluator.evaluate(tiny_model, make_tokenizer(spm_proto), small_examples, str(tmp_path), config,
                                  baseline_model=None, sampling=ExportConfig(temperature=1.0, top_k=0, top_p=1.0))
     assert read_json(tmp_path / "metrics.json") == metrics
+    lines = capsys.readouterr().out.splitlines()
+    test_windows = split_size(small_examples, "test")
+    assert f"[evaluator] scored test windows {test_windows}/{test_windows}, about 0 s left" in lines
+    assert [line.split(",")[0] for line in lines if line.startswith("[evaluator] continued")] == [
+        f"[evaluator] continued test prompts {n}/12" for n in (4, 6, 10, 12)]  # batches of 4 and 2, twice
     records = list(iterate_split(small_examples, "test"))[:6]
     langs = collections.Counter(r["lang"] for r in records)
     reference_rate = repeated_ngram_rate([units(r["story"], r["lang"]) for r in records], 4)
@@ -216,6 +222,22 @@ def test_evaluate_reports_greedy_and_sampled_continuations(tiny_model, spm_proto
     report = (tmp_path / "eval_report.md").read_text(encoding="utf-8")
     assert "## Sampled continuations of test prompts (temperature 1.0, top-k 0, top-p 1.0, seed 3)" in report
     assert f"**Sampled:** {first['sampled']}" in report
+
+
+def test_grammar_metrics_are_reported_only_for_stories_of_the_built_in_grammar():
+    """A story from a file whose prompt happens to name a hero is not the grammar's: no acceptance
+    or hero-kept rate for it (they read 0% on real corpora before)."""
+    prompt = "Once upon a time, in a faraway kingdom, there lived a poor tailor named Hans."
+    record = {"prompt": prompt, "story": "Hans sewed a coat. The end.", "lang": "en", "tags": []}
+    builtin, from_file = dict(record, source="builtin:fairy_tales"), dict(record, source="andersen_en.jsonl:7")
+    index = CopyIndex(["A tailor sewed."])
+    story = "Hans sewed all night."
+    assert set(evaluator._sliced_metrics([builtin], [story], index)["all"]) >= {"grammar_acceptance_rate",
+                                                                                "protagonist_kept_rate"}
+    assert not set(evaluator._sliced_metrics([from_file], [story], index)["all"]) & {"grammar_acceptance_rate",
+                                                                                     "protagonist_kept_rate"}
+    both = evaluator._sliced_metrics([builtin, from_file], [story, "No hero here."], index)["all"]
+    assert both["protagonist_kept_rate"] == 1.0  # over the built-in story alone
 
 
 def _get(url, data=None):

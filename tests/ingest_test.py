@@ -1,14 +1,16 @@
+import csv
 import glob
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import tensorflow as tf
 
-from components import ingest
+from components import ingest, progress
 from components.common import SPLITS, UserError, detect_lang, normalize_text
 from components.config import IngestConfig
 from components.records import iterate_split
@@ -117,7 +119,7 @@ def test_bad_records_are_quarantined_with_reason_and_location(tmp_path):
         bad = [json.loads(line) for line in f]
     assert [b["location"].rsplit(":", 1)[1] for b in bad] == ["4", "8", "10", "12", "14"]
     reasons = [b["reason"] for b in bad]
-    assert reasons[0].startswith("not valid JSON")
+    assert reasons[0] == "not valid JSON (Expecting property name enclosed in double quotes at column 2)"
     assert reasons[1] == "required field 'story' is empty"
     assert reasons[2] == "field 'story' must be a string, not int"
     assert reasons[3] == "field 'story' contains control characters"
@@ -152,6 +154,41 @@ def test_source_errors(tmp_path, spec, message):
     (tmp_path / "only.parquet").write_text("a,b")
     with pytest.raises(UserError, match=message):
         run_ingest(tmp_path, spec.format(tmp=tmp_path))
+
+
+def test_a_txt_file_read_as_one_story_names_text_separator_whichever_split_it_lands_in(tmp_path):
+    path = tmp_path / "tales.txt"
+    path.write_text("\n\n".join(s["story"] for s in many_stories(20)), encoding="utf-8")
+    messages = []
+    for fractions in [(0.05, 0.05), (0.45, 0.45)]:  # the story lands in train, then in another split
+        with pytest.raises(UserError) as error:
+            run_ingest(tmp_path, path, eval_fraction=fractions[0], test_fraction=fractions[1])
+        messages.append(str(error.value))
+    for message, empty in zip(messages, ["eval or test", "train or "]):
+        assert message.startswith(f"The corpus at '{path}' gave no {empty}")
+        assert ("examples: its 1 story goes to the splits whole; give --text_separator to split each .txt file into "
+                "stories (without it a file is one), or add stories") in message
+    stats, _ = run_ingest(tmp_path, path, text_separator="\\n\\n")
+    assert stats["stories"] == 20
+
+
+def test_a_csv_without_the_story_column_says_which_column_is_missing(tmp_path):
+    path = tmp_path / "tales.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("title", "body")] + [(s["title"], s["story"]) for s in STORIES])
+    with pytest.raises(UserError, match=r"has no usable stories \(4 bad records, most often 4× missing required "
+                                        r"field 'story' \(no 'story' or 'text' key: see --text_key\)\): see "):
+        run_ingest(tmp_path, path)
+
+
+def test_progress_lines_and_the_summary_name_what_was_read(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)  # a progress line for every record
+    source = write_jsonl(tmp_path / "s.jsonl", many_stories(20))
+    stats, _ = run_ingest(tmp_path, source)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[ingest]")]
+    assert [line.split(",")[0] for line in lines] == [f"[ingest] {n} records read" for n in range(1, 21)]
+    assert all(re.search(r", [\d,]+ records/s, [\d.]+ MB/s of stories$", line) for line in lines)
+    assert ingest.describe(stats).startswith(f"{source}: 20 stories -> ")
 
 
 def test_an_unknown_encoding_is_one_sentence(tmp_path):
@@ -327,6 +364,7 @@ def test_every_malformed_record_is_quarantined_with_its_reason(tmp_path):
         json.dumps({"title": "No story"}).encode(),
         json.dumps({"story": "   \n  "}).encode(),
         b"[1, 2]",
+        b'{"story": "A tab\x01 inside. Two."}',
     ]
     path = tmp_path / "s.jsonl"
     path.write_bytes(b"\n".join(good[:10] + bad + good[10:]) + b"\n")
@@ -339,8 +377,9 @@ def test_every_malformed_record_is_quarantined_with_its_reason(tmp_path):
         ("missing required field 'story' (no 'story' or 'text' key: see --text_key)", f"{path}:15"),
         ("too short: needs at least two sentences (a prompt and a continuation)", f"{path}:16"),
         ("a JSON line must be an object", f"{path}:17"),
+        ("not valid JSON (Invalid control character at column 17)", f"{path}:18"),
     ]
-    assert stats["stories"] == 27 and stats["quarantined"] == 7
+    assert stats["stories"] == 28 and stats["quarantined"] == 8
 
 
 def test_a_partly_non_utf8_file_names_the_file_and_the_encoding_flag(tmp_path):
@@ -441,7 +480,7 @@ def test_statistics_json_and_tensorboard_summary(tmp_path):
     lengths = {"0-99": 2, **{label: 0 for label in ["100-199", "200-499", "500-999", "1000-1999", "2000-4999",
                                                     "5000-9999", "10000-19999", "20000-49999", "50000-99999", "100000+"]}}
     assert {k: v for k, v in stats.items() if k not in ("seconds", "stories_per_second")} == {
-        "stories": 3, "quarantined": 1, "quarantine_reasons": {"required field 'story' is empty": 1},
+        "source": str(source), "stories": 3, "quarantined": 1, "quarantine_reasons": {"required field 'story' is empty": 1},
         "examples": {"train": 2, "eval": 0, "test": 0},
         "stories_by_lang": {"train": {"en": 1, "zh": 1}, "eval": {}, "test": {}},
         "examples_by_lang": {"train": {"en": 1, "zh": 1}, "eval": {}, "test": {}},

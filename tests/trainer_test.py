@@ -2,6 +2,7 @@ import dataclasses
 import glob
 import json
 import math
+import re
 import time
 
 import keras
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components import trainer, transform
+from components import progress, trainer, transform
 from components.common import UserError
 from components.config import ModelConfig, TrainingConfig
 from components.model import build_model, load_model
@@ -242,6 +243,16 @@ def test_time_budget_and_callbacks_stop_training(data):
     _, history = short_fit(data, steps=2, epochs=3, callbacks=[stopper])
     assert history["stopped"] == "callback" and history["steps"] == 2
     assert stopper.logs["val_loss"] == history["val_loss"][0]
+
+
+def test_progress_lines_say_the_step_the_pace_and_the_time_left(data, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)  # a line after every step
+    short_fit(data, steps=2, epochs=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\[trainer\] step \d", line)]
+    pattern = r"\[trainer\] step (\d)/4 \(epoch (\d)/2\), loss \d+\.\d{4}, \d+ tokens/s, about (\d+) s left"
+    parsed = [tuple(map(int, re.fullmatch(pattern, line).groups())) for line in lines]
+    assert [(step, epoch) for step, epoch, _ in parsed] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert parsed[-1][2] == 0  # the last step: nothing left
 
 
 def test_training_ends_with_the_best_epochs_weights(data):

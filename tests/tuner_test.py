@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -68,6 +69,9 @@ def test_best_hparams_are_the_best_trials(random_search, inputs):
     out, metrics = random_search
     trials = metrics["trials"]
     assert sorted(t["trial_id"] for t in trials) == ["0", "1", "2"]
+    log = (out / tuner.SEARCH_DIR / "tuner.log").read_text()
+    starts = re.findall(r"^\[tuner\] trial (\d) of 3(, about \d+ s left)?$", log, re.MULTILINE)
+    assert [(number, bool(eta)) for number, eta in starts] == [("1", False), ("2", True), ("3", True)]
     assert metrics["completed_trials"] == 3 and all(t["status"] == "COMPLETED" for t in trials)
     assert metrics["tuner"] == "random" and metrics["workers"] == 0
     best = min(trials, key=lambda t: t["val_loss"])
@@ -216,6 +220,7 @@ def test_time_budget_stops_starting_trials(inputs, tmp_path):
     assert [t["trial_id"] for t in metrics["trials"]] == ["0"] and metrics["completed_trials"] == 1
     log = (tmp_path / tuner.SEARCH_DIR / "tuner.log").read_text()
     assert "time budget of 1s spent: no new trials" in log
+    assert re.search(r"^\[tuner\] trial 1 of 5, about [01] s left$", log, re.MULTILINE), log
 
 
 def test_bad_arguments_are_user_errors(inputs, tmp_path):
