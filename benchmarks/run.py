@@ -15,6 +15,8 @@ Sections (all by default; `--only` picks some), one module each:
                                                                            (benchmarks/decoding.py)
   serving         TF Serving-compatible servers: throughput, p50/p99, batching on vs off
                                                                            (benchmarks/serving.py)
+  streaming       a story streamed (gRPC StreamStory) vs written in one call: first text, whole story
+                                                                           (benchmarks/streaming.py)
   scale           ingest + tokenizer time and peak memory for 10 MB, 100 MB and 1 GB corpora
                                                                            (benchmarks/scale.py)
 
@@ -29,11 +31,12 @@ import time
 
 from absl import flags
 
-from benchmarks import decoding, harness, input_pipeline, scale, serving, training
+from benchmarks import decoding, harness, input_pipeline, scale, serving, streaming, training
 from components import cli
 from components.common import UserError
 
-SECTIONS = ("training", "input_pipeline", "decoding", "decoding_t5", "decoding_t5gemma", "serving", "scale")
+SECTIONS = ("training", "input_pipeline", "decoding", "decoding_t5", "decoding_t5gemma", "serving", "streaming",
+            "scale")
 
 
 def _known_sections(sections) -> bool:
@@ -55,7 +58,7 @@ flags.DEFINE_list("only", list(SECTIONS), f"Sections to run, in this order: {', 
 flags.DEFINE_integer("repeats", None, "Timed runs per peer (default 3; --quick 2).", lower_bound=1)
 flags.DEFINE_string("json", None, "Write the result rows to this JSON file (after every section).")
 flags.DEFINE_string("serving_model_base_path", None, "Serve this model in the serving section (default: a "
-                    "synthetic model).")
+                    "synthetic model) and the streaming one (default: the default configuration's shape).")
 flags.DEFINE_list("scale_sizes_mb", None, "Corpus sizes of the scale section, in MB (default 10,100,1000; "
                   "--quick 10).")
 flags.DEFINE_string("work_dir", None, "Keep data and worker logs here (default: a temporary directory).")
@@ -85,6 +88,8 @@ def run_sections(h: harness.Harness, sections) -> None:
             decoding.run_pretrained_section(h, section)
         elif section == "serving":
             serving.run_section(h, FLAGS.serving_model_base_path)
+        elif section == "streaming":
+            streaming.run_section(h, FLAGS.serving_model_base_path)
         elif section == "scale":
             scale.run_section(h, [float(s) for s in FLAGS.scale_sizes_mb] if FLAGS.scale_sizes_mb else None)
         h.progress(f"[{section}] {time.perf_counter() - start:.0f} s")

@@ -40,13 +40,16 @@ STORY = Tensor("story", "string", (None,))
 NUM_TOKENS = Tensor("num_tokens", "int32", (None,))
 LOG_PROB = Tensor("log_prob", "float32", (None,))
 MAX_NEW_TOKENS = Tensor("max_new_tokens", "int32", ())
+TOKEN_IDS = Tensor("token_ids", "int32", (None, None))
+SAMPLING = (Tensor("temperature", "float32", ()), Tensor("top_k", "int32", ()), Tensor("top_p", "float32", ()),
+            Tensor("seed", "int64", ()))
 
 SIGNATURES = {
     "serving_default": Signature(inputs=(PROMPT,), outputs=(STORY, NUM_TOKENS)),
-    "generate": Signature(
-        inputs=(PROMPT, MAX_NEW_TOKENS, Tensor("temperature", "float32", ()), Tensor("top_k", "int32", ()),
-                Tensor("top_p", "float32", ()), Tensor("seed", "int64", ())),
-        outputs=(STORY, NUM_TOKENS, LOG_PROB, Tensor("token_ids", "int32", (None, None)))),
+    "generate": Signature(inputs=(PROMPT, MAX_NEW_TOKENS, *SAMPLING), outputs=(STORY, NUM_TOKENS, LOG_PROB, TOKEN_IDS)),
+    # `generate` going on from a story's first tokens, for at most max_new_tokens more (streaming).
+    "continue_story": Signature(inputs=(PROMPT, TOKEN_IDS, MAX_NEW_TOKENS, *SAMPLING),
+                                outputs=(STORY, NUM_TOKENS, LOG_PROB, TOKEN_IDS)),
     "beam_search": Signature(inputs=(PROMPT, MAX_NEW_TOKENS, Tensor("num_beams", "int32", ())),
                              outputs=(STORY, NUM_TOKENS, LOG_PROB)),
     "score": Signature(inputs=(PROMPT, Tensor("story", "string", (None,))),

@@ -3,7 +3,7 @@
 The saved module is `decoding.StoryGenerator`: tokenisation, the decoding loop (a
 tf.while_loop over a key/value cache) and detokenisation are all in the graph, so TF
 Serving, or any process with only tensorflow and tensorflow_text, turns prompt strings into
-story strings through the four signatures of the serving contract (`components/contract.py`).
+story strings through the signatures of the serving contract (`components/contract.py`).
 The graph holds only TensorFlow core ops and tf-text's tokenizer ops: no XLA, no Python.
 
 Beside the graph, `assets.extra/tf_serving_warmup_requests` holds a PredictionLog of one
@@ -17,7 +17,7 @@ import os
 import tensorflow as tf
 
 from components.config import ExportConfig
-from components.contract import PARAMETER_DTYPES, SIGNATURES, WARMUP_FILE
+from components.contract import SIGNATURES, WARMUP_FILE
 from components.model.decoding import StoryGenerator
 
 SAVED_MODEL_DIR = "saved_model"
@@ -28,6 +28,8 @@ WARMUP_PROMPTS = ["从前有座山，", "Once upon a time"]
 WARMUP_INPUTS = {
     "serving_default": {},
     "generate": {"max_new_tokens": 4, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 0},
+    "continue_story": {"token_ids": [[5, 6], [7, 8]], "max_new_tokens": 4, "temperature": 0.8, "top_k": 40,
+                       "top_p": 0.95, "seed": 0},
     "beam_search": {"max_new_tokens": 4, "num_beams": 2},
     "score": {"story": ["山里有座庙。", " there was a fox."]},
 }
@@ -53,7 +55,8 @@ def write_warmup_requests(saved_model_path: str) -> None:
         for signature, inputs in WARMUP_INPUTS.items():
             request = predict_pb2.PredictRequest()
             request.model_spec.signature_name = signature
+            dtypes = {tensor.name: tensor.dtype for tensor in SIGNATURES[signature].inputs}
             for name, value in {"prompt": WARMUP_PROMPTS, **inputs}.items():
-                request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=PARAMETER_DTYPES.get(name, tf.string)))
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=dtypes[name]))
             writer.write(prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())

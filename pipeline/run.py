@@ -17,6 +17,7 @@ from absl import logging
 from components import cli
 from components.common import UserError
 from components.config import PipelineConfig
+from components.contract import SIGNATURES
 from pipeline import flags as storygen_flags
 from pipeline.artifacts import PipelineRun
 
@@ -102,7 +103,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     exported = run.step(
         "exporter", lambda out: {"saved_model": exporter.export(model, tok, out, config.export)},
         inputs={"tokenizer": tokenizer_dir, "model": data["model"]}, parameters=config.export,
-        describe=lambda m: "SavedModel with signatures serving_default, generate, beam_search, score")
+        describe=lambda m: f"SavedModel with signatures {', '.join(SIGNATURES)}")
 
     # Pusher: copy a blessed model atomically to <serving_model_dir>/<model_name>/<next version>/.
     if not blessing["blessed"] and config.push.force_push:

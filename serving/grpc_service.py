@@ -4,26 +4,39 @@ service classes generated in tensorflow-serving-api, so TF Serving's clients wor
 Predict, GetModelMetadata, GetModelStatus and HandleReloadConfigRequest are served; Classify,
 Regress and MultiInference (tf.Example APIs that storygen's text signatures have no use for)
 answer UNIMPLEMENTED.
+
+Beside them, storygen.StoryService/StreamStory streams a story as it is written (see
+`StoryService`), with TF Serving's messages, so a client needs no stubs of its own.
 """
 
 import time
 
 import grpc
+import numpy as np
 from absl import logging
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_management_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
-from serving import tensor_codec
+from serving import streaming, tensor_codec
 from serving.errors import ServingError, invalid_argument
 from serving.models import specs_from_config
 from serving.predictor import Predictor
 from serving.stats import Stats
 
 
+STORY_SERVICE = "storygen.StoryService"
+STREAM_STORY = f"/{STORY_SERVICE}/StreamStory"
+
+
 def add_services(server: grpc.Server, predictor: Predictor, stats: Stats, max_elements: int) -> None:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(predictor, stats, max_elements), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor, stats), server)
+    story_service = StoryService(predictor, stats, max_elements)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(STORY_SERVICE, {
+        "StreamStory": grpc.unary_stream_rpc_method_handler(
+            story_service.StreamStory, request_deserializer=predict_pb2.PredictRequest.FromString,
+            response_serializer=predict_pb2.PredictResponse.SerializeToString)}),))
 
 
 def _spec(request) -> tuple[str, int | None, str | None]:
@@ -34,6 +47,16 @@ def _spec(request) -> tuple[str, int | None, str | None]:
     model_spec = request.model_spec
     version = model_spec.version.value if model_spec.HasField("version") else None
     return model_spec.name, version, model_spec.version_label or None
+
+
+def _inputs(request, signature, max_elements: int) -> dict:
+    return {key: tensor_codec.proto_to_ndarray(key, proto, signature.input_dtype(key), max_elements)
+            for key, proto in request.inputs.items()}
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _handle(stats: Stats, method: str, context, answer):
@@ -67,12 +90,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             name, version, label = _spec(request)
             record.target = f"{name}/{version or label or 'latest'}/{request.model_spec.signature_name}"
             servable, signature = self._predictor.find(name, version, label, request.model_spec.signature_name)
-            inputs = {key: tensor_codec.proto_to_ndarray(key, proto, signature.input_dtype(key), self._max_elements)
-                      for key, proto in request.inputs.items()}
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            outputs = self._predictor.predict(servable, signature, inputs, list(request.output_filter), deadline,
-                                              on_caller_gone=context.add_callback)
+            inputs = _inputs(request, signature, self._max_elements)
+            outputs = self._predictor.predict(servable, signature, inputs, list(request.output_filter),
+                                              _deadline(context), on_caller_gone=context.add_callback)
             record.target = f"{servable.name}/{servable.version}/{signature.name}"
             response = predict_pb2.PredictResponse()
             response.model_spec.name = servable.name
@@ -107,6 +127,47 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def MultiInference(self, request, context):
         return _unimplemented(self._stats, "MultiInference", context)
+
+
+class StoryService:
+    """storygen.StoryService. StreamStory takes a PredictRequest with `generate`'s inputs for one
+    prompt (model_spec's signature_name is not read) and answers a stream of PredictResponses,
+    one per piece of the story as it is written: outputs "text" (what the piece adds to the
+    story), "num_tokens" and "log_prob" (the story's so far), each of shape [1]. The texts put
+    together are the story that Predict on `generate` writes for the same inputs. Call it with
+    `channel.unary_stream(STREAM_STORY, PredictRequest.SerializeToString, PredictResponse.FromString)`."""
+
+    def __init__(self, predictor: Predictor, stats: Stats, max_elements: int):
+        self._predictor = predictor
+        self._stats = stats
+        self._max_elements = max_elements
+
+    def StreamStory(self, request, context):
+        try:
+            with self._stats.request("grpc", "StreamStory") as record:
+                servable, signature = streaming.find(self._predictor, *_spec(request))
+                record.target = f"{servable.name}/{servable.version}/{streaming.STREAM_SIGNATURE}"
+                pieces = streaming.stream(self._predictor, servable, _inputs(request, signature, self._max_elements),
+                                          _deadline(context), on_caller_gone=context.add_callback)
+                for piece in pieces:
+                    response = predict_pb2.PredictResponse()
+                    response.model_spec.name = servable.name
+                    response.model_spec.version.value = servable.version
+                    response.model_spec.signature_name = streaming.STREAM_SIGNATURE
+                    for key, value in (("text", np.array([piece.text.encode("utf-8")], object)),
+                                       ("num_tokens", np.array([piece.num_tokens], np.int32)),
+                                       ("log_prob", np.array([piece.log_prob], np.float32))):
+                        response.outputs[key].CopyFrom(tensor_codec.ndarray_to_proto(value))
+                    try:
+                        yield response
+                    except GeneratorExit:  # the caller went before the story ended
+                        record.code = grpc.StatusCode.CANCELLED
+                        raise
+        except ServingError as e:
+            context.abort(e.code, e.message)
+        except Exception as e:  # a server bug: answer INTERNAL (and log it) rather than a bare traceback
+            logging.exception("gRPC StreamStory failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {e}")
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):

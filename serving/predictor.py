@@ -50,7 +50,7 @@ class Predictor:
         `on_caller_gone(callback)` registers a callback for when the caller stops waiting, or returns
         False if it already has (gRPC's `context.add_callback`); its request is then dropped, or its
         call cancelled, the same way."""
-        self._check(signature, inputs)
+        self.check(signature, inputs)
         for name in output_filter:
             if name not in signature.outputs:
                 raise invalid_argument(f"output_filter names '{name}', which signature '{signature.name}' does not "
@@ -75,7 +75,8 @@ class Predictor:
             outputs = {name: outputs[name] for name in output_filter}
         return outputs
 
-    def _check(self, signature: Signature, inputs: dict[str, np.ndarray]) -> None:
+    def check(self, signature: Signature, inputs: dict[str, np.ndarray]) -> None:
+        """Raises INVALID_ARGUMENT unless `inputs` are what `signature` takes, within the limits."""
         for name in inputs:
             signature.input_dtype(name)  # rejects inputs the signature does not have
         missing = sorted(signature.inputs.keys() - inputs.keys())

@@ -1,12 +1,21 @@
 """TF Serving's REST API over HTTP/1.1, served by aiohttp on an asyncio event loop of its own:
 
+  GET  /                                                          the story playground (playground.html)
   GET  /v1/models/{name}[/versions/{v}|/labels/{l}]             model status
   GET  /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata    signature_def metadata
   POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict     row or columnar JSON
+  POST ...:stream      generate's inputs for one prompt; the story as server-sent events
   POST ...:classify, ...:regress                                 501, as over gRPC
   GET  /monitoring/prometheus/metrics                           request and batching counters
 
 Errors are {"error": "<one sentence>"} with the HTTP status of their gRPC code.
+
+`:stream` (storygen's own, beside TF Serving's API) answers `text/event-stream`: one event per
+piece of the story as it is written, `data: {"text": ..., "num_tokens": ..., "log_prob": ...,
+"model_version": ..., "done": ...}` (the texts put together are the story that :predict on
+`generate` writes for the same inputs; the last piece has "done": true), or, for a failure
+after the stream began, `event: error` with {"error": ...}. Its body is :predict's columnar
+form, {"inputs": {"prompt": "...", "max_new_tokens": 200, "temperature": 0.8, ...}}.
 
 Connections cost no thread: idle and slow clients wait on the event loop (aiohttp parses HTTP/1.1
 strictly, with chunked bodies and keep-alive, and refuses a request with both Content-Length and
@@ -17,6 +26,8 @@ arrived by then is 408, an answer that has not is 504, and the model call is can
 
 import asyncio
 import functools
+import html
+import importlib.resources
 import json
 import logging as std_logging
 import re
@@ -29,20 +40,22 @@ from absl import logging
 from aiohttp import web
 from google.protobuf import json_format
 
-from serving import tensor_codec
+from serving import streaming, tensor_codec
 from serving.errors import ServingError, invalid_argument, not_found
 from serving.grpc_service import model_status_response
 from serving.predictor import Predictor
 from serving.stats import RequestRecord, Stats
 
 METRICS_PATH = "/monitoring/prometheus/metrics"
+PLAYGROUND = "playground.html"
 # TF Serving matches the fixed parts of its URLs in any case (/V1/MODELS/...); model names and labels keep theirs.
 _MODEL_URL = re.compile(r"(?i:/v1/models/)(?P<name>[^/:]+)(?:(?i:/versions/)(?P<version>\d+)|(?i:/labels/)(?P<label>[^/:]+))?"
-                        r"(?P<action>(?i:/metadata|:predict|:classify|:regress))?")
+                        r"(?P<action>(?i:/metadata|:predict|:stream|:classify|:regress))?")
 _MODELS_URL = re.compile(r"(?i:/v1/models)/?")
 # (HTTP method, URL action) -> the API method, named as over gRPC for the logs and counters.
 _ROUTES = {("GET", None): "GetModelStatus", ("GET", "/metadata"): "GetModelMetadata",
-           ("POST", ":predict"): "Predict", ("POST", ":classify"): "Classify", ("POST", ":regress"): "Regress"}
+           ("POST", ":predict"): "Predict", ("POST", ":stream"): "StreamStory", ("POST", ":classify"): "Classify",
+           ("POST", ":regress"): "Regress"}
 
 
 class _Caller:
@@ -72,8 +85,10 @@ class RestServer:
     stops taking connections (SIGTERM), `close()` ends it once requests have drained."""
 
     def __init__(self, host: str, port: int, predictor: Predictor, stats: Stats, *, max_request_bytes: int,
-                 timeout_s: float, num_threads: int, backlog: int = 1024, keepalive_timeout_s: float = 30):
+                 timeout_s: float, num_threads: int, playground: bool = True, backlog: int = 1024,
+                 keepalive_timeout_s: float = 30):
         self.predictor = predictor
+        self.playground = importlib.resources.files("serving").joinpath(PLAYGROUND).read_text() if playground else None
         self.stats = stats
         self.max_request_bytes = max_request_bytes
         self.timeout_s = timeout_s
@@ -121,6 +136,9 @@ class RestServer:
     async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path == METRICS_PATH and request.method == "GET":
             return _response(200, self.stats.prometheus_text())
+        if request.path == "/" and request.method == "GET" and self.playground:
+            models = html.escape(json.dumps(self.predictor.models.names()))
+            return web.Response(text=self.playground.replace("__MODELS__", models), content_type="text/html")
         if self.draining:  # a request on a connection kept alive across SIGTERM: refused, and the connection closed
             response = _response(503, {"error": "The server is shutting down; send the request to another replica."})
             response.force_close()
@@ -129,6 +147,8 @@ class RestServer:
         with self.stats.request("rest") as record:
             try:
                 status, body = await self._route(request, record)
+                if isinstance(body, web.StreamResponse):  # a stream, already sent
+                    return body
                 response = _response(status, body)
                 unread_body = status in (408, 413)
                 if unread_body:
@@ -168,6 +188,8 @@ class RestServer:
                 return 200, self._metadata(name, version, label)
             deadline = time.monotonic() + self.timeout_s
             body = await self._read_body(request, deadline)
+            if record.method == "StreamStory":
+                return 200, await self._stream(request, record, body, name, version, label, deadline)
             return 200, await self._run(functools.partial(self._predict, body, name, version, label), deadline)
         except ServingError as e:
             record.code = e.code
@@ -211,6 +233,55 @@ class RestServer:
             caller.leave()
             raise
 
+    async def _stream(self, request, record: RequestRecord, body: bytes, name, version, label,
+                      deadline: float) -> web.StreamResponse:
+        """Sends the story's pieces as server-sent events while a REST thread writes them. A
+        request the model cannot run raises before the response starts, as for :predict."""
+        servable, signature = streaming.find(self.predictor, name, version, label)
+        record.target = f"{servable.name}/{servable.version}/{streaming.STREAM_SIGNATURE}"
+        inputs, _ = tensor_codec.decode_json_request(_json_object(body), signature)
+        caller = _Caller()
+        pieces = streaming.stream(self.predictor, servable, inputs, deadline, on_caller_gone=caller.add_callback)
+        queue = asyncio.Queue()
+
+        def write():  # on a REST thread
+            try:
+                for piece in pieces:
+                    self._loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except Exception as e:
+                self._loop.call_soon_threadsafe(queue.put_nowait, e)
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        self._loop.run_in_executor(self._executor, write)
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), deadline - time.monotonic())
+                except TimeoutError:
+                    caller.leave()
+                    item = ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The deadline passed: the story was not "
+                                        f"written within {self.timeout_s:g} s (--rest_api_timeout_in_ms).")
+                if isinstance(item, streaming.Piece):
+                    await response.write(_event({"text": item.text, "num_tokens": item.num_tokens,
+                                                 "log_prob": item.log_prob, "model_version": servable.version,
+                                                 "done": item.done}))
+                    if item.done:
+                        break
+                    continue
+                if not isinstance(item, ServingError):  # a server bug
+                    logging.error("REST StreamStory failed", exc_info=item)
+                    item = ServingError(grpc.StatusCode.INTERNAL, f"Internal error: {item}")
+                record.code = item.code
+                await response.write(_event({"error": item.message}, "error"))
+                break
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            caller.leave()  # the client went: the model call in progress is cancelled, and no more are made
+            raise
+        return response
+
     def _status(self, name, version, label):
         response = model_status_response(self.predictor.models.statuses(name, version, label))
         return json_format.MessageToDict(response, preserving_proto_field_name=True,
@@ -225,12 +296,7 @@ class RestServer:
                                                                         always_print_fields_with_no_presence=True)}}
 
     def _predict(self, body: bytes, name, version, label, deadline: float, on_caller_gone) -> dict:
-        try:
-            payload = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise invalid_argument(f"The request body is not valid JSON: {e}.") from None
-        if not isinstance(payload, dict):
-            raise invalid_argument("The request body must be a JSON object.")
+        payload = _json_object(body)
         signature_name = payload.get("signature_name", "")
         if not isinstance(signature_name, str):
             raise invalid_argument('"signature_name" must be a string.')
@@ -248,6 +314,22 @@ class _ProtocolErrorLog(std_logging.LoggerAdapter):
         if isinstance(exc_info, BaseException):
             msg, args = msg + ": %s", (*args, " ".join(str(exc_info).split()))
         self.logger.log(min(level, std_logging.WARNING), msg, *args, **kwargs)
+
+
+def _json_object(body: bytes) -> dict:
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise invalid_argument(f"The request body is not valid JSON: {e}.") from None
+    if not isinstance(payload, dict):
+        raise invalid_argument("The request body must be a JSON object.")
+    return payload
+
+
+def _event(data: dict, kind: str | None = None) -> bytes:
+    """One server-sent event."""
+    head = f"event: {kind}\n" if kind else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
 
 
 def _body_too_large(length, limit: int) -> ServingError:

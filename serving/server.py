@@ -58,6 +58,8 @@ def define_flags():
     flags.DEFINE_integer("port", 8500, "gRPC port.", lower_bound=1, upper_bound=65535)
     flags.DEFINE_integer("rest_api_port", 8501, "REST port; 0 turns the REST API off.", lower_bound=0,
                          upper_bound=65535)
+    flags.DEFINE_bool("playground", True, "Serve the story playground, a page that streams stories from the served "
+                      "models, at / on the REST port.")
     flags.DEFINE_string("model_version_policy", "latest", "Versions to serve: latest, latest:N (the newest N), all, "
                         "or specific:V1,V2.")
     flags.DEFINE_string("version_labels", "", "Version labels for ModelSpec.version_label and /labels/<label>, "
@@ -164,10 +166,14 @@ def _serve(args):
     models.start_polling(FLAGS.file_system_poll_wait_seconds, FLAGS.model_config_file,
                          FLAGS.model_config_file_poll_wait_seconds)
     threading.Thread(target=_log_summaries, args=(stats, stopping), name="summary", daemon=True).start()
+    rest = ""
+    if rest_server:
+        rest = f" and REST {FLAGS.host}:{FLAGS.rest_api_port}"
+        if FLAGS.playground:
+            rest += f" (the playground at http://{FLAGS.host}:{FLAGS.rest_api_port}/)"
     logging.info("Serving %s on gRPC %s:%d%s, batching %s",
                  ", ".join(f"model {name} (versions {versions})" for name, versions in models.loaded_versions().items()),
-                 FLAGS.host, FLAGS.port, f" and REST {FLAGS.host}:{FLAGS.rest_api_port}" if rest_server else "",
-                 "on" if batcher else "off")
+                 FLAGS.host, FLAGS.port, rest, "on" if batcher else "off")
     # Timed waits: the kernel hands a process's signal to any of its threads, and when that is not this
     # one, Python runs the handler only once this thread next runs Python code, which a bare wait never does.
     while not stopping.wait(0.2):
@@ -289,7 +295,8 @@ def _bind_rest(predictor: Predictor, stats: Stats) -> RestServer:
 
     try:
         return RestServer(FLAGS.host, FLAGS.rest_api_port, predictor, stats, max_request_bytes=FLAGS.max_request_bytes,
-                          timeout_s=FLAGS.rest_api_timeout_in_ms / 1000, num_threads=FLAGS.rest_api_num_threads)
+                          timeout_s=FLAGS.rest_api_timeout_in_ms / 1000, num_threads=FLAGS.rest_api_num_threads,
+                          playground=FLAGS.playground)
     except OSError as e:
         raise UserError(f"Cannot listen for REST on {FLAGS.host}:{FLAGS.rest_api_port} ({e}); is another server "
                         "using the port?") from None

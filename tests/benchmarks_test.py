@@ -243,3 +243,17 @@ def test_quick_pretrained_decoding_rows(tmp_path):
         assert row["ours"] > 0 and row["peer_value"] > 0
         assert row["ratio"] == pytest.approx(row["ours"] / row["peer_value"])
     assert f"{section}: greedy, 16 new tokens" in proc.stdout and f"{name} batch 16: tokens/s vs keras-hub XLA" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_streaming_rows(tmp_path):
+    """`--quick --only streaming`: the default configuration's shape, exported and served; each
+    prompt's story streamed and written in one call, which must be the same story."""
+    proc, rows = run_quick_section(tmp_path, "streaming")
+    prompts = ("从前有座山，", "Once upon a time")
+    assert [row["name"] for row in rows] == [f"stream {prompt!r}: {what}" for prompt in prompts
+                                             for what in ("first text", "whole story")]
+    for row in rows:
+        assert row["unit"] == "ms" and row["peer"] == "whole story, one call" and 0 < row["ours"] and 0 < row["peer_value"]
+    assert all(row["ours"] < row["peer_value"] for row in rows[::2])  # the first text comes before the whole story
+    assert "64 tokens in" in proc.stdout and "differed" not in proc.stdout

@@ -127,6 +127,38 @@ def test_a_2000_character_story_comes_out_whole(loaded):
     assert len(out["story"][0].decode("utf-8")) >= 2000
 
 
+def continue_story(loaded, prompts, token_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=1):
+    out = loaded.signatures["continue_story"](
+        prompt=tf.constant(prompts), token_ids=tf.constant(token_ids, tf.int32),
+        max_new_tokens=tf.constant(max_new_tokens), temperature=tf.constant(temperature), top_k=tf.constant(top_k),
+        top_p=tf.constant(top_p), seed=tf.constant(seed, tf.int64))
+    return {key: value.numpy() for key, value in out.items()}
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 0), (0.9, 20)])
+def test_continuing_a_story_in_pieces_writes_the_story_generate_writes(loaded, temperature, top_k):
+    """70 tokens in pieces of 1 to 33 from a 24-token window: pieces start before, at and after
+    its slides, and the rows that write EOS early stay ended."""
+    whole = generate(loaded, PROMPTS, max_new_tokens=70, temperature=temperature, top_k=top_k, seed=3)
+    token_ids, log_prob = np.zeros([len(PROMPTS), 0], np.int32), 0.0
+    for size in (1, 4, 9, 23, 33):
+        out = continue_story(loaded, PROMPTS, token_ids, size, temperature=temperature, top_k=top_k, seed=3)
+        assert out["token_ids"].shape[1] <= token_ids.shape[1] + size
+        token_ids, log_prob = out["token_ids"], log_prob + out["log_prob"]
+    assert whole["token_ids"].shape[1] == 70 and max(whole["num_tokens"]) == 70  # some story is 70 tokens long
+    np.testing.assert_array_equal(token_ids, whole["token_ids"])
+    np.testing.assert_array_equal(out["num_tokens"], whole["num_tokens"])
+    assert list(out["story"]) == list(whole["story"])
+    np.testing.assert_allclose(log_prob, whole["log_prob"], rtol=1e-4, atol=1e-3)
+
+
+def test_a_continued_story_stays_within_the_limit(loaded):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"max_new_tokens must be <= {LIMIT} less the length"):
+        continue_story(loaded, PROMPTS[:1], np.zeros([1, 10], np.int32), LIMIT - 9)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="token_ids must have a row per prompt"):
+        continue_story(loaded, PROMPTS[:2], np.zeros([1, 10], np.int32), 4)
+
+
 def test_beam_search(loaded):
     beam = loaded.signatures["beam_search"]
     greedy = generate(loaded, PROMPTS[:3], max_new_tokens=10, temperature=0.0)

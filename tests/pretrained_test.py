@@ -117,6 +117,24 @@ def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, saved_mo
 
 
 @pytest.mark.slow
+def test_a_story_continued_in_pieces_is_the_one_generate_writes(saved_model):
+    """60 tokens from a 32-token window, in pieces that start before, at and after its slides
+    (each architecture's prefill and encoder re-read the story so far)."""
+    loaded = tf.saved_model.load(saved_model)
+    sampling = dict(temperature=tf.constant(1.0), top_k=tf.constant(0), top_p=tf.constant(1.0),
+                    seed=tf.constant(4, tf.int64))
+    whole = loaded.signatures["generate"](prompt=tf.constant(PROMPTS), max_new_tokens=tf.constant(60), **sampling)
+    token_ids = tf.zeros([len(PROMPTS), 0], tf.int32)
+    for size in (3, 17, 40):
+        out = loaded.signatures["continue_story"](prompt=tf.constant(PROMPTS), token_ids=token_ids,
+                                                  max_new_tokens=tf.constant(size), **sampling)
+        token_ids = out["token_ids"]
+    assert max(whole["num_tokens"].numpy()) > 33  # some story outgrew the window
+    np.testing.assert_array_equal(token_ids.numpy(), whole["token_ids"].numpy())
+    assert list(out["story"].numpy()) == list(whole["story"].numpy())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", [{}, {"tie_word_embeddings": False, "decoder_num_key_value_heads": 4}],
                          ids=["tied, grouped", "untied, a key per head"])
 def test_t5gemma_decodes_keras_hubs_tokens_with_its_window_and_caps_in_play(tmp_path, changes):

@@ -1,7 +1,7 @@
 """Decoding: a story from a prompt, in the graph, for any model with storygen's decoding interface.
 
 `StoryGenerator` is the tf.Module that the exporter saves and the trainer and evaluator use:
-signatures serving_default, generate, beam_search and score, with tokenisation, the decoding
+signatures serving_default, generate, continue_story, beam_search and score, with tokenisation, the decoding
 loop (a tf.while_loop over a key/value cache) and detokenisation inside the graph, using only
 TensorFlow core ops and tf-text's tokenizer ops: no XLA, no Python.
 
@@ -117,7 +117,7 @@ def unknown_shapes(loop_vars):
 
 
 class StoryGenerator(tf.Module):
-    """The exported module: signatures serving_default, generate, beam_search and score."""
+    """The exported module: signatures serving_default, generate, continue_story, beam_search and score."""
 
     def __init__(self, model, tokenizer, *, temperature: float, top_k: int, top_p: float,
                  max_new_tokens_limit: int, length_penalty: float = 1.0):
@@ -145,43 +145,18 @@ class StoryGenerator(tf.Module):
     @tf.function(input_signature=input_signature("generate"))
     def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         """Samples a story per prompt: temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
-        checks = self._check_request(prompt, max_new_tokens, self.limit) + [
-            tf.debugging.assert_greater_equal(temperature, 0.0, message="temperature must be >= 0"),
-            tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0"),
-            tf.debugging.assert_greater(top_p, 0.0, message="top_p must be in (0, 1]"),
-            tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
-        ]
-        special = self.tokenizer.special
-        with tf.control_dependencies(checks):
-            encoder_ids = encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(special.pad)
-        batch = tf.shape(prompt)[0]
-        noise_offsets = tf.cast(tf.strings.to_hash_bucket_fast(prompt, self.model.vocab_size), tf.int32)
-        states, mask = self.model.encode(encoder_ids)
-        weights = self.model.decoding_weights()
-        prefix = len(special.decoder_prefix)  # the start id (and story opening), then one column per generated token
-        tokens = repeat_ids(special.decoder_prefix, batch)
-        logits, cache = self.model.prefill(tokens, states, mask, self.window, weights)
-        logits = logits[:, -1, :]
+        no_tokens = tf.zeros([tf.size(prompt), 0], tf.int32)
+        return self._sample(prompt, no_tokens, max_new_tokens, temperature, top_k, top_p, seed)
 
-        def step(t, tokens, done, num_tokens, log_prob, logits, length, cache):
-            next_token = sample(logits, temperature, top_k, top_p, tf.stack([seed, tf.cast(t, tf.int64)]),
-                                noise_offsets)
-            next_token = tf.where(done, special.pad, next_token)
-            log_prob += tf.where(done, 0.0, tf.gather(tf.nn.log_softmax(logits), next_token, batch_dims=1))
-            tokens = tf.concat([tokens, next_token[:, None]], axis=1)
-            done |= tf.equal(next_token, special.eos)
-            num_tokens += tf.cast(~done, tf.int32)
-            logits, length, cache = self._feed(tokens, length, cache, weights)
-            return t + 1, tokens, done, num_tokens, log_prob, logits, length, cache
-
-        # The window holds the prefix so far.
-        initial = (tf.constant(0), tokens, tf.zeros([batch], tf.bool), tf.zeros([batch], tf.int32), tf.zeros([batch]),
-                   logits, tf.constant(prefix), cache)
-        _, tokens, _, num_tokens, log_prob, *_ = tf.while_loop(
-            lambda t, tokens, done, *_: (t < max_new_tokens) & ~tf.reduce_all(done), step, initial,
-            shape_invariants=unknown_shapes(initial))
-        story = self._detokenize(tokens[:, prefix:], num_tokens)
-        return {"story": story, "num_tokens": num_tokens, "log_prob": log_prob, "token_ids": tokens[:, prefix:]}
+    @tf.function(input_signature=input_signature("continue_story"))
+    def continue_story(self, prompt, token_ids, max_new_tokens, temperature, top_k, top_p, seed):
+        """Goes on with the stories whose first tokens are `token_ids` [B, T] (what `generate`
+        or this signature returned for the same prompts and sampling settings) for at most
+        `max_new_tokens` more. The returned story, token_ids and num_tokens are the whole
+        story's; log_prob is that of this call's tokens. Calls that each continue the last
+        write the same story as one `generate` call: this is how a server streams a story
+        through a stateless SavedModel (each call re-reads the story so far in one pass)."""
+        return self._sample(prompt, token_ids, max_new_tokens, temperature, top_k, top_p, seed)
 
     @tf.function(input_signature=input_signature("beam_search"))
     def beam_search(self, prompt, max_new_tokens, num_beams):
@@ -274,11 +249,81 @@ class StoryGenerator(tf.Module):
 
     # ------------------------------------------------------------------ helpers
 
-    def _check_request(self, prompt, max_new_tokens, limit):
+    def _sample(self, prompt, generated, max_new_tokens, temperature, top_k, top_p, seed):
+        """generate's loop, from the state after the tokens `generated` [B, T]: step t of the
+        story draws its noise from (seed, t) whichever call it falls in."""
+        so_far = tf.shape(generated)[1]
+        checks = self._check_request(prompt, max_new_tokens, self.limit, so_far if generated.shape[1] != 0 else 0) + [
+            tf.debugging.assert_equal(tf.shape(generated)[0], tf.size(prompt),
+                                      message="token_ids must have a row per prompt"),
+            tf.debugging.assert_greater_equal(temperature, 0.0, message="temperature must be >= 0"),
+            tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0"),
+            tf.debugging.assert_greater(top_p, 0.0, message="top_p must be in (0, 1]"),
+            tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
+        ]
+        special = self.tokenizer.special
+        with tf.control_dependencies(checks):
+            generated = tf.identity(generated)  # everything below waits for the checks
+        batch = tf.shape(prompt)[0]
+        noise_offsets = tf.cast(tf.strings.to_hash_bucket_fast(prompt, self.model.vocab_size), tf.int32)
+        weights = self.model.decoding_weights()
+        logits, length, cache = self._resume(prompt, generated, weights)
+        prefix = len(special.decoder_prefix)  # the start id (and story opening), then one column per generated token
+        tokens = tf.concat([repeat_ids(special.decoder_prefix, batch), generated], axis=1)
+        ended = tf.cumsum(tf.cast(tf.equal(generated, special.eos), tf.int32), axis=1) > 0
+        done = tf.reduce_any(ended, axis=1)
+        num_tokens = tf.reduce_sum(tf.cast(~ended, tf.int32), axis=1)
+
+        def step(i, tokens, done, num_tokens, log_prob, logits, length, cache):
+            next_token = sample(logits, temperature, top_k, top_p, tf.stack([seed, tf.cast(so_far + i, tf.int64)]),
+                                noise_offsets)
+            next_token = tf.where(done, special.pad, next_token)
+            log_prob += tf.where(done, 0.0, tf.gather(tf.nn.log_softmax(logits), next_token, batch_dims=1))
+            tokens = tf.concat([tokens, next_token[:, None]], axis=1)
+            done |= tf.equal(next_token, special.eos)
+            num_tokens += tf.cast(~done, tf.int32)
+            logits, length, cache = self._feed(tokens, length, cache, weights)
+            return i + 1, tokens, done, num_tokens, log_prob, logits, length, cache
+
+        initial = (tf.constant(0), tokens, done, num_tokens, tf.zeros([batch]), logits, length, cache)
+        _, tokens, _, num_tokens, log_prob, *_ = tf.while_loop(
+            lambda i, tokens, done, *_: (i < max_new_tokens) & ~tf.reduce_all(done), step, initial,
+            shape_invariants=unknown_shapes(initial))
+        story = self._detokenize(tokens[:, prefix:], num_tokens)
+        return {"story": story, "num_tokens": num_tokens, "log_prob": log_prob, "token_ids": tokens[:, prefix:]}
+
+    def _resume(self, prompt, generated, weights):
+        """The decoding state after a story's first tokens `generated` [B, T], as generate's
+        loop holds it after T steps: the next token's logits [B, V], the window's length and
+        its cache. The window has slid where the loop slides it (`_feed`), and the tokens
+        since the last slide are prefilled in one pass."""
+        special = self.tokenizer.special
+        prefix = len(special.decoder_prefix)
+        keep = self.window // 2
+        so_far = tf.shape(generated)[1]
+        # The window is full, and slides, at token first_slide, then every `period` tokens.
+        first_slide = self.window - prefix + 1
+        period = self.window - keep - prefix + 1
+        slid = so_far >= first_slide
+        kept_from = tf.where(slid, first_slide + (so_far - first_slide) // period * period - keep, 0)
+        encoder_ids = tf.cond(
+            slid,
+            lambda: frame_prompts(tf.RaggedTensor.from_tensor(generated[:, :kept_from]), special,
+                                  self.model.max_prompt_tokens).to_tensor(),
+            lambda: encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(special.pad))
+        states, mask = self.model.encode(encoder_ids)
+        window = tf.concat([repeat_ids(special.decoder_prefix, tf.shape(generated)[0]), generated[:, kept_from:]],
+                           axis=1)
+        logits, cache = self.model.prefill(window, states, mask, self.window, weights)
+        return logits[:, -1, :], tf.shape(window)[1], cache
+
+    def _check_request(self, prompt, max_new_tokens, limit, so_far=0):
+        """Checks every request's prompt and length; `so_far` is the length of the story it continues."""
         return [
             tf.debugging.assert_positive(tf.size(prompt), message="prompt must hold at least one string"),
             tf.debugging.assert_positive(max_new_tokens, message="max_new_tokens must be >= 1"),
-            tf.debugging.assert_less_equal(max_new_tokens, limit, message=f"max_new_tokens must be <= {limit}"),
+            tf.debugging.assert_less_equal(max_new_tokens + so_far, limit, message=f"max_new_tokens must be <= {limit}"
+                                           + ("" if isinstance(so_far, int) else " less the length of token_ids")),
         ]
 
     def _feed(self, tokens, length, cache, weights):
