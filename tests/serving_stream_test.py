@@ -31,12 +31,19 @@ SAMPLING = dict(temperature=0.9, top_k=20, top_p=0.95, seed=5)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, spm_proto, tmp_path_factory):
+def model_base_path(tiny_model, spm_proto, tmp_path_factory):
+    """The tiny model exported as version 1 of a model base path."""
     root = tmp_path_factory.mktemp("stream")
     saved_model = exporter.export(tiny_model, make_tokenizer(spm_proto), str(root / "export"),
                                   ExportConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens_limit=2048))
     shutil.move(saved_model, root / MODEL_NAME / "1")
-    process = ServerProcess(str(root / MODEL_NAME), root / "server.log", "--file_system_poll_wait_seconds=0")
+    return root / MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def server(model_base_path):
+    process = ServerProcess(str(model_base_path), model_base_path.parent / "server.log",
+                            "--file_system_poll_wait_seconds=0")
     try:
         yield process.wait_ready(1)
     finally:
@@ -122,6 +129,27 @@ def test_a_caller_that_goes_stops_the_stream(server):
     time.sleep(1.0)
     assert server.metric("storygen_model_calls_total") == settled < calls + 10
     assert server.metric("storygen_requests_total", method="StreamStory", code="CANCELLED") >= 1
+
+
+def test_a_rest_stream_past_its_deadline_ends_with_an_error_event(model_base_path, tmp_path):
+    """2,000 greedy tokens (the tiny weights never write EOS) take longer than a 0.4 s deadline:
+    the pieces written by then are sent, then an error event, and the model calls stop."""
+    server = ServerProcess(str(model_base_path), tmp_path / "server.log", "--file_system_poll_wait_seconds=0",
+                           "--rest_api_timeout_in_ms=400")
+    try:
+        server.wait_ready(1)
+        events = sse_events(server, {"inputs": {"prompt": [PROMPT], "max_new_tokens": 2000, "temperature": 0.0,
+                                                "top_k": 0, "top_p": 1.0, "seed": 0}})
+        assert [event for event, _ in events[:-1]] == ["message"] * (len(events) - 1) and len(events) > 1
+        assert events[-1][0] == "error" and "deadline passed" in events[-1][1]["error"].lower()
+        assert not any(data["done"] for _, data in events[:-1])
+        time.sleep(0.5)
+        calls = server.metric("storygen_model_calls_total")
+        time.sleep(1.0)
+        assert server.metric("storygen_model_calls_total") == calls
+        assert server.metric("storygen_requests_total", method="StreamStory", code="DEADLINE_EXCEEDED") == 1
+    finally:
+        server.stop()
 
 
 def test_the_client_prints_the_story_as_it_streams(server):
