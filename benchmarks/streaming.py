@@ -2,13 +2,13 @@
 
 Section `streaming` of `python -m benchmarks.run`. A worker process starts `python -m
 serving.server` on a storygen export (`--serving_model_base_path`, or else the default
-configuration's model shape with random weights and a 4000-piece tokenizer: speed does not
-depend on the weights) and, for each of a few prompts, asks for the same story two ways in
-turns: streamed over gRPC (`storygen.StoryService/StreamStory`), noting when the first text and
-the last piece arrive, and in one gRPC Predict on `generate`. Sampling is seeded, so both write
-the same story (the worker checks it). The rows: the time to the first streamed text against
-the whole story in one call (goal: under 0.5 s), and the whole streamed story against the one
-call (goal: at most 1.3x as long, so the ratio's target is 0.77).
+configuration's model shape with random weights and a 4000-piece tokenizer, as speed does not
+depend on the weights; --quick: a small shape) and, for each of a few prompts, asks for the
+same story two ways in turns: streamed over gRPC (`storygen.StoryService/StreamStory`),
+noting when the first text and the last piece arrive, and in one gRPC Predict on `generate`.
+Sampling is seeded, so both write the same story (the worker checks it). The rows: the time to
+the first streamed text against the whole story in one call (goal: under 0.5 s), and the whole
+streamed story against the one call (goal: at most 1.3x as long, so the ratio's target is 0.77).
 """
 
 import atexit
@@ -24,8 +24,8 @@ MAX_NEW_TOKENS = 384  # the default model's window
 STREAM_TARGET = 0.77  # 1 / 1.3: the streamed story takes at most 1.3x the one call
 
 
-def save_default_shaped_export(base_path: str) -> None:
-    """Version 1: the default configuration's model, random weights."""
+def save_default_shaped_export(base_path: str, quick: bool) -> None:
+    """Version 1: the default configuration's model (--quick: a small one), random weights."""
     import keras
 
     from benchmarks.decoding import make_tokenizer_proto
@@ -34,14 +34,15 @@ def save_default_shaped_export(base_path: str) -> None:
     from components.model import build_model
     from components.tokenizer import make_tokenizer
 
-    config = ModelConfig()
+    config = ModelConfig(vocab_size=500, d_model=32, num_layers=1, ff_dim=64, max_story_tokens=96) if quick \
+        else ModelConfig()
     keras.utils.set_random_seed(0)
-    path = exporter.export(build_model(config), make_tokenizer(make_tokenizer_proto(config.vocab_size)),
-                           os.path.join(base_path, ".tmp-1"), ExportConfig())
+    tokenizer = make_tokenizer(make_tokenizer_proto(config.vocab_size, num_sentences=2000 if quick else 30000))
+    path = exporter.export(build_model(config), tokenizer, os.path.join(base_path, ".tmp-1"), ExportConfig())
     os.rename(path, os.path.join(base_path, "1"))
 
 
-def streaming_worker(work_dir: str, model_base_path: str | None, max_new_tokens: int):
+def streaming_worker(work_dir: str, model_base_path: str | None, max_new_tokens: int, quick: bool):
     """Worker: one server on the model; `stream(prompt)` and `whole(prompt)` time one story."""
     import grpc
     import tensorflow as tf
@@ -52,7 +53,7 @@ def streaming_worker(work_dir: str, model_base_path: str | None, max_new_tokens:
     if model_base_path is None:
         model_base_path = os.path.join(work_dir, "streaming-default-shape")
         os.makedirs(model_base_path)
-        save_default_shaped_export(model_base_path)
+        save_default_shaped_export(model_base_path, quick)
     server = Server(model_base_path)
     atexit.register(server.stop)
     stream_story = server.channel.unary_stream(STREAM_STORY,
@@ -104,8 +105,9 @@ def streaming_worker(work_dir: str, model_base_path: str | None, max_new_tokens:
 def run_section(h, model_base_path: str | None = None):
     max_new_tokens = 64 if h.quick else MAX_NEW_TOKENS
     w = h.worker("streaming", "benchmarks.streaming:streaming_worker", work_dir=h.work_dir,
-                 model_base_path=model_base_path, max_new_tokens=max_new_tokens)
-    h.note(f"streaming: model {model_base_path or 'of the default configuration, random weights'}; batch 1, "
+                 model_base_path=model_base_path, max_new_tokens=max_new_tokens, quick=h.quick)
+    default = "a small one (--quick)" if h.quick else "of the default configuration"
+    h.note(f"streaming: model {model_base_path or default + ', random weights'}; batch 1, "
            f"at most {max_new_tokens} new tokens, sampling {SAMPLING}; server with default flags")
     firsts, streamed, wholes, mismatched = [], [], [], []
     for prompt in PROMPTS[:2] if h.quick else PROMPTS:
