@@ -146,7 +146,7 @@ class StoryGenerator(tf.Module):
     def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         """Samples a story per prompt: temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
         no_tokens = tf.zeros([tf.size(prompt), 0], tf.int32)
-        return self._sample(prompt, no_tokens, max_new_tokens, temperature, top_k, top_p, seed)
+        return self._sample_story(prompt, no_tokens, max_new_tokens, temperature, top_k, top_p, seed)
 
     @tf.function(input_signature=input_signature("continue_story"))
     def continue_story(self, prompt, token_ids, max_new_tokens, temperature, top_k, top_p, seed):
@@ -156,7 +156,7 @@ class StoryGenerator(tf.Module):
         story's; log_prob is that of this call's tokens. Calls that each continue the last
         write the same story as one `generate` call: this is how a server streams a story
         through a stateless SavedModel (each call re-reads the story so far in one pass)."""
-        return self._sample(prompt, token_ids, max_new_tokens, temperature, top_k, top_p, seed)
+        return self._sample_story(prompt, token_ids, max_new_tokens, temperature, top_k, top_p, seed)
 
     @tf.function(input_signature=input_signature("beam_search"))
     def beam_search(self, prompt, max_new_tokens, num_beams):
@@ -249,7 +249,7 @@ class StoryGenerator(tf.Module):
 
     # ------------------------------------------------------------------ helpers
 
-    def _sample(self, prompt, generated, max_new_tokens, temperature, top_k, top_p, seed):
+    def _sample_story(self, prompt, generated, max_new_tokens, temperature, top_k, top_p, seed):
         """generate's loop, from the state after the tokens `generated` [B, T]: step t of the
         story draws its noise from (seed, t) whichever call it falls in."""
         so_far = tf.shape(generated)[1]
