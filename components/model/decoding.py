@@ -252,8 +252,8 @@ class StoryGenerator(tf.Module):
     def _sample_story(self, prompt, generated, max_new_tokens, temperature, top_k, top_p, seed):
         """generate's loop, from the state after the tokens `generated` [B, T]: step t of the
         story draws its noise from (seed, t) whichever call it falls in."""
-        so_far = tf.shape(generated)[1]
-        checks = self._check_request(prompt, max_new_tokens, self.limit, so_far if generated.shape[1] != 0 else 0) + [
+        so_far = tf.shape(generated)[1] if generated.shape[1] != 0 else 0  # generate's is 0 as traced
+        checks = self._check_request(prompt, max_new_tokens, self.limit, so_far) + [
             tf.debugging.assert_equal(tf.shape(generated)[0], tf.size(prompt),
                                       message="token_ids must have a row per prompt"),
             tf.debugging.assert_greater_equal(temperature, 0.0, message="temperature must be >= 0"),
@@ -307,13 +307,21 @@ class StoryGenerator(tf.Module):
         slid = so_far >= first_slide
         kept_from = tf.where(slid, first_slide + (so_far - first_slide) // period * period - keep, 0)
         encoder_ids = tf.cond(
-            slid,
-            lambda: frame_prompts(tf.RaggedTensor.from_tensor(generated[:, :kept_from]), special,
-                                  self.model.max_prompt_tokens).to_tensor(),
+            slid, lambda: self._prompt_before(generated, kept_from),
             lambda: encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(special.pad))
+        return self._window_from(encoder_ids, generated, kept_from, weights)
+
+    def _prompt_before(self, generated, kept_from):
+        """A slid window's encoder ids: the story's tokens before those it keeps, framed as a prompt."""
+        return frame_prompts(tf.RaggedTensor.from_tensor(generated[:, :kept_from]), self.tokenizer.special,
+                             self.model.max_prompt_tokens).to_tensor()
+
+    def _window_from(self, encoder_ids, generated, kept_from, weights):
+        """Prefills a window of the decoder prefix and the story's tokens from `kept_from` on,
+        reading `encoder_ids`: the next token's logits [B, V], the window's length and its cache."""
         states, mask = self.model.encode(encoder_ids)
-        window = tf.concat([repeat_ids(special.decoder_prefix, tf.shape(generated)[0]), generated[:, kept_from:]],
-                           axis=1)
+        window = tf.concat([repeat_ids(self.tokenizer.special.decoder_prefix, tf.shape(generated)[0]),
+                            generated[:, kept_from:]], axis=1)
         logits, cache = self.model.prefill(window, states, mask, self.window, weights)
         return logits[:, -1, :], tf.shape(window)[1], cache
 
@@ -334,17 +342,10 @@ class StoryGenerator(tf.Module):
             logits, grown = self.model.decode_step(tokens[:, -1], length, cache, weights)
             return logits, length + 1, grown
 
-        def slide():
-            keep = self.window // 2
-            special = self.tokenizer.special
-            prefix = special.decoder_prefix
-            kept = tokens[:, -keep:]
-            before = frame_prompts(tf.RaggedTensor.from_tensor(tokens[:, len(prefix):-keep]), special,
-                                   self.model.max_prompt_tokens).to_tensor()
-            states, mask = self.model.encode(before)
-            window = tf.concat([repeat_ids(prefix, tf.shape(tokens)[0]), kept], axis=1)
-            logits, new_cache = self.model.prefill(window, states, mask, self.window, weights)
-            return logits[:, -1, :], tf.constant(keep + len(prefix)), new_cache
+        def slide():  # the newer half of the window stays, read after the text before it
+            generated = tokens[:, len(self.tokenizer.special.decoder_prefix):]
+            kept_from = tf.shape(generated)[1] - self.window // 2
+            return self._window_from(self._prompt_before(generated, kept_from), generated, kept_from, weights)
 
         return tf.cond(length >= self.window, slide, step)
 
