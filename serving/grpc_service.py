@@ -59,6 +59,15 @@ def _deadline(context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _predict_response(servable, signature_name: str) -> predict_pb2.PredictResponse:
+    """A PredictResponse that names the version and signature that answered."""
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = servable.name
+    response.model_spec.version.value = servable.version
+    response.model_spec.signature_name = signature_name
+    return response
+
+
 def _handle(stats: Stats, method: str, context, answer):
     """Runs `answer(record)` for one RPC, turning a ServingError into the RPC's status."""
     try:
@@ -94,10 +103,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             outputs = self._predictor.predict(servable, signature, inputs, list(request.output_filter),
                                               _deadline(context), on_caller_gone=context.add_callback)
             record.target = f"{servable.name}/{servable.version}/{signature.name}"
-            response = predict_pb2.PredictResponse()
-            response.model_spec.name = servable.name
-            response.model_spec.version.value = servable.version
-            response.model_spec.signature_name = signature.name
+            response = _predict_response(servable, signature.name)
             for key, array in outputs.items():
                 response.outputs[key].CopyFrom(tensor_codec.ndarray_to_proto(array))
             return response
@@ -150,10 +156,7 @@ class StoryService:
                 pieces = streaming.stream(self._predictor, servable, _inputs(request, signature, self._max_elements),
                                           _deadline(context), on_caller_gone=context.add_callback)
                 for piece in pieces:
-                    response = predict_pb2.PredictResponse()
-                    response.model_spec.name = servable.name
-                    response.model_spec.version.value = servable.version
-                    response.model_spec.signature_name = streaming.STREAM_SIGNATURE
+                    response = _predict_response(servable, streaming.STREAM_SIGNATURE)
                     for key, value in (("text", np.array([piece.text.encode("utf-8")], object)),
                                        ("num_tokens", np.array([piece.num_tokens], np.int32)),
                                        ("log_prob", np.array([piece.log_prob], np.float32))):
