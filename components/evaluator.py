@@ -13,10 +13,11 @@ Generation: continuations of test prompts, decoded twice: greedily, and with the
 serving_default's sampling (its temperature, top-k and top-p, with the pipeline's seed, so
 reruns give the same stories). Each is scored with BLEU, ROUGE-1/2/L, distinct-1/2, repeated
 4-grams (beside the reference stories' own rate) and length ratio; on the built-in corpus also
-the share the grammar accepts and the share that keep the prompt's hero; and for memorisation
+the share the grammar accepts, the share that keep the prompt's hero and, of those accepted,
+the share whose genre is the one their prompt's control tag asked for; and for memorisation
 (copyright), the share of the continuations' 50-character spans found verbatim in the
 training split and the longest span copied from it (text_metrics.CopyIndex). Everything is
-sliced by language and by tag, as TFMA does.
+sliced by language and by tag, as TFMA does. Test prompts carry their records' control tags.
 
 Blessing (as TFX's Evaluator), on bits per character of the test split: a first model (none
 pushed yet) must beat the character 5-gram baseline by --min_gain_over_ngram; a later one is
@@ -34,9 +35,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from components import corpus
+from components import control_tags, corpus
 from components.char_ngram import CharNGramModel
 from components.config import BUILTIN_PREFIX, EvaluationConfig, ExportConfig
+from components.corpus.grammar import GENRES
 from components.records import iterate_split, read_split, split_size
 from components.model.decoding import StoryGenerator
 from components.progress import Progress
@@ -126,6 +128,8 @@ def describe(m: dict) -> str:
         text += f"; {decoding}: BLEU {generation['bleu']:.3f}, ROUGE-L {generation['rouge_l']:.3f}"
         if "grammar_acceptance_rate" in generation:
             text += f", {generation['grammar_acceptance_rate']:.0%} accepted by the grammar"
+        if "tag_followed_rate" in generation:
+            text += f" ({generation['tag_followed_rate']:.0%} of them in the genre their tag asked for)"
         text += f", longest copy {generation['longest_copied_span_chars']} chars"
     blessing = m["blessing"]
     return text + (f"; blessed ({blessing['reason']})" if blessing["blessed"]
@@ -186,9 +190,11 @@ def _likelihood(model, tokenizer, examples_dir, ngram, *, batch_size, max_prompt
             grammar = _from_grammar(records["source"][row].numpy().decode("utf-8"), lang)
             accepted = corpus.accept(prompt, story, lang) if whole and grammar else None
             if accepted is not None and accepted.accepted:
-                exact_nll = -(accepted.log_prob - accepted.prompt_log_prob)
+                # Given the prompt and the tags it was given: a genre tag tells its ending's genre.
+                told = [t for t in accepted.tags if control_tags.piece(t) in tokenizer.control_pieces]
+                exact_nll = -(accepted.log_prob - accepted.prompt_log_prob) + sum(math.log(GENRES[t]) for t in told)
                 stats[5:] = nll[row], exact_nll, len(text)
-            scored.append((prompt, story))
+            scored.append((_tagged_prompt(tokenizer, prompt, lang, tags), story))
             for key in ["all", f"lang:{lang}"] + [f"tag:{t}" for t in tags]:
                 totals[key] += stats
         progress.update(len(scored))
@@ -196,6 +202,12 @@ def _likelihood(model, tokenizer, examples_dir, ngram, *, batch_size, max_prompt
     return {"test": slices.pop("all"),
             "by_lang": {k[5:]: v for k, v in slices.items() if k.startswith("lang:")},
             "by_tag": {k[4:]: v for k, v in slices.items() if k.startswith("tag:")}}, scored
+
+
+def _tagged_prompt(tokenizer, prompt: str, lang: str, tags: list[str]) -> str:
+    """A test record's prompt with its language and tags written before it, those the tokenizer
+    has a control piece for (see control_tags)."""
+    return control_tags.tagged(prompt, [t for t in [lang] + tags if control_tags.piece(t) in tokenizer.control_pieces])
 
 
 def _summary(totals) -> dict:
@@ -232,7 +244,7 @@ def _first_test_records(examples_dir, count) -> list[dict]:
 def _generation(generator, records, copy_index, settings, *, max_new_tokens, batch_size):
     """Continuations of the records' prompts with each of DECODINGS' `settings` (temperature,
     top_k, top_p, seed): {decoding: metrics per slice}, and sample stories per language."""
-    prompts = [r["prompt"] for r in records]
+    prompts = [_tagged_prompt(generator.tokenizer, r["prompt"], r["lang"], r["tags"]) for r in records]
     progress = Progress("evaluator", "continued test prompts", len(DECODINGS) * len(prompts))
     stories = {}
     for decoding in DECODINGS:
@@ -244,7 +256,7 @@ def _generation(generator, records, copy_index, settings, *, max_new_tokens, bat
     for i, record in enumerate(records):
         kept = samples.setdefault(record["lang"], [])
         if len(kept) < SAMPLES_PER_LANG:
-            kept.append({"prompt": record["prompt"], **{d: stories[d][i] for d in DECODINGS},
+            kept.append({"prompt": prompts[i], **{d: stories[d][i] for d in DECODINGS},
                          "reference": record["story"]})
     return generation, samples
 
@@ -284,11 +296,14 @@ def _generation_slice(triples) -> dict:
                                  [r["lang"] for r in records])
     metrics.update(copy_metrics(copies))
     builtin = [(r, s) for r, s, _ in triples if _from_grammar(r["source"], r["lang"]) and corpus.protagonist(r["prompt"])]
-    if builtin:  # only stories the built-in grammar wrote have its acceptance and a hero to keep
-        metrics["grammar_acceptance_rate"] = sum(
-            corpus.accept(r["prompt"], s, r["lang"]).accepted for r, s in builtin) / len(builtin)
+    if builtin:  # only stories the built-in grammar wrote have its acceptance, genre and a hero to keep
+        parses = [(r, corpus.accept(r["prompt"], s, r["lang"])) for r, s in builtin]
+        accepted = [(r, parse) for r, parse in parses if parse.accepted]
+        metrics["grammar_acceptance_rate"] = len(accepted) / len(builtin)
         metrics["protagonist_kept_rate"] = sum(
             corpus.protagonist(r["prompt"]) in s for r, s in builtin) / len(builtin)
+        if accepted:
+            metrics["tag_followed_rate"] = sum(parse.tags == r["tags"] for r, parse in accepted) / len(accepted)
     return metrics
 
 
@@ -362,8 +377,8 @@ def render_report(metrics: dict) -> str:
     lines += _table("Likelihood on the test split", likelihood_keys, slices)
     generation_keys = ["bleu", "rouge_1", "rouge_2", "rouge_l", "distinct_1", "distinct_2", "repeated_4gram_rate",
                        "reference_repeated_4gram_rate", "length_ratio", "grammar_acceptance_rate",
-                       "protagonist_kept_rate", f"copied_{SPAN_CHARS}char_span_rate", "longest_copied_span_chars",
-                       "count"]
+                       "protagonist_kept_rate", "tag_followed_rate", f"copied_{SPAN_CHARS}char_span_rate",
+                       "longest_copied_span_chars", "count"]
     sampling = metrics["sampling"]
     titles = {"greedy": "Greedy continuations of test prompts",
               "sampled": f"Sampled continuations of test prompts (temperature {sampling['temperature']}, top-k "

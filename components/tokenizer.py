@@ -23,6 +23,7 @@ from sentencepiece import sentencepiece_model_pb2
 import tensorflow as tf
 import tensorflow_text as tf_text
 
+from components import control_tags
 from components.common import BOS_ID, EOS_ID, PAD_ID, STORYGEN_IDS, UNK_ID, SpecialIds, UserError
 from components.config import TokenizerConfig
 from components.records import iterate_split
@@ -54,23 +55,34 @@ HAN = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fff
 
 
 class Tokenizer(tf.Module):
-    """Strings <-> ragged int32 ids in the graph, and the special ids its model frames them with.
+    """Strings <-> ragged int32 ids in the graph, the special ids its model frames them with,
+    and the ids of its control tags' pieces (see control_tags).
 
     `layer` is tensorflow-text's SentencepieceTokenizer (storygen's own model) or a pretrained
     preset's keras-hub tokenizer; both have `tokenize` and `detokenize`. A tf.Module, so that
-    the layer's resources are saved with a SavedModel that holds it.
+    the layer's resources (and the control pieces' table) are saved with a SavedModel that holds it.
     """
 
-    def __init__(self, layer, special: SpecialIds):
+    def __init__(self, layer, special: SpecialIds, control: dict[str, int] | None = None):
         super().__init__(name="tokenizer")
         self.layer = layer
         self.special = special
+        self.control_pieces = tuple(control or ())
+        if self.control_pieces:
+            self.control_table = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(list(control), list(control.values()), tf.string, tf.int32), -1)
 
     def tokenize(self, texts):
         return _as_tensor(self.layer.tokenize(texts), tf.int32)
 
     def detokenize(self, ids):
         return _as_tensor(self.layer.detokenize(ids), tf.string)
+
+    def control_ids(self, pieces: tf.RaggedTensor) -> tf.RaggedTensor:
+        """The ids of ragged control pieces ([B, None] `<tag>` strings), leaving out those
+        without an id."""
+        ids = tf.ragged.map_flat_values(self.control_table.lookup, pieces)
+        return tf.ragged.boolean_mask(ids, ids >= 0)
 
 
 def _as_tensor(value, dtype):
@@ -92,6 +104,8 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
     vocab_size = config.vocab_size
     start = time.time()
 
+    control = control_tags.control_pieces(iterate_split(examples_dir, "train"))
+
     def texts():
         for record in iterate_split(examples_dir, "train"):
             for text in (record["prompt"], record["story"]):
@@ -102,14 +116,14 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
     for text in texts():
         chars.update(text)
         count += 1
-    rare, needed_vocab_size = rare_characters(chars, count, vocab_size)
+    rare, needed_vocab_size = rare_characters(chars, count, vocab_size, len(control))
     # The trainer learns from the text without the rare characters, and with Han characters apart.
     boundaries = str.maketrans(dict.fromkeys(rare, BOUNDARY))
     sentences = (HAN.sub(BOUNDARY + r"\1" + BOUNDARY, text.translate(boundaries)) for text in texts())
     model = io.BytesIO()
     spm.set_random_generator_seed(config.seed)  # sentence sampling is the trainer's only randomness
     _train_sentencepiece(sentences, model, vocab_size, max_sentences,
-                         character_coverage=1.0 if rare else DEFAULT_COVERAGE)
+                         character_coverage=1.0 if rare else DEFAULT_COVERAGE, control_pieces=control)
     proto = _without_rule_path(model.getvalue())
     with tf.io.gfile.GFile(f"{output_dir}/{MODEL_FILE}", "wb") as f:
         f.write(proto)
@@ -124,21 +138,24 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
     return _write_report(report, output_dir, start)
 
 
-def rare_characters(chars: collections.Counter, texts: int, vocab_size: int) -> tuple[set[str], int]:
+def rare_characters(chars: collections.Counter, texts: int, vocab_size: int,
+                    control_pieces: int = 0) -> tuple[set[str], int]:
     """The characters to leave to byte pieces before training (none when the default coverage
     fits), and the smallest vocab_size at which it fits.
 
-    `chars` counts the characters of `texts` texts. SentencePiece gives a piece to each of the
+    `chars` counts the characters of `texts` texts; `control_pieces` ids are the control tags'.
+    SentencePiece gives a piece to each of the
     most frequent characters that make up DEFAULT_COVERAGE of the text, and stops with an error
     when they do not fit (it cannot lower the coverage below 98%). When they do not fit, only as
     many of the most frequent as there is room for keep a piece: the others are returned, for
     training to replace with BOUNDARY. (Such a corpus is mostly Han characters, which are never
     merged into longer pieces anyway.)
     """
-    room = vocab_size - RESERVED_PIECES
+    reserved = RESERVED_PIECES + control_pieces
+    room = vocab_size - reserved
     if room < 1:
-        smallest = RESERVED_PIECES + 1
-        raise UserError(f"--vocab_size={vocab_size} is too small: its {RESERVED_PIECES} byte and special pieces "
+        smallest = reserved + 1
+        raise UserError(f"--vocab_size={vocab_size} is too small: its {reserved} byte, special and control pieces "
                         f"leave no room for characters (it needs at least {smallest}).")
     # The counts as the trainer sees them: a space is "▁", and every text starts with one.
     counts = chars.copy()
@@ -146,7 +163,7 @@ def rare_characters(chars: collections.Counter, texts: int, vocab_size: int) -> 
     ranked = [c for c, _ in counts.most_common()]
     cumulative = list(itertools.accumulate(counts[c] for c in ranked))
     kept_by_default = bisect.bisect_left(cumulative, DEFAULT_COVERAGE * cumulative[-1]) + 1
-    needed_vocab_size = RESERVED_PIECES + kept_by_default
+    needed_vocab_size = reserved + kept_by_default
     if kept_by_default <= room:
         return set(), needed_vocab_size
     return set(ranked[room:]) - {SPACE}, needed_vocab_size  # the trainer keeps "▁" whatever it is given
@@ -205,9 +222,10 @@ def _write_report(report: dict, output_dir: str, start: float) -> dict:
     return report
 
 
-def _train_sentencepiece(sentences, model_writer, vocab_size: int, max_sentences: int, character_coverage: float):
+def _train_sentencepiece(sentences, model_writer, vocab_size: int, max_sentences: int, character_coverage: float,
+                         control_pieces=()):
     """SentencePiece's trainer with storygen's settings, its rules file in a scratch folder.
-    No piece crosses BOUNDARY in `sentences`."""
+    No piece crosses BOUNDARY in `sentences`; each of `control_pieces` is a piece of its own."""
     with tempfile.TemporaryDirectory() as scratch:
         rules = os.path.join(scratch, "rules.tsv")
         with open(rules, "w", encoding="utf-8") as f:
@@ -231,6 +249,7 @@ def _train_sentencepiece(sentences, model_writer, vocab_size: int, max_sentences
             normalization_rule_tsv=rules,
             remove_extra_whitespaces=False,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            user_defined_symbols=list(control_pieces),
             max_sentence_length=1 << 16,
             input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
@@ -252,7 +271,9 @@ def describe(report: dict) -> str:
     text = f"{report['vocab_size']} pieces, {report['eval_chars_per_token']:.2f} chars/token"
     if "preset" in report:
         return f"{text}, the preset's tokenizer ({report['preset']})"
-    return f"{text}, byte fallback {report['eval_byte_fallback_rate']:.2%} of eval tokens"
+    tags = [piece[1:-1] for piece in report.get("control_pieces", [])]
+    text += f", byte fallback {report['eval_byte_fallback_rate']:.2%} of eval tokens"
+    return text + (f", control tags {', '.join(tags[:8])}{', ...' if len(tags) > 8 else ''}" if tags else "")
 
 
 def vocab_report(proto: bytes, examples_dir: str) -> dict:
@@ -270,6 +291,7 @@ def vocab_report(proto: bytes, examples_dir: str) -> dict:
     return {
         "vocab_size": processor.get_piece_size(),
         "byte_pieces": len(byte_ids),
+        "control_pieces": list(_control_pieces(proto)),
         "eval_tokens": tokens,
         "eval_chars_per_token": chars / max(tokens, 1),
         "eval_byte_fallback_rate": byte_tokens / max(tokens, 1),
@@ -284,7 +306,15 @@ def load_proto(tokenizer_dir: str) -> bytes:
 
 def make_tokenizer(proto: bytes) -> Tokenizer:
     """The in-graph tokenizer of a storygen SentencePiece model (string -> ragged int32 ids, and back)."""
-    return Tokenizer(tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32), STORYGEN_IDS)
+    return Tokenizer(tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32), STORYGEN_IDS,
+                     _control_pieces(proto))
+
+
+def _control_pieces(proto: bytes) -> dict[str, int]:
+    """{piece: id} of a SentencePiece model's user-defined pieces: its control tags."""
+    model = sentencepiece_model_pb2.ModelProto.FromString(proto)
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return {p.piece: i for i, p in enumerate(model.pieces) if p.type == user_defined}
 
 
 def load_tokenizer(tokenizer_dir: str) -> Tokenizer:

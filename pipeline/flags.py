@@ -75,6 +75,8 @@ def define_generate_flags():
     flags.DEFINE_string("model_dir", "saved_models/storygen",
                         "A model base path (its newest integer version is used) or one SavedModel directory.")
     flags.DEFINE_multi_string("prompt", ["从前有座山，"], "Prompt to continue; repeat the flag for several.")
+    flags.DEFINE_multi_string("tag", [], "Control tag to write the stories with, such as a language (zh, en) or "
+                              "a genre (fable, fairy_tale); repeat the flag for several. The model lists its own.")
     flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: the decoder's window; up to "
                          "the model's max_new_tokens_limit, sliding the window).", lower_bound=1)
     flags.DEFINE_float("temperature", sampling.temperature, "Sampling temperature (0 = greedy).", lower_bound=0.0)

@@ -1,6 +1,7 @@
 """`python -m pipeline.generate`: writes stories with a pushed SavedModel.
 
     python -m pipeline.generate --model_dir saved_models/storygen --prompt 从前有座山
+    python -m pipeline.generate --prompt "Once upon a time, in a faraway kingdom" --tag en --tag fable
 
 The model is loaded with plain `tf.saved_model.load`: the SavedModel needs only
 tensorflow and tensorflow_text (for its SentencePiece ops), not storygen.
@@ -10,7 +11,7 @@ import os
 
 from absl import flags
 
-from components import cli
+from components import cli, control_tags
 from components.common import UserError
 from pipeline import flags as storygen_flags
 
@@ -29,11 +30,19 @@ def resolve_saved_model(model_dir: str) -> str:
     return os.path.join(model_dir, str(versions[-1]))
 
 
-def generate(saved_model_path: str, prompts, *, max_new_tokens, temperature, top_k, top_p, seed) -> list[str]:
+def generate(saved_model_path: str, prompts, *, max_new_tokens, temperature, top_k, top_p, seed,
+             tags=()) -> list[str]:
+    """The model's stories for `prompts`, each written with the control `tags`."""
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  registers the SentencePiece ops the graph uses
 
     model = tf.saved_model.load(saved_model_path)
+    known = [t.decode("utf-8") for t in model.control_tags.numpy()] if hasattr(model, "control_tags") else []
+    unknown = [t for t in tags if t not in known]
+    if unknown:
+        raise UserError(f"The model has no control tag {', '.join(unknown)}; its tags are "
+                        f"{', '.join(known) or 'none (it was trained without them)'}.")
+    prompts = [control_tags.tagged(prompt, tags) for prompt in prompts]
     signature = model.signatures["generate"]
     limit = int(model.max_new_tokens_limit.numpy())
     max_new_tokens = min(max_new_tokens or int(model.decoder_window.numpy()), limit)
@@ -50,7 +59,7 @@ def main():
 def _main(args):
     path = resolve_saved_model(FLAGS.model_dir)
     stories = generate(path, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                       top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+                       top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, tags=FLAGS.tag)
     for prompt, story in zip(FLAGS.prompt, stories):
         print(join_story(prompt, story) + "\n")
 

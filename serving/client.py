@@ -4,10 +4,12 @@ the stories, one per prompt.
     python -m serving.client --server localhost:8500 --prompt 从前有座山
     python -m serving.client --prompt "Once upon a time" --signature generate \
         --max_new_tokens 64 --temperature 0.8 --top_k 40 --top_p 0.95 --seed 7
-    python -m serving.client --rest http://localhost:8501 --prompt 从前有座山
+    python -m serving.client --rest http://localhost:8501 --prompt 从前有座山 --tag zh --tag fable
     python -m serving.client --stream --prompt 从前有座山 --max_new_tokens 200 --temperature 0.8 \
         --top_k 40 --top_p 0.95 --seed 7
 
+--tag writes a control tag before each prompt (`<zh><fable> 从前有座山`): the model reads those it
+has a piece for (`loaded.control_tags` lists them; the playground shows them) and leaves others out.
 --stream prints the story as it is written (storygen-serve's StreamStory over gRPC, or :stream
 over REST), with generate's parameters, all of which it needs.
 
@@ -19,13 +21,14 @@ given, in the serving contract's dtypes; a signature that needs one that is miss
 import base64
 import contextlib
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 from absl import flags
 
-from components import cli
+from components import cli, control_tags
 from components.common import UserError
 from components.contract import DEFAULT_SIGNATURE, PARAMETER_DTYPES, SIGNATURES
 
@@ -44,6 +47,8 @@ def define_flags():
     flags.DEFINE_enum("signature", DEFAULT_SIGNATURE, story_writers, "Signature to call (one that writes stories).")
     flags.DEFINE_multi_string("prompt", None, "Prompt to continue; repeat the flag for a batch.")
     flags.mark_flag_as_required("prompt")
+    flags.DEFINE_multi_string("tag", [], "Control tag to write with, such as a language (zh, en) or a genre (fable, "
+                              "fairy_tale): written before each prompt as <tag>. Repeat the flag for several.")
     flags.DEFINE_integer("max_new_tokens", None, "Most tokens to generate.")
     flags.DEFINE_float("temperature", None, "Sampling temperature; 0 is greedy.")
     flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens; 0 turns it off.")
@@ -183,17 +188,21 @@ def _b64_text(value: dict) -> str:
 
 def _run(args):
     parameters = {name: FLAGS[name].value for name in PARAMETER_DTYPES if FLAGS[name].value is not None}
+    bad = [tag for tag in FLAGS.tag if not re.fullmatch(control_tags.TAG, tag)]
+    if bad:
+        raise UserError(f"--tag {bad[0]!r} cannot be a control tag: a tag has no spaces and no angle brackets.")
+    prompts = [control_tags.tagged(prompt, FLAGS.tag) for prompt in FLAGS.prompt]
     if FLAGS.stream:
-        if len(FLAGS.prompt) != 1:
+        if len(prompts) != 1:
             raise UserError("--stream writes one story: give one --prompt.")
         stream = stream_rest if FLAGS.rest else stream_grpc
-        for text in stream(FLAGS.rest or FLAGS.server, FLAGS.model_name, FLAGS.prompt[0], parameters,
+        for text in stream(FLAGS.rest or FLAGS.server, FLAGS.model_name, prompts[0], parameters,
                            version=FLAGS.model_version, label=FLAGS.model_version_label, timeout=FLAGS.timeout):
             print(text, end="", flush=True)
         print()
         return
     predict = predict_rest if FLAGS.rest else predict_grpc
-    stories = predict(FLAGS.rest or FLAGS.server, FLAGS.model_name, FLAGS.signature, FLAGS.prompt, parameters,
+    stories = predict(FLAGS.rest or FLAGS.server, FLAGS.model_name, FLAGS.signature, prompts, parameters,
                       version=FLAGS.model_version, label=FLAGS.model_version_label, timeout=FLAGS.timeout)
     for story in stories:
         print(story)

@@ -162,6 +162,9 @@ class Servable:
         self.signature_def_map = get_model_metadata_pb2.SignatureDefMap()
         for key, signature in self.signatures.items():
             self.signature_def_map.signature_def[key].CopyFrom(signature.signature_def)
+        # The control tags its prompts may start with (storygen's exports have them; others none).
+        tags = getattr(loaded, "control_tags", None)
+        self.control_tags = [t.decode("utf-8") for t in tags.numpy()] if isinstance(tags, tf.Variable) else []
 
     def signature(self, name: str) -> Signature:
         name = name or DEFAULT_SIGNATURE

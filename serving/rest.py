@@ -137,7 +137,7 @@ class RestServer:
         if request.path == METRICS_PATH and request.method == "GET":
             return _response(200, self.stats.prometheus_text())
         if request.path == "/" and request.method == "GET" and self.playground:
-            models = html.escape(json.dumps(self.predictor.models.names()))
+            models = html.escape(json.dumps(self._control_tags()))
             return web.Response(text=self.playground.replace("__MODELS__", models), content_type="text/html")
         if self.draining:  # a request on a connection kept alive across SIGTERM: refused, and the connection closed
             response = _response(503, {"error": "The server is shutting down; send the request to another replica."})
@@ -281,6 +281,16 @@ class RestServer:
             caller.leave()  # the client went: the model call in progress is cancelled, and no more are made
             raise
         return response
+
+    def _control_tags(self) -> dict:
+        """{model name: the control tags of the version it answers with} (no version loaded: none)."""
+        tags = {}
+        for name in self.predictor.models.names():
+            try:
+                tags[name] = self.predictor.models.resolve(name).control_tags
+            except ServingError:
+                tags[name] = []
+        return tags
 
     def _status(self, name, version, label):
         response = model_status_response(self.predictor.models.statuses(name, version, label))

@@ -16,10 +16,10 @@ TINY_FLAGS = os.path.join(REPO, "pipeline", "configs", "tiny.flags")
 
 # A few hand-written stories in both languages for unit tests (the e2e tests use the built-in corpus).
 STORIES = [
-    {"title": "山中小庙", "story": "从前有座山，山里有座庙。庙里有个老和尚，每天给小和尚讲故事。有一天，小和尚问：“师父，故事讲完了吗？”老和尚笑着说：“山还在，故事就讲不完。”"},
-    {"title": "狐狸和葡萄", "story": "一只狐狸走进了葡萄园。它看见架子上挂着一串串紫色的葡萄。狐狸跳了好几次，都够不着。最后它说：“这些葡萄一定是酸的。”说完，它就走开了。"},
-    {"title": "The Tailor", "story": "Once upon a time there was a poor tailor. He lived in a small house at the edge of the forest. One morning a fox knocked at his door and asked for a coat. The tailor sewed all day and all night. In the end the fox paid him with a golden button, and the tailor was never poor again."},
-    {"title": "The Dragon", "story": "Long ago a dragon slept under the old castle. Nobody in the village dared to wake him. A little girl walked into the cave with a lantern. She sang a song so gentle that the dragon smiled in his sleep. From that day on, the dragon guarded the village."},
+    {"title": "山中小庙", "tags": ["fairy_tale"], "story": "从前有座山，山里有座庙。庙里有个老和尚，每天给小和尚讲故事。有一天，小和尚问：“师父，故事讲完了吗？”老和尚笑着说：“山还在，故事就讲不完。”"},
+    {"title": "狐狸和葡萄", "tags": ["fable"], "story": "一只狐狸走进了葡萄园。它看见架子上挂着一串串紫色的葡萄。狐狸跳了好几次，都够不着。最后它说：“这些葡萄一定是酸的。”说完，它就走开了。"},
+    {"title": "The Tailor", "tags": ["fairy_tale"], "story": "Once upon a time there was a poor tailor. He lived in a small house at the edge of the forest. One morning a fox knocked at his door and asked for a coat. The tailor sewed all day and all night. In the end the fox paid him with a golden button, and the tailor was never poor again."},
+    {"title": "The Dragon", "tags": ["fairy_tale", "dragons"], "story": "Long ago a dragon slept under the old castle. Nobody in the village dared to wake him. A little girl walked into the cave with a lantern. She sang a song so gentle that the dragon smiled in his sleep. From that day on, the dragon guarded the village."},
 ]
 
 

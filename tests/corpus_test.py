@@ -53,9 +53,26 @@ def test_lengths_and_entropy(stories):
 
 def test_tags_and_ids(stories):
     lang, samples = stories
-    assert {s["tags"][0] for s in samples} == {lang}
-    assert {s["tags"][1] for s in samples} == {"fairy_tale", "fable"}
+    assert {tuple(s["tags"]) for s in samples} == {("fairy_tale",), ("fable",)}
     assert len({s["id"] for s in samples}) == len(samples)
+
+
+def test_the_genre_is_chosen_at_the_ending_apart_from_the_hero(stories):
+    lang, samples = stories
+    grammar = {"zh": zh, "en": en}[lang]
+    fables = [s for s in samples if s["tags"] == ["fable"]]
+    assert abs(len(fables) / len(samples) - 0.5) < 0.02  # GENRES' share, within 4 sigma
+    for s in samples:
+        has_moral = any(intro in s["story"][-120:] for intro in grammar.MORAL_INTROS)
+        assert has_moral == (s["tags"] == ["fable"]), s["story"]
+        assert corpus.accept(s["prompt"], s["story"], lang).tags == s["tags"]
+    # Every hero's opening is followed by stories of both genres.
+    genres_by_opening_hero = {}
+    for s in samples:
+        hero = s["prompt"].split("，名叫" if lang == "zh" else " named ")[0].split(" called ")[0][-8:]
+        genres_by_opening_hero.setdefault(hero, set()).update(s["tags"])
+    assert len(genres_by_opening_hero) >= 20
+    assert all(genres == {"fable", "fairy_tale"} for genres in genres_by_opening_hero.values())
 
 
 def test_sampling_is_deterministic_and_alternates_languages():
@@ -129,6 +146,9 @@ def test_entropy_estimate_agrees_with_a_fresh_sample():
         conditional = estimate["continuation_given_prompt"]
         assert conditional["bits_per_story"] < estimate["story"]["bits_per_story"]
         assert 0 < conditional["bits_per_char"] < 1
+        # Told the genre (a fair coin, apart from the prompt), a story holds one bit less.
+        told = estimate["continuation_given_prompt_and_genre"]
+        assert told["bits_per_story"] == pytest.approx(conditional["bits_per_story"] - 1)
 
 
 def test_cli(tmp_path):

@@ -13,8 +13,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from components import evaluator, progress
+from components import corpus, evaluator, progress
 from components.config import EvaluationConfig, ExportConfig
+from components.corpus import en
 from components.records import iterate_split, split_size
 from components.text_metrics import CopyIndex, repeated_ngram_rate, units
 from conftest import TWO_EPOCHS
@@ -36,14 +37,14 @@ def test_outputs(tiny_pipeline):
     assert 0 < test["exact_bits_per_char"] < test["bits_per_char"]
     # The gap is measured on the stories the grammar accepts and the window holds whole.
     assert 0 < test["entropy_gap_bits_per_char"] < test["bits_per_char"]
-    assert set(metrics["by_tag"]) == {"zh", "en", "fairy_tale", "fable"}
+    assert set(metrics["by_tag"]) == {"fairy_tale", "fable"}
     # The sampled continuations use serving_default's sampling and the pipeline's seed.
     parameters = tiny_pipeline.manifest("first", "evaluator")["parameters"]
     sampling = {key: parameters["ExportConfig"][key] for key in ("temperature", "top_k", "top_p")}
     assert metrics["sampling"] == dict(sampling, seed=parameters["EvaluationConfig"]["seed"])
     assert set(metrics["generation"]) == {"greedy", "sampled"}
     for decoding, generation in metrics["generation"].items():
-        assert set(generation) == {"all", "lang:zh", "lang:en", "tag:zh", "tag:en", "tag:fairy_tale", "tag:fable"}
+        assert set(generation) == {"all", "lang:zh", "lang:en", "tag:fairy_tale", "tag:fable"}
         assert generation["all"]["count"] == 16  # tiny.flags' --eval_generate_count
         for key in ("bleu", "rouge_1", "rouge_2", "rouge_l", "distinct_1", "distinct_2", "repeated_4gram_rate",
                     "reference_repeated_4gram_rate", "grammar_acceptance_rate", "protagonist_kept_rate",
@@ -193,18 +194,19 @@ def test_evaluate_reports_greedy_and_sampled_continuations(tiny_model, spm_proto
     assert [line.split(",")[0] for line in lines if line.startswith("[evaluator] continued")] == [
         f"[evaluator] continued test prompts {n}/12" for n in (4, 6, 10, 12)]  # batches of 4 and 2, twice
     records = list(iterate_split(small_examples, "test"))[:6]
-    langs = collections.Counter(r["lang"] for r in records)
+    slices = collections.Counter(["all"] * 6 + [f"lang:{r['lang']}" for r in records]
+                                 + [f"tag:{t}" for r in records for t in r["tags"]])
     reference_rate = repeated_ngram_rate([units(r["story"], r["lang"]) for r in records], 4)
     assert set(metrics["generation"]) == {"greedy", "sampled"}
     for generation in metrics["generation"].values():
-        assert {key: value["count"] for key, value in generation.items()} == {
-            "all": 6, **{f"lang:{lang}": n for lang, n in langs.items()}}
+        assert {key: value["count"] for key, value in generation.items()} == slices
         assert generation["all"]["reference_repeated_4gram_rate"] == pytest.approx(reference_rate)
         assert 0.0 <= generation["all"]["copied_50char_span_rate"] <= 1.0
     # The sampled stories are the export's sampling with the pipeline's seed, not the greedy ones,
     # and the recorded settings reproduce them (in other batches too).
     (generator, prompts, greedy, greedy_stories), (_, _, sampled, sampled_stories) = continuations
-    assert prompts == [r["prompt"] for r in records]
+    # The prompts carry their records' language and tags.
+    assert prompts == [f"<{r['lang']}>{''.join(f'<{t}>' for t in r['tags'])} {r['prompt']}" for r in records]
     assert greedy == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
     assert sampled == metrics["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 3}
     assert greedy_stories != sampled_stories
@@ -238,6 +240,17 @@ def test_grammar_metrics_are_reported_only_for_stories_of_the_built_in_grammar()
                                                                                      "protagonist_kept_rate"}
     both = evaluator._sliced_metrics([builtin, from_file], [story, "No hero here."], index)["all"]
     assert both["protagonist_kept_rate"] == 1.0  # over the built-in story alone
+
+
+def test_a_story_follows_its_tag_when_the_grammar_reads_the_genre_asked_for():
+    fable = next(s for s in corpus.sample(20, seed=5, langs=("en",)) if s["tags"] == ["fable"])
+    record = dict(fable, source="builtin:fairy_tales")
+    intro = next(i for i in en.MORAL_INTROS if i in fable["story"])
+    as_fairy_tale = fable["story"].rsplit(intro, 1)[0] + en.CLOSINGS[0]
+    stories = [fable["story"], as_fairy_tale, fable["story"][:-40]]
+    metrics = evaluator._sliced_metrics([record] * 3, stories, CopyIndex(["A tailor sewed."]))["all"]
+    assert metrics["grammar_acceptance_rate"] == pytest.approx(2 / 3)
+    assert metrics["tag_followed_rate"] == 0.5  # of the two stories the grammar accepts, the first
 
 
 def _get(url, data=None):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components import exporter
+from components import control_tags, exporter
 from components.common import BOS_ID, EOS_ID
 from components.config import ExportConfig
 from components.contract import SIGNATURES, WARMUP_FILE
@@ -87,14 +87,17 @@ def test_log_prob_matches_the_keras_model(loaded, tiny_model, spm_proto):
 def recompute_greedy(model, tok, prompt, steps):
     """Reference decoder: recomputes the whole prefix with the Keras model at every step, and
     slides the window as the export does: when the decoder is full, its newer half becomes
-    the prefix and the text before it the prompt."""
-    encoder_ids = [BOS_ID] + tok.tokenize(prompt).numpy().tolist()[-15:]
+    the prefix and the text before it the prompt, after the prompt's control tags."""
+    tags, text = control_tags.split_tags(prompt)
+    control = tok.control_ids(tf.ragged.constant([[control_tags.piece(t) for t in tags]], tf.string)).to_list()[0]
+    room = 15 - len(control)  # the tiny model reads 16 prompt tokens, BOS included
+    encoder_ids = [BOS_ID] + control + tok.tokenize(text).numpy().tolist()[-room:]
     generated, start = [], 0
     for _ in range(steps):
         decoder_ids = [BOS_ID] + generated[start:]
         if len(decoder_ids) > WINDOW:
             start = len(generated) - WINDOW // 2
-            encoder_ids = [BOS_ID] + generated[:start][-15:]
+            encoder_ids = [BOS_ID] + control + generated[:start][-room:]
             decoder_ids = [BOS_ID] + generated[start:]
         logits = model((np.array([encoder_ids], "int32"), np.array([decoder_ids], "int32")))[0, -1]
         generated.append(int(np.argmax(logits)))
@@ -112,10 +115,12 @@ def test_cached_decoding_equals_recomputing_the_prefix(loaded, tiny_model, spm_p
 
 
 def test_sliding_window_equals_the_reference(loaded, tiny_model, spm_proto):
-    """60 tokens from a 24-token decoder: the window slides three times."""
+    """60 tokens from a 24-token decoder: the window slides three times, and the prompt's
+    control tags lead the encoder's prompt each time."""
     tok = make_tokenizer(spm_proto)
-    out = generate(loaded, PROMPTS[:2], max_new_tokens=60, temperature=0.0)
-    for prompt, ids in zip(PROMPTS, out["token_ids"]):
+    prompts = PROMPTS[:2] + ["<fable><zh> 从前有座山，", "<en><unknown> The dragon"]
+    out = generate(loaded, prompts, max_new_tokens=60, temperature=0.0)
+    for prompt, ids in zip(prompts, out["token_ids"]):
         expected = recompute_greedy(tiny_model, tok, prompt, 60)
         assert ids[: len(expected)].tolist() == expected
 

@@ -185,6 +185,14 @@ def test_generate_cli(tiny_pipeline):
     assert stories[0].startswith(zh) and len(stories[0]) > len(zh)
     assert stories[1].startswith(en) and len(stories[1]) > len(en) + 1
     assert run_cli(*args).stdout == result.stdout  # the same seed writes the same stories
+    # Control tags change the stories, and a tag the model does not have is named with those it has.
+    tagged = run_cli(*args, "--tag=fable")
+    assert tagged.returncode == 0, tagged.stderr[-2000:]
+    assert [s for s in tagged.stdout.split("\n\n") if s.strip()] != stories
+    unknown = run_cli(*args, "--tag=fable", "--tag=poem")
+    assert unknown.returncode != 0
+    assert re.search("error: The model has no control tag poem; its tags are en, zh, (fable, fairy_tale|fairy_tale, "
+                     "fable)[.]", unknown.stderr), unknown.stderr[-2000:]
 
 
 def test_join_story():

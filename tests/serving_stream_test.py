@@ -153,14 +153,17 @@ def test_a_rest_stream_past_its_deadline_ends_with_an_error_event(model_base_pat
 
 
 def test_the_client_prints_the_story_as_it_streams(server):
+    """Over gRPC untagged, over REST with control tags (written before the prompt)."""
     params = dict(max_new_tokens=40, **SAMPLING)
     flags = [f"--{name}={value}" for name, value in params.items()]
-    for transport in ([f"--server={server.target}"], [f"--rest={server.rest_url}"]):
-        result = subprocess.run([sys.executable, "-m", "serving.client", "--stream", f"--prompt={PROMPT}", *flags,
-                                 *transport], cwd=REPO, capture_output=True, text=True, timeout=120,
+    tagged = (["--tag=zh", "--tag=fable"], "<zh><fable> " + PROMPT)
+    for transport, (tags, prompt) in (([f"--server={server.target}"], ([], PROMPT)),
+                                      ([f"--rest={server.rest_url}"], tagged)):
+        result = subprocess.run([sys.executable, "-m", "serving.client", "--stream", f"--prompt={PROMPT}", *tags,
+                                 *flags, *transport], cwd=REPO, capture_output=True, text=True, timeout=120,
                                 env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2"))
         assert result.returncode == 0, result.stderr
-        assert result.stdout == generated_story(server, PROMPT, **params) + "\n"
+        assert result.stdout == generated_story(server, prompt, **params) + "\n"
 
 
 @pytest.fixture
@@ -192,6 +195,12 @@ def test_the_playground_streams_a_story_into_the_page(server, browser):
     for field, value in (("prompt", PROMPT), ("temperature", "0"), ("max_new_tokens", "1500")):
         browser.find_element(By.ID, field).clear()
         browser.find_element(By.ID, field).send_keys(value)
+    # One checkbox per control tag of the model; the ticked ones are written before the prompt.
+    boxes = {box.get_attribute("value"): box for box in browser.find_elements(By.CSS_SELECTOR, "#tags input")}
+    assert set(boxes) == {"en", "zh", "fairy_tale", "dragons", "fable"}
+    boxes["zh"].click()
+    boxes["fable"].click()
+    prompt = "<zh><fable> " + PROMPT
     story = browser.find_element(By.ID, "story")
     browser.find_element(By.ID, "write").click()
     lengths = set()  # of the story text while it is being written
@@ -200,30 +209,39 @@ def test_the_playground_streams_a_story_into_the_page(server, browser):
         assert time.monotonic() < deadline, "the story did not finish within 120 s"
         lengths.add(len(story.text))
         time.sleep(0.05)
-    assert len(lengths - {0, len(PROMPT)}) >= 2, f"the page showed no story growing: lengths {sorted(lengths)}"
+    assert len(lengths - {0, len(prompt)}) >= 2, f"the page showed no story growing: lengths {sorted(lengths)}"
     facts = browser.find_element(By.ID, "facts")
     deadline = time.monotonic() + 30
     while "bits per character" not in facts.text:  # the score call comes after the story
         assert time.monotonic() < deadline and not browser.find_element(By.ID, "error").text, facts.text
         time.sleep(0.05)
     assert "model version 1" in facts.text and "1500 tokens" in facts.text
-    expected = generated_story(server, PROMPT, max_new_tokens=1500, temperature=0.0, top_k=40, top_p=0.95, seed=1)
-    assert story.text == PROMPT + expected
+    expected = generated_story(server, prompt, max_new_tokens=1500, temperature=0.0, top_k=40, top_p=0.95, seed=1)
+    assert story.text == prompt + expected
+    assert expected != generated_story(server, PROMPT, max_new_tokens=1500, temperature=0.0, top_k=40, top_p=0.95,
+                                       seed=1)
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "playground.png"))
 
 
 @pytest.mark.parametrize("playground", [True, False])
 def test_the_playground_page_is_served_at_the_root_unless_turned_off(playground):
-    """In process: the page names the served models for its model choice; --noplayground leaves / unserved."""
+    """In process: the page names the served models, with their control tags, for its model
+    choice; --noplayground leaves / unserved."""
     import types
     import urllib.error
 
+    from serving.errors import not_found
     from serving.rest import RestServer
     from serving.stats import Stats
     from serving_fixtures import free_ports
 
-    models = types.SimpleNamespace(names=lambda: ["storygen", "fables"])
+    def resolve(name):
+        if name == "fables":
+            raise not_found("no version of 'fables' is loaded yet")
+        return types.SimpleNamespace(control_tags=["en", "fable"])
+
+    models = types.SimpleNamespace(names=lambda: ["storygen", "fables"], resolve=resolve)
     (port,) = free_ports(1)
     server = RestServer("127.0.0.1", port, types.SimpleNamespace(models=models), Stats(), max_request_bytes=1 << 16,
                         timeout_s=5, num_threads=1, playground=playground)
@@ -234,7 +252,8 @@ def test_the_playground_page_is_served_at_the_root_unless_turned_off(playground)
                 assert response.headers["Content-Type"].startswith("text/html")
                 page = response.read().decode("utf-8")
             assert "<title>storygen playground</title>" in page
-            assert "data-models='[&quot;storygen&quot;, &quot;fables&quot;]'" in page
+            assert ("data-models='{&quot;storygen&quot;: [&quot;en&quot;, &quot;fable&quot;], &quot;fables&quot;: []}'"
+                    in page)
         else:
             with pytest.raises(urllib.error.HTTPError) as raised:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)

@@ -70,10 +70,11 @@ def test_report_and_files(small_examples, tmp_path, capsys):
 
 
 def test_vocab_too_small_is_a_user_error(small_examples, tmp_path):
-    with pytest.raises(UserError, match="--vocab_size=260 is too small: .*needs at least 261"):
-        tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=260, seed=1))
+    # 256 byte pieces, 4 special ones and 5 control pieces (2 languages, 3 tags).
+    with pytest.raises(UserError, match="--vocab_size=265 is too small: .*needs at least 266"):
+        tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=265, seed=1))
     # The smallest trains: one character keeps a piece, the others are spelled in byte pieces.
-    report = tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=261, seed=1))
+    report = tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=266, seed=1))
     assert report["byte_fallback_chars"] == report["distinct_chars"] - 1
     assert report["eval_unknown_rate"] == 0.0
 
@@ -135,3 +136,19 @@ def test_more_characters_than_fit_leaves_the_rarest_to_byte_pieces(classical_chi
     again.mkdir()
     tokenizer.train_tokenizer(classical_chinese, str(again), TokenizerConfig(vocab_size=1500, seed=1))
     assert (again / "spm.model").read_bytes() == (tmp_path / "spm.model").read_bytes()
+
+
+def test_control_tags_are_pieces_of_their_own(spm_proto):
+    tok = tokenizer.make_tokenizer(spm_proto)
+    # The languages, then the tags by how many training records carry them (the most frequent first).
+    assert tok.control_pieces[:3] == ("<en>", "<zh>", "<fairy_tale>")
+    assert set(tok.control_pieces[3:]) == {"<dragons>", "<fable>"}
+    processor = spm.SentencePieceProcessor(model_proto=spm_proto)
+    ids = {p: processor.piece_to_id(p) for p in tok.control_pieces}
+    assert UNK_ID not in ids.values() and len(set(ids.values())) == 5
+    # Written anywhere, a tag is its one piece; text around it is spelled as without it.
+    assert processor.encode("<zh><fable>") == [processor.piece_to_id("▁"), ids["<zh>"], ids["<fable>"]]
+    assert processor.encode("The fox<fable> ran") == (processor.encode("The fox") + [ids["<fable>"]]
+                                                      + processor.encode(" ran")[1:])
+    pieces = tf.ragged.constant([["<zh>", "<unknown>", "<fable>"], [], ["<en>"]])
+    assert tok.control_ids(pieces).to_list() == [[ids["<zh>"], ids["<fable>"]], [], [ids["<en>"]]]

@@ -3,8 +3,9 @@ from collections import Counter
 import numpy as np
 import tensorflow as tf
 
-from components import transform
+from components import control_tags, transform
 from components.common import BOS_ID, EOS_ID, PAD_ID
+from components.records import iterate_split
 from components.tokenizer import make_tokenizer
 
 
@@ -25,6 +26,35 @@ def test_encode_prompts_keeps_the_end_behind_bos(spm_proto):
     ids = tok.tokenize("Once upon a time there was a poor tailor.").numpy().tolist()
     encoded = transform.encode_prompts(tok, tf.constant(["Once upon a time there was a poor tailor.", ""]), 5)
     assert encoded.to_list() == [[BOS_ID] + ids[-4:], [BOS_ID]]
+
+
+def test_control_tags_lead_the_prompt_however_it_is_cut(spm_proto):
+    tok = make_tokenizer(spm_proto)
+    text = "Once upon a time there was a poor tailor."
+    ids = tok.tokenize(text).numpy().tolist()
+    fable, en = (tok.control_ids(tf.ragged.constant([[p]])).to_list()[0][0] for p in ("<fable>", "<en>"))
+    prompts = tf.constant([f"<fable><en> {text}", f"<en><unknown> {text}", text, "<fable>"])
+    assert transform.encode_prompts(tok, prompts, 6).to_list() == [
+        [BOS_ID, fable, en] + ids[-3:], [BOS_ID, en] + ids[-4:], [BOS_ID] + ids[-5:], [BOS_ID, fable]]
+    # More tags than room: the first ones are kept, and no text.
+    assert transform.encode_prompts(tok, tf.constant(["<fable><en><fable> x"]), 3).to_list() == [[BOS_ID, fable, en]]
+
+
+def test_training_prompts_carry_their_tags_but_each_is_left_out_of_a_share(small_examples, spm_proto):
+    tok = make_tokenizer(spm_proto)
+    options = dict(max_prompt_tokens=64, max_story_tokens=64)
+    control = set(tok.control_ids(tf.ragged.constant([list(tok.control_pieces)])).to_list()[0])
+
+    def control_ids_read(split, **shuffle):
+        features = transform.example_features(small_examples, split, tok, **options, **shuffle)
+        return sum(len([i for i in f["encoder_ids"].tolist() if i in control]) for f in features.as_numpy_iterator())
+
+    def tags_carried(split):  # each record's language and tags, all of which have a piece here
+        return sum(1 + len(record["tags"]) for record in iterate_split(small_examples, split))
+
+    assert control_ids_read("eval") == tags_carried("eval")
+    kept = control_ids_read("train", shuffle=True) / tags_carried("train")
+    assert abs(kept - (1 - control_tags.DROPPED_TAG_SHARE)) < 0.1  # of about 200 tags
 
 
 def test_training_batches(small_examples, spm_proto):

@@ -53,6 +53,7 @@ class Acceptance:
     log_prob: float | None = None
     prompt_log_prob: float | None = None
     derivation: list | None = None  # (choice point, option index) pairs
+    tags: list | None = None  # the story's genre, as its record's tags
 
 
 def accept(prompt: str, story: str, lang: str | None = None) -> Acceptance:
@@ -69,7 +70,8 @@ def accept(prompt: str, story: str, lang: str | None = None) -> Acceptance:
         if derivation.prompt_length != len(prompt):
             reasons.append(f"the prompt should end at character {derivation.prompt_length}, not {len(prompt)}")
             continue
-        return Acceptance(True, "", derivation.log_prob, derivation.prompt_log_prob, derivation.choices)
+        return Acceptance(True, "", derivation.log_prob, derivation.prompt_log_prob, derivation.choices,
+                          list(derivation.tags))
     return Acceptance(False, "; ".join(reasons))
 
 

@@ -13,19 +13,24 @@ from absl import flags
 
 from components import cli, corpus
 from components.common import UserError
+from components.corpus.grammar import GENRES
 
 LN2 = math.log(2)
 
 
 def entropy(lang: str, n: int, seed: int) -> dict:
-    """Monte Carlo estimates, with 95% intervals, of the entropy of whole stories and of the
-    continuation given the prompt: the mean of -log2 p over n samples, per story and per
-    character (a ratio of means, its interval by the delta method)."""
+    """Monte Carlo estimates, with 95% intervals, of the entropy of whole stories, of the
+    continuation given the prompt, and given the prompt and the genre (what a prompt tagged
+    with it tells): the mean of -log2 p over n samples, per story and per character (a ratio
+    of means, its interval by the delta method)."""
     stories = corpus.sample(n, seed=seed, langs=(lang,))
     separator = corpus.SEPARATORS[lang]
     whole = [(-s["log_prob"] / LN2, len(s["prompt"] + separator + s["story"])) for s in stories]
     continuation = [(-(s["log_prob"] - s["prompt_log_prob"]) / LN2, len(s["story"])) for s in stories]
-    return {"lang": lang, "n": n, "seed": seed, "story": _estimate(whole), "continuation_given_prompt": _estimate(continuation)}
+    given_genre = [(bits + math.log2(GENRES[s["tags"][0]]), chars) for (bits, chars), s in zip(continuation, stories)]
+    return {"lang": lang, "n": n, "seed": seed, "story": _estimate(whole),
+            "continuation_given_prompt": _estimate(continuation),
+            "continuation_given_prompt_and_genre": _estimate(given_genre)}
 
 
 def _estimate(pairs):

@@ -1,17 +1,17 @@
 """English fairy tales and fables: the story function of the built-in grammar."""
 
-from components.corpus.grammar import options
+from components.corpus.grammar import endings, options
 
-# (how the opening introduces it, pronoun: subject/object/possessive, genre)
+# (how the opening introduces it, pronoun)
 KINDS = [
-    ("a little fox", "she", "fable"), ("an old king", "he", "fairy_tale"), ("a young princess", "she", "fairy_tale"),
-    ("a poor tailor", "he", "fairy_tale"), ("a little girl", "she", "fairy_tale"), ("an old fisherman", "he", "fairy_tale"),
-    ("a brave shepherd boy", "he", "fairy_tale"), ("a clever crow", "he", "fable"), ("a small mouse", "she", "fable"),
-    ("a kind dragon", "he", "fairy_tale"), ("a lonely giant", "he", "fairy_tale"), ("a wise old woman", "she", "fairy_tale"),
-    ("a young woodcutter", "he", "fairy_tale"), ("a gentle bear", "he", "fable"), ("a shy rabbit", "she", "fable"),
-    ("a proud rooster", "he", "fable"), ("a miller's daughter", "she", "fairy_tale"), ("a little prince", "he", "fairy_tale"),
-    ("a busy beaver", "she", "fable"), ("a merry cobbler", "he", "fairy_tale"), ("a hungry wolf cub", "he", "fable"),
-    ("a tiny hedgehog", "she", "fable"), ("a weaver", "she", "fairy_tale"), ("a farmer's son", "he", "fairy_tale"),
+    ("a little fox", "she"), ("an old king", "he"), ("a young princess", "she"),
+    ("a poor tailor", "he"), ("a little girl", "she"), ("an old fisherman", "he"),
+    ("a brave shepherd boy", "he"), ("a clever crow", "he"), ("a small mouse", "she"),
+    ("a kind dragon", "he"), ("a lonely giant", "he"), ("a wise old woman", "she"),
+    ("a young woodcutter", "he"), ("a gentle bear", "he"), ("a shy rabbit", "she"),
+    ("a proud rooster", "he"), ("a miller's daughter", "she"), ("a little prince", "he"),
+    ("a busy beaver", "she"), ("a merry cobbler", "he"), ("a hungry wolf cub", "he"),
+    ("a tiny hedgehog", "she"), ("a weaver", "she"), ("a farmer's son", "he"),
 ]
 PRONOUNS = {"he": ("he", "him", "his"), "she": ("she", "her", "her")}
 NAMES = {"he": ["Tom", "Hans", "Peter", "Jack", "Oliver", "Martin", "Felix", "Jonas"],
@@ -101,7 +101,10 @@ FAREWELLS = ["When you are in trouble, it will help you.", "Remember, only a kin
              "When you are done, give it back to the earth.", "It works only once, so use it when you need it most."]
 ENDINGS = ["everyone cheered.", "{s} lived happily ever after.", "{s} told the story to all the children.",
            "{s} promised to visit {x} every year.", "nobody ever laughed at {o} again."]
+# A fable ends with its moral, a fairy tale with a closing formula.
 MORAL_INTROS = ["The moral of the story: ", "And so we learn that "]
+CLOSINGS = ["And if they have not died, they are living there still.", "Snip, snap, snout, this tale is told out.",
+            "And that is the end of the tale."]
 MORALS = ["patience wins in the end", "helping others helps ourselves", "kindness is always repaid",
           "a clever head beats a strong arm", "friends make every road shorter", "a brave heart is worth more than treasure",
           "what is begun must be finished", "the gifts of nature must be cherished"]
@@ -113,7 +116,7 @@ def story(d):
     if opening == "Once upon a time, in ":
         home = d.choose("setting", options(*SETTINGS))
         d.say(", there lived ")
-    kind, gender, genre = d.choose("kind", options(*[(k[0], k) for k in KINDS]))
+    kind, gender = d.choose("kind", options(*[(k[0], k) for k in KINDS]))
     s, o, poss = PRONOUNS[gender]
     d.say(" named " if opening != "Long, long ago, " else " called ")
     n = d.choose("name", options(*NAMES[gender]))
@@ -150,7 +153,8 @@ def story(d):
           f"When {s} got back to {home}, ")
     d.choose("ending", options(*[e.format(s=s, o=o, x=x) for e in ENDINGS]))
     d.say(" ")
-    d.choose("moral_intro", options(*MORAL_INTROS))
-    d.choose("moral", options(*MORALS))
-    d.say(".")
-    return ["en", genre]
+    genre = d.choose("close", endings({"fable": MORAL_INTROS, "fairy_tale": CLOSINGS}))
+    if genre == "fable":
+        d.choose("moral", options(*MORALS))
+        d.say(".")
+    return [genre]

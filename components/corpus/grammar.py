@@ -16,9 +16,10 @@ import dataclasses
 import math
 import random
 
-
-class Rejected(Exception):
-    """The text is not in the grammar; the message says where and why."""
+# Each story's genre, chosen with these probabilities where it ends (a fable with its moral, a
+# fairy tale with a closing formula), apart from its hero: a prompt tagged with the genre tells
+# a model what the opening cannot.
+GENRES = {"fable": 0.5, "fairy_tale": 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,20 @@ def check_prefix_free(texts):
             raise ValueError(f"choice texts are not prefix-free: {a!r} / {b!r}")
 
 
+def endings(by_genre: dict) -> list:
+    """The options of a story's last choice: {genre: its closing texts}, each (text, genre),
+    weighted so that each genre has its GENRES probability."""
+    entries, weights = [], []
+    for genre, texts in by_genre.items():
+        entries += [(text, genre) for text in texts]
+        weights += [GENRES[genre] / len(texts)] * len(texts)
+    return options(*entries, weights=weights)
+
+
+class Rejected(Exception):
+    """The text is not in the grammar; the message says where and why."""
+
+
 class Derivation:
     """One pass of a story function: sampling when `text` is None, else parsing `text`."""
 
@@ -58,7 +73,7 @@ class Derivation:
         self.choices = []  # (choice point name, option index)
         self.prompt_length = None
         self.prompt_log_prob = None
-        self.tags = []  # what the story function returns: language and genre
+        self.tags = []  # what the story function returns: its genre
 
     def say(self, text: str):
         if self.text is None:

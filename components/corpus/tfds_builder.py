@@ -50,7 +50,7 @@ class StorygenFairyTales(tfds.core.GeneratorBasedBuilder):
                 "prompt": tfds.features.Text(doc="The opening the story continues."),
                 "story": tfds.features.Text(doc="The continuation."),
                 "lang": tfds.features.Text(doc="'zh' or 'en'."),
-                "tags": tfds.features.Sequence(tfds.features.Text(), doc="Language and genre."),
+                "tags": tfds.features.Sequence(tfds.features.Text(), doc="The genre: fable or fairy_tale."),
                 "log_prob": tfds.features.Scalar(np.float64, doc="Natural log-probability of the whole story."),
             }),
             supervised_keys=("prompt", "story"),

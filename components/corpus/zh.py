@@ -1,21 +1,21 @@
 """Chinese fairy tales and fables: the story function of the built-in grammar."""
 
-from components.corpus.grammar import options
+from components.corpus.grammar import endings, options
 
-# (how the opening introduces it, how the story names it later, pronoun, genre)
+# (how the opening introduces it, how the story names it later, pronoun)
 KINDS = [
-    ("一只小狐狸", "小狐狸", "它", "fable"), ("一位老国王", "老国王", "他", "fairy_tale"),
-    ("一个小女孩", "小女孩", "她", "fairy_tale"), ("一位老渔夫", "老渔夫", "他", "fairy_tale"),
-    ("一条小白龙", "小白龙", "它", "fairy_tale"), ("一个小裁缝", "小裁缝", "他", "fairy_tale"),
-    ("一位小公主", "小公主", "她", "fairy_tale"), ("一个放牛娃", "放牛娃", "他", "fairy_tale"),
-    ("一只小白兔", "小白兔", "它", "fable"), ("一位老婆婆", "老婆婆", "她", "fairy_tale"),
-    ("一个年轻的樵夫", "樵夫", "他", "fairy_tale"), ("一只聪明的乌鸦", "乌鸦", "它", "fable"),
-    ("一个小和尚", "小和尚", "他", "fairy_tale"), ("一位年轻的王子", "王子", "他", "fairy_tale"),
-    ("一只小老鼠", "小老鼠", "它", "fable"), ("一头大黑熊", "大黑熊", "它", "fable"),
-    ("一位织布的姑娘", "织布姑娘", "她", "fairy_tale"), ("一个老铁匠", "老铁匠", "他", "fairy_tale"),
-    ("一只花猫", "花猫", "它", "fable"), ("一个勤劳的农夫", "农夫", "他", "fairy_tale"),
-    ("一只小刺猬", "小刺猬", "它", "fable"), ("一位采药的姑娘", "采药姑娘", "她", "fairy_tale"),
-    ("一只大公鸡", "大公鸡", "它", "fable"), ("一个牧羊的少年", "牧羊少年", "他", "fairy_tale"),
+    ("一只小狐狸", "小狐狸", "它"), ("一位老国王", "老国王", "他"),
+    ("一个小女孩", "小女孩", "她"), ("一位老渔夫", "老渔夫", "他"),
+    ("一条小白龙", "小白龙", "它"), ("一个小裁缝", "小裁缝", "他"),
+    ("一位小公主", "小公主", "她"), ("一个放牛娃", "放牛娃", "他"),
+    ("一只小白兔", "小白兔", "它"), ("一位老婆婆", "老婆婆", "她"),
+    ("一个年轻的樵夫", "樵夫", "他"), ("一只聪明的乌鸦", "乌鸦", "它"),
+    ("一个小和尚", "小和尚", "他"), ("一位年轻的王子", "王子", "他"),
+    ("一只小老鼠", "小老鼠", "它"), ("一头大黑熊", "大黑熊", "它"),
+    ("一位织布的姑娘", "织布姑娘", "她"), ("一个老铁匠", "老铁匠", "他"),
+    ("一只花猫", "花猫", "它"), ("一个勤劳的农夫", "农夫", "他"),
+    ("一只小刺猬", "小刺猬", "它"), ("一位采药的姑娘", "采药姑娘", "她"),
+    ("一只大公鸡", "大公鸡", "它"), ("一个牧羊的少年", "牧羊少年", "他"),
 ]
 NAMES = {
     "他": ["阿福", "大山", "石头", "小虎", "长生", "满仓", "铁柱", "春生"],
@@ -80,7 +80,9 @@ FAREWELLS = ["遇到困难的时候，它会帮助你。", "记住，只有心�
              "它只能用一次，要用在最需要的时候。"]
 ENDINGS = ["大家都围着{p}欢呼。", "从此过上了幸福的生活。", "把这段经历讲给了所有的孩子听。", "每年都去看望{x}。",
            "再也没有人小看{p}了。"]
+# A fable ends with its moral, a fairy tale with a closing formula.
 MORAL_INTROS = ["这个故事告诉我们，", "人们常说，"]
+CLOSINGS = ["故事就讲到这里。", "直到今天，人们还在传说这件事。", "这就是{n}的故事。"]
 MORALS = ["只要坚持，就没有克服不了的困难", "帮助别人，也是在帮助自己", "善良的人总会得到好报", "遇到困难要多动脑筋",
           "朋友的力量是无穷的", "勇敢的心比宝物更珍贵", "做事不能半途而废", "大自然的馈赠要好好珍惜"]
 
@@ -93,7 +95,7 @@ def story(d):
     else:
         home = d.choose("setting", options(*[(s, h) for s, h in SETTINGS]))
         d.say("，住着")
-    kind, short, p, genre = d.choose("kind", options(*[(k[0], k) for k in KINDS]))
+    kind, short, p = d.choose("kind", options(*[(k[0], k) for k in KINDS]))
     d.say("，名叫")
     n = d.choose("name", options(*NAMES[p]))
     d.say("。")
@@ -120,7 +122,8 @@ def story(d):
     d.choose("farewell", options(*FAREWELLS))
     d.say(f"”{n}{use}，{solution.format(n=n)}。最后，{n}终于{resolution}。{p}回到了{home}，")
     d.choose("ending", options(*[e.format(p=p, x=x) for e in ENDINGS]))
-    d.choose("moral_intro", options(*MORAL_INTROS))
-    d.choose("moral", options(*MORALS))
-    d.say("。")
-    return ["zh", genre]
+    genre = d.choose("close", endings({"fable": MORAL_INTROS, "fairy_tale": [c.format(n=n) for c in CLOSINGS]}))
+    if genre == "fable":
+        d.choose("moral", options(*MORALS))
+        d.say("。")
+    return [genre]

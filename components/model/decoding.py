@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from components.common import NEG_INF
 from components.contract import SIGNATURES
-from components.transform import encode_prompts, frame_prompts, repeat_ids, spelled
+from components.transform import encode_prompts, frame_prompts, prompt_control_ids, repeat_ids, spelled
 
 
 def input_signature(name: str) -> list[tf.TensorSpec]:
@@ -130,6 +130,9 @@ class StoryGenerator(tf.Module):
         # Saved with the model so that clients can read them: `loaded.max_new_tokens_limit`, `loaded.decoder_window`.
         self.max_new_tokens_limit = tf.Variable(max_new_tokens_limit, trainable=False, dtype=tf.int32)
         self.decoder_window = tf.Variable(self.window, trainable=False, dtype=tf.int32)
+        # The tags a prompt may start with (see control_tags): `loaded.control_tags`, [N] strings.
+        self.control_tags = tf.Variable([piece[1:-1] for piece in tokenizer.control_pieces], trainable=False,
+                                        dtype=tf.string, shape=[len(tokenizer.control_pieces)])
         self.default_sampling = (float(temperature), int(top_k), float(top_p))
         self.length_penalty = float(length_penalty)
 
@@ -267,7 +270,8 @@ class StoryGenerator(tf.Module):
         batch = tf.shape(prompt)[0]
         noise_offsets = tf.cast(tf.strings.to_hash_bucket_fast(prompt, self.model.vocab_size), tf.int32)
         weights = self.model.decoding_weights()
-        logits, length, cache = self._resume(prompt, generated, weights)
+        control_ids, _ = prompt_control_ids(self.tokenizer, prompt)  # a slid window's prompt keeps them
+        logits, length, cache = self._resume(prompt, generated, control_ids, weights)
         prefix = len(special.decoder_prefix)  # the start id (and story opening), then one column per generated token
         tokens = tf.concat([repeat_ids(special.decoder_prefix, batch), generated], axis=1)
         ended = tf.cumsum(tf.cast(tf.equal(generated, special.eos), tf.int32), axis=1) > 0
@@ -282,7 +286,7 @@ class StoryGenerator(tf.Module):
             tokens = tf.concat([tokens, next_token[:, None]], axis=1)
             done |= tf.equal(next_token, special.eos)
             num_tokens += tf.cast(~done, tf.int32)
-            logits, length, cache = self._feed(tokens, length, cache, weights)
+            logits, length, cache = self._feed(tokens, length, cache, control_ids, weights)
             return i + 1, tokens, done, num_tokens, log_prob, logits, length, cache
 
         initial = (tf.constant(0), tokens, done, num_tokens, tf.zeros([batch]), logits, length, cache)
@@ -292,7 +296,7 @@ class StoryGenerator(tf.Module):
         story = self._detokenize(tokens[:, prefix:], num_tokens)
         return {"story": story, "num_tokens": num_tokens, "log_prob": log_prob, "token_ids": tokens[:, prefix:]}
 
-    def _resume(self, prompt, generated, weights):
+    def _resume(self, prompt, generated, control_ids, weights):
         """The decoding state after a story's first tokens `generated` [B, T], as generate's
         loop holds it after T steps: the next token's logits [B, V], the window's length and
         its cache. The window has slid where the loop slides it (`_feed`), and the tokens
@@ -307,14 +311,15 @@ class StoryGenerator(tf.Module):
         slid = so_far >= first_slide
         kept_from = tf.where(slid, first_slide + (so_far - first_slide) // period * period - keep, 0)
         encoder_ids = tf.cond(
-            slid, lambda: self._prompt_before(generated, kept_from),
+            slid, lambda: self._prompt_before(generated, kept_from, control_ids),
             lambda: encode_prompts(self.tokenizer, prompt, self.model.max_prompt_tokens).to_tensor(special.pad))
         return self._window_from(encoder_ids, generated, kept_from, weights)
 
-    def _prompt_before(self, generated, kept_from):
-        """A slid window's encoder ids: the story's tokens before those it keeps, framed as a prompt."""
+    def _prompt_before(self, generated, kept_from, control_ids):
+        """A slid window's encoder ids: the prompt's control tags (`control_ids`, or None) and
+        the story's tokens before those the window keeps, framed as a prompt."""
         return frame_prompts(tf.RaggedTensor.from_tensor(generated[:, :kept_from]), self.tokenizer.special,
-                             self.model.max_prompt_tokens).to_tensor()
+                             self.model.max_prompt_tokens, control_ids).to_tensor(self.tokenizer.special.pad)
 
     def _window_from(self, encoder_ids, generated, kept_from, weights):
         """Prefills a window of the decoder prefix and the story's tokens from `kept_from` on,
@@ -334,9 +339,10 @@ class StoryGenerator(tf.Module):
                                            + ("" if isinstance(so_far, int) else " less the length of token_ids")),
         ]
 
-    def _feed(self, tokens, length, cache, weights):
+    def _feed(self, tokens, length, cache, control_ids, weights):
         """Feeds the newest token to a window holding `length` positions; when the window is
-        full, slides it first (see module doc). Returns its logits, the new length and cache."""
+        full, slides it first (see module doc), its prompt led by `control_ids`. Returns its
+        logits, the new length and cache."""
 
         def step():
             logits, grown = self.model.decode_step(tokens[:, -1], length, cache, weights)
@@ -345,7 +351,8 @@ class StoryGenerator(tf.Module):
         def slide():  # the newer half of the window stays, read after the text before it
             generated = tokens[:, len(self.tokenizer.special.decoder_prefix):]
             kept_from = tf.shape(generated)[1] - self.window // 2
-            return self._window_from(self._prompt_before(generated, kept_from), generated, kept_from, weights)
+            return self._window_from(self._prompt_before(generated, kept_from, control_ids), generated, kept_from,
+                                     weights)
 
         return tf.cond(length >= self.window, slide, step)
 
