@@ -30,13 +30,18 @@ def resolve_saved_model(model_dir: str) -> str:
     return os.path.join(model_dir, str(versions[-1]))
 
 
-def generate(saved_model_path: str, prompts, *, max_new_tokens, temperature, top_k, top_p, seed,
-             tags=()) -> list[str]:
-    """The model's stories for `prompts`, each written with the control `tags`."""
+def load(saved_model_path: str):
+    """The SavedModel, loaded with plain TensorFlow."""
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  registers the SentencePiece ops the graph uses
 
-    model = tf.saved_model.load(saved_model_path)
+    return tf.saved_model.load(saved_model_path)
+
+
+def generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, tags=()) -> list[str]:
+    """The loaded `model`'s stories for `prompts`, each written with the control `tags`."""
+    import tensorflow as tf
+
     known = [t.decode("utf-8") for t in model.control_tags.numpy()] if hasattr(model, "control_tags") else []
     unknown = [t for t in tags if t not in known]
     if unknown:
@@ -57,8 +62,8 @@ def main():
 
 
 def _main(args):
-    path = resolve_saved_model(FLAGS.model_dir)
-    stories = generate(path, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+    model = load(resolve_saved_model(FLAGS.model_dir))
+    stories = generate(model, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                        top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, tags=FLAGS.tag)
     for prompt, story in zip(FLAGS.prompt, stories):
         print(join_story(prompt, story) + "\n")
