@@ -9,8 +9,8 @@ Serving client sets tags by writing them; tags the model has no piece for are le
 
 Training prompts carry their record's language and tags, each left out of a share of them
 (DROPPED_TAG_SHARE, by record id and tag), so that a prompt with only some of its tags, or
-none, is one the model knows too. This module is
-plain Python (clients use it without TensorFlow); transform.py does the same in the graph.
+none, is one the model knows too. This module is plain Python (clients use it without
+TensorFlow); transform.py does the same in the graph.
 
 >>> tagged("Once upon a time", ["en", "fable"])
 '<en><fable> Once upon a time'
@@ -31,6 +31,18 @@ DROPPED_TAG_SHARE = 0.25  # of the training prompts, by record id, that leave ou
 
 def piece(tag: str) -> str:
     return f"<{tag}>"
+
+
+def tag_of(piece: str) -> str:
+    """`piece`'s inverse: the tag a control piece stands for."""
+    return piece[1:-1]
+
+
+def of_model(loaded) -> list[str]:
+    """The control tags a loaded storygen SavedModel lists (`loaded.control_tags`); none for
+    other SavedModels."""
+    variable = getattr(loaded, "control_tags", None)
+    return [t.decode("utf-8") for t in variable.numpy()] if variable is not None else []
 
 
 def tagged(prompt: str, tags) -> str:
@@ -56,4 +68,3 @@ def control_pieces(records) -> list[str]:
         tags.update(t for t in set(record["tags"]) if re.fullmatch(TAG, t))
     frequent = [t for t, n in tags.most_common() if n >= MIN_RECORDS and t not in langs][:MAX_TAGS]
     return [piece(t) for t in sorted(langs)] + [piece(t) for t in frequent]
-

@@ -104,8 +104,6 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
     vocab_size = config.vocab_size
     start = time.time()
 
-    control = control_tags.control_pieces(iterate_split(examples_dir, "train"))
-
     def texts():
         for record in iterate_split(examples_dir, "train"):
             for text in (record["prompt"], record["story"]):
@@ -113,9 +111,18 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
                     yield text
 
     chars, count = collections.Counter(), 0
-    for text in texts():
-        chars.update(text)
-        count += 1
+
+    def counted(records):
+        """The records, their texts' characters counted as they pass (one read of the split
+        serves both the counts and the control pieces)."""
+        nonlocal count
+        for record in records:
+            for text in (record["prompt"], record["story"]):
+                chars.update(text)
+                count += bool(text)
+            yield record
+
+    control = control_tags.control_pieces(counted(iterate_split(examples_dir, "train")))
     rare, needed_vocab_size = rare_characters(chars, count, vocab_size, len(control))
     # The trainer learns from the text without the rare characters, and with Han characters apart.
     boundaries = str.maketrans(dict.fromkeys(rare, BOUNDARY))
@@ -271,7 +278,7 @@ def describe(report: dict) -> str:
     text = f"{report['vocab_size']} pieces, {report['eval_chars_per_token']:.2f} chars/token"
     if "preset" in report:
         return f"{text}, the preset's tokenizer ({report['preset']})"
-    tags = [piece[1:-1] for piece in report.get("control_pieces", [])]
+    tags = [control_tags.tag_of(piece) for piece in report.get("control_pieces", [])]
     text += f", byte fallback {report['eval_byte_fallback_rate']:.2%} of eval tokens"
     return text + (f", control tags {', '.join(tags[:8])}{', ...' if len(tags) > 8 else ''}" if tags else "")
 

@@ -1,8 +1,9 @@
 """tf.data pipelines: stored examples -> padded (prompt ids, story ids) batches.
 
 Tokenisation runs inside tf.data with the same tensorflow-text tokenizer the export uses,
-so training and serving see identical ids; so does the reading of a prompt's control tags. Batches are bucketed by story length so that
-short stories are not padded to the longest one in the corpus.
+so training and serving see identical ids; so does the reading of a prompt's control tags.
+Batches are bucketed by story length so that short stories are not padded to the longest one
+in the corpus.
 """
 
 import tensorflow as tf

@@ -42,7 +42,7 @@ def generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed,
     """The loaded `model`'s stories for `prompts`, each written with the control `tags`."""
     import tensorflow as tf
 
-    known = [t.decode("utf-8") for t in model.control_tags.numpy()] if hasattr(model, "control_tags") else []
+    known = control_tags.of_model(model)
     unknown = [t for t in tags if t not in known]
     if unknown:
         raise UserError(f"The model has no control tag {', '.join(unknown)}; its tags are "

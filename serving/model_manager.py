@@ -34,6 +34,7 @@ from tensorflow.python.eager.cancellation import CancellationManager
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
+from components import control_tags
 from components.contract import WARMUP_FILE
 from serving.errors import ServingError, failed_precondition, from_tf_error, invalid_argument, not_found
 
@@ -162,9 +163,7 @@ class Servable:
         self.signature_def_map = get_model_metadata_pb2.SignatureDefMap()
         for key, signature in self.signatures.items():
             self.signature_def_map.signature_def[key].CopyFrom(signature.signature_def)
-        # The control tags its prompts may start with (storygen's exports have them; others none).
-        tags = getattr(loaded, "control_tags", None)
-        self.control_tags = [t.decode("utf-8") for t in tags.numpy()] if isinstance(tags, tf.Variable) else []
+        self.control_tags = control_tags.of_model(loaded)  # what its prompts may start with
 
     def signature(self, name: str) -> Signature:
         name = name or DEFAULT_SIGNATURE

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from components.common import NEG_INF
+from components.control_tags import tag_of
 from components.contract import SIGNATURES
 from components.transform import encode_prompts, frame_prompts, prompt_control_ids, repeat_ids, spelled
 
@@ -131,7 +132,7 @@ class StoryGenerator(tf.Module):
         self.max_new_tokens_limit = tf.Variable(max_new_tokens_limit, trainable=False, dtype=tf.int32)
         self.decoder_window = tf.Variable(self.window, trainable=False, dtype=tf.int32)
         # The tags a prompt may start with (see control_tags): `loaded.control_tags`, [N] strings.
-        self.control_tags = tf.Variable([piece[1:-1] for piece in tokenizer.control_pieces], trainable=False,
+        self.control_tags = tf.Variable([tag_of(piece) for piece in tokenizer.control_pieces], trainable=False,
                                         dtype=tf.string, shape=[len(tokenizer.control_pieces)])
         self.default_sampling = (float(temperature), int(top_k), float(top_p))
         self.length_penalty = float(length_penalty)
