@@ -268,14 +268,14 @@ def sized_tokenizer_proto(vocab_size: int, quick: bool, special_ids: dict) -> by
     pieces after them that no prompt contains. The model's every id is then a piece, so that
     storygen (which decodes among the tokenizer's pieces only) and keras-hub (among all of the
     model's ids) compute the same output projection."""
-    from sentencepiece import sentencepiece_model_pb2
+    from components import spm_model
 
     trained = min(vocab_size, TRAINED_PIECES)
-    proto = sentencepiece_model_pb2.ModelProto.FromString(
+    proto = spm_model.ModelProto.FromString(
         make_tokenizer_proto(trained, num_sentences=3000 if quick else 30000, **special_ids))
     lowest = min(piece.score for piece in proto.pieces)
     for i in range(vocab_size - len(proto.pieces)):
-        proto.pieces.add(piece=f"\u2581zz{i}", score=lowest - 1 - i, type=sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL)
+        proto.pieces.add(piece=f"\u2581zz{i}", score=lowest - 1 - i, type=spm_model.NORMAL)
     return proto.SerializeToString()
 
 

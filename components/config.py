@@ -33,6 +33,10 @@ def flag_field(default, help: str, *, lower=None, upper=None, choices=None, cach
     return dataclasses.field(default=default, metadata=metadata)
 
 
+# The pipeline's steps, in order (python -m pipeline.run).
+STEPS = ("ingest", "tokenizer", "tuner", "trainer", "evaluator", "exporter", "pusher")
+
+
 # Fields that several steps have: one flag feeds them all.
 def _seed():
     return flag_field(42, "Seed for the built-in corpus, the tokenizer, initialisation, shuffling and sampling.")
@@ -89,6 +93,13 @@ class IngestConfig:
                                           "--text_key).")
     tfds_data_dir: str | None = flag_field(None, "Where tfds:NAME datasets are prepared (default: $TFDS_DATA_DIR or "
                                           "~/tensorflow_datasets); ingest never downloads one.")
+    beam_pipeline_args: str | None = flag_field(
+        None, "Run ingest as an Apache Beam pipeline with these options (pip install 'storygen[beam]'), e.g. "
+        "'--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing' or a remote runner's "
+        "options; the examples, quarantine and statistics are the in-process run's (default: in process).")
+    examples_dir: str | None = flag_field(
+        None, "Use this ingest output (an earlier run's ingest/ folder, e.g. on storage every host mounts) instead of "
+        "ingesting --data, so that the hosts of a multi-worker run share one ingest.")
     num_parallel_reads: int = flag_field(1, "Input files read ahead in parallel threads (1 = one after another); the "
                                         "output is the same either way.", lower=1, cached=False)
 
@@ -232,6 +243,8 @@ class RunConfig:
                                    "Rerunning an id resumes it: finished steps are kept.")
     cache: bool = flag_field(True, "Reuse a step's outputs from an earlier run with the same inputs and parameters "
                             "(--nocache recomputes everything).")
+    stop_after: str | None = flag_field(None, "Stop after this step, e.g. ingest (to ingest once for several hosts: "
+                                       "see --examples_dir).", choices=STEPS[:-1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,9 @@
 The sources (`--data`: the built-in grammar, a tfds split, or files) are read as a stream by
 `components.sources`; every record is checked against the schema (bad ones are quarantined),
 and the stories flow one at a time to the shard writers, so memory does not grow with the
-corpus and the output is byte-identical whatever --num_parallel_reads is.
+corpus and the output is byte-identical whatever --num_parallel_reads is. With
+--beam_pipeline_args the same work runs as an Apache Beam pipeline, spread over the pieces of
+the source (`_ingest_with_beam`).
 
 Each story becomes one or more (prompt, story) pairs: a story without a prompt is split
 into its opening sentence(s) and the continuation, and a continuation longer than the
@@ -18,7 +20,10 @@ import bisect
 import collections
 import hashlib
 import json
+import pickle
 import re
+import shlex
+import shutil
 import time
 
 import tensorflow as tf
@@ -28,7 +33,7 @@ from components.common import SPLITS, UserError, detect_lang, normalize_text
 from components.config import IngestConfig
 from components.progress import Progress
 from components.records import STATISTICS_FILE, to_example
-from components.validate import Quarantine, RecordValidator, load_schema
+from components.validate import QUARANTINE_FILE, Quarantine, RecordValidator, load_schema
 
 # Story, prompt and example lengths in characters are counted in these buckets (lower edges).
 LENGTH_BUCKETS = (0, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
@@ -135,6 +140,16 @@ class Statistics:
     def add_bad(self, reason: str):
         self.bad[reason] += 1
 
+    def merge(self, other: "Statistics"):
+        """Adds another run's counts (a Beam worker's) to these."""
+        for split in SPLITS:
+            self.stories[split].update(other.stories[split])
+            self.examples[split].update(other.examples[split])
+        for name, histogram in other.lengths.items():
+            self.lengths[name] = [a + b for a, b in zip(self.lengths[name], histogram)]
+        self.chars.update(other.chars)
+        self.bad.update(other.bad)
+
     def _count_length(self, name, length):
         self.lengths[name][bisect.bisect_right(LENGTH_BUCKETS, length) - 1] += 1
 
@@ -183,18 +198,36 @@ def _write_summary(summary: dict, logdir: str):
 def ingest(config: IngestConfig, output_dir: str) -> dict:
     """Writes `{split}-NNNNN-of-NNNNN.tfrecord`, `quarantine.jsonl`, `statistics.json` and
     `logs/` into output_dir for the stories of `config.data`, and returns the statistics.
+    With `config.beam_pipeline_args` an Apache Beam pipeline does it (see `_ingest_with_beam`).
 
     Raises UserError, after writing the statistics, when the corpus is unusable or more than
     `config.max_bad_fraction` of its records are bad.
     """
     start = time.time()
     sources.python_codec(config.encoding)  # an unknown encoding fails before anything is read
+    if config.beam_pipeline_args:
+        stats, undecodable_file = _ingest_with_beam(config, output_dir)
+    else:
+        stats, undecodable_file = _ingest_records(sources.read_source(config.data, config), config, output_dir,
+                                                  config.num_shards)
+    summary = {"source": config.data, **stats.summary(time.time() - start)}
+    with tf.io.gfile.GFile(f"{output_dir}/{STATISTICS_FILE}", "w") as f:
+        f.write(json.dumps(summary, indent=2, ensure_ascii=False))
+    _write_summary(summary, f"{output_dir}/logs")
+    _check_outcome(summary, config, f"{output_dir}/{QUARANTINE_FILE}", undecodable_file)
+    return summary
+
+
+def _ingest_records(records, config: IngestConfig, output_dir: str, num_shards: int, prefix: str = ""):
+    """Validates `records` ((record, Location) pairs), writes their examples into
+    `{prefix}{split}-*.tfrecord` shards and the bad ones into `{prefix}quarantine.jsonl`; returns
+    the Statistics and the first file found not to be in --encoding (None when there is none).
+    Both paths, in-process and Beam, ingest through this."""
     validator = RecordValidator(load_schema(), max_chars=config.max_chars)
-    quarantine = Quarantine(f"{output_dir}/quarantine.jsonl")
+    quarantine = Quarantine(f"{output_dir}/{prefix}{QUARANTINE_FILE}")
     stats = Statistics()
-    writers = _ShardWriters(output_dir, config.num_shards)
+    writers = _ShardWriters(output_dir, num_shards, prefix)
     undecodable, undecodable_file = sources.undecodable_reason(config.encoding), None  # the first file not in --encoding
-    records = sources.read_source(config.data, config)
     progress = Progress("ingest", "records read")
     read = story_bytes = 0
     try:
@@ -218,12 +251,88 @@ def ingest(config: IngestConfig, output_dir: str) -> dict:
         records.close()  # stops any reader threads now, should a record have raised
         writers.close()
         quarantine.close()
-    summary = {"source": config.data, **stats.summary(time.time() - start)}
-    with tf.io.gfile.GFile(f"{output_dir}/{STATISTICS_FILE}", "w") as f:
-        f.write(json.dumps(summary, indent=2, ensure_ascii=False))
-    _write_summary(summary, f"{output_dir}/logs")
-    _check_outcome(summary, config, quarantine.path, undecodable_file)
-    return summary
+    return stats, undecodable_file
+
+
+# ---------------------------------------------------------------- on Apache Beam
+
+
+def _ingest_with_beam(config: IngestConfig, output_dir: str):
+    """Ingest as an Apache Beam pipeline run with `--beam_pipeline_args` (any runner: DirectRunner
+    with several processes, Dataflow, Flink, Spark); returns what `_ingest_records` returns.
+
+    The source is cut into pieces (`sources.parts`: whole files, and JSONL files cut at line
+    ends into about 16 pieces in all). Each worker ingests its pieces with `_ingest_records`,
+    into files of their own under a scratch folder, so no story crosses a shuffle and no process
+    holds more than a piece's shard writers. Then the shards are renamed in piece order, the
+    quarantine files joined in piece order (the in-process run's order) and the statistics
+    added up. A split gets one shard per piece that has examples of it; --num_shards is the
+    in-process path's.
+    """
+    try:
+        import apache_beam as beam
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise UserError("--beam_pipeline_args needs Apache Beam: pip install 'storygen[beam]'.") from None
+    pieces = sources.parts(config.data, config)
+    scratch = f"{output_dir}/beam-scratch"
+    if tf.io.gfile.exists(scratch):  # left by a run that was killed
+        tf.io.gfile.rmtree(scratch)
+    tf.io.gfile.makedirs(scratch)
+    options = PipelineOptions(shlex.split(config.beam_pipeline_args))
+    with beam.Pipeline(options=options) as pipeline:
+        _ = (pipeline
+             | "Pieces" >> beam.Create(list(enumerate(pieces)))
+             | "Spread" >> beam.Reshuffle()
+             | "Ingest" >> beam.Map(_ingest_piece, config, scratch))
+    stats, undecodable_file = Statistics(), None
+    for index in range(len(pieces)):
+        with tf.io.gfile.GFile(_piece_result(scratch, index), "rb") as f:
+            result = pickle.load(f)
+        if result["error"]:
+            raise UserError(result["error"])
+        stats.merge(result["statistics"])
+        undecodable_file = undecodable_file or result["undecodable_file"]
+    for split in SPLITS:
+        shards = sorted(tf.io.gfile.glob(f"{scratch}/piece-*-{split}-*.tfrecord"))
+        for k, shard in enumerate(shards):
+            tf.io.gfile.rename(shard, f"{output_dir}/{_shard_name(split, k, len(shards))}", overwrite=True)
+    quarantined = sorted(tf.io.gfile.glob(f"{scratch}/piece-*-{QUARANTINE_FILE}"))
+    if quarantined:
+        with tf.io.gfile.GFile(f"{output_dir}/{QUARANTINE_FILE}", "wb") as out:
+            for name in quarantined:
+                with tf.io.gfile.GFile(name, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+    tf.io.gfile.rmtree(scratch)
+    return stats, undecodable_file
+
+
+def _ingest_piece(numbered_piece: tuple[int, sources.Part], config: IngestConfig, scratch: str):
+    """A Beam worker's work: one piece (with its number) ingested into `scratch`, with its statistics, the first
+    undecodable file and the error that stopped it, if any, pickled beside its shards."""
+    index, piece = numbered_piece
+    result = {"statistics": Statistics(), "undecodable_file": None, "error": None}
+    try:
+        result["statistics"], result["undecodable_file"] = _ingest_records(
+            sources.read_part(piece, config), config, scratch, num_shards=1, prefix=f"piece-{index:05d}-")
+    except UserError as e:  # a file that cannot be read: the launcher raises it as the in-process run would
+        result["error"] = str(e)
+    with tf.io.gfile.GFile(_piece_result(scratch, index), "wb") as f:
+        pickle.dump(result, f)
+
+
+def _piece_result(scratch: str, index: int) -> str:
+    return f"{scratch}/piece-{index:05d}-result.pickle"
+
+
+def read_statistics(examples_dir: str) -> dict:
+    """The statistics an ingest run wrote into examples_dir; UserError when it holds none."""
+    path = f"{examples_dir}/{STATISTICS_FILE}"
+    if not tf.io.gfile.exists(path):
+        raise UserError(f"{examples_dir} is not an ingest output (it has no {STATISTICS_FILE}): give --examples_dir "
+                        "the ingest/ folder of a run, such as one made with --stop_after=ingest.")
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
 
 
 def describe(summary: dict) -> str:
@@ -232,19 +341,24 @@ def describe(summary: dict) -> str:
             f"{summary['quarantined']} quarantined, {summary['stories_per_second']:.0f} stories/s")
 
 
-class _ShardWriters:
-    """The TFRecord shards of every split, opened as their first story comes; a story's shard
-    is a hash of its text, so the same corpus always gives the same files."""
+def _shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord"
 
-    def __init__(self, output_dir: str, num_shards: int):
-        self.output_dir, self.num_shards = output_dir, num_shards
+
+class _ShardWriters:
+    """The TFRecord shards of every split (`{prefix}{split}-NNNNN-of-NNNNN.tfrecord`), opened as
+    their first story comes; a story's shard is a hash of its text, so the same corpus always
+    gives the same files."""
+
+    def __init__(self, output_dir: str, num_shards: int, prefix: str = ""):
+        self.output_dir, self.num_shards, self.prefix = output_dir, num_shards, prefix
         self.writers = {}
 
     def write(self, split: str, story: str, examples: list[dict]):
         shard = int(hashlib.sha256(story.encode("utf-8")).hexdigest(), 16) % self.num_shards
         writer = self.writers.get((split, shard))
         if writer is None:
-            name = f"{self.output_dir}/{split}-{shard:05d}-of-{self.num_shards:05d}.tfrecord"
+            name = f"{self.output_dir}/{self.prefix}{_shard_name(split, shard, self.num_shards)}"
             writer = self.writers[(split, shard)] = tf.io.TFRecordWriter(name)
         for example in examples:
             # deterministic: map fields (the features) in a fixed order, the same in every process.

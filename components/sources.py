@@ -44,6 +44,10 @@ from components.common import UserError
 from components.config import BUILTIN_CORPORA, BUILTIN_PREFIX, TFDS_PREFIX, IngestConfig
 from components.records import LIST_FEATURES
 
+# Beam workers read uncompressed JSONL files in about PIECES pieces (see `parts`): enough for a
+# few workers to share them evenly, and a split's shards are as many whatever the corpus size.
+PIECES = 16
+MIN_PIECE_BYTES = 4 << 20  # below this a piece's start-up would cost more than its lines
 DEFAULT_TEXT_KEYS = ("story", "text")  # without --text_key, the story is read from the first key present
 # Lone surrogates: bytes that did not decode (surrogateescape) or a JSON "\udXXX" escape.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -87,6 +91,58 @@ def read_source(spec: str, config: IngestConfig):
     else:
         paths = _expand(spec)
         yield from _read_ahead(paths, lambda path: _read_file(path, config), config.num_parallel_reads)
+
+
+class Part(typing.NamedTuple):
+    """A piece of a source that one Beam worker reads: a whole file, a builtin:/tfds: spec, or
+    the lines of an uncompressed JSONL file from byte `start` (line `first_line`) to byte `end`."""
+
+    source: str
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+
+
+def parts(spec: str, config: IngestConfig) -> list[Part]:
+    """The pieces of a source spec in its reading order: their records, read one piece after
+    another, are `read_source`'s. Uncompressed JSONL files are cut at line ends into about
+    PIECES pieces in all, of MIN_PIECE_BYTES at least (one pass counts their lines, so that every
+    record keeps its `file:line`); other files are one piece each."""
+    if spec.startswith((BUILTIN_PREFIX, TFDS_PREFIX)):
+        return [Part(spec)]
+    paths = _expand(spec)
+    cuttable = {path for path in paths if READERS[_kind(path)] is _read_jsonl and not path.endswith(".gz")}
+    total = sum(tf.io.gfile.stat(path).length for path in cuttable)
+    piece_bytes = max(-(-total // PIECES), MIN_PIECE_BYTES)
+    return [piece for path in paths
+            for piece in (_line_parts(path, piece_bytes) if path in cuttable else [Part(path)])]
+
+
+def _line_parts(path: str, piece_bytes: int) -> list[Part]:
+    """A JSONL file cut into pieces of piece_bytes and the rest of the line they cut; their
+    first line numbers are counted in one pass of 1 MB reads."""
+    size, ends = tf.io.gfile.stat(path).length, []
+    while (start := ends[-1] if ends else 0) < size:
+        if start + piece_bytes >= size:
+            ends.append(size)
+            continue
+        with _open(path, start + piece_bytes - 1) as f:
+            ends.append(start + piece_bytes - 1 + len(f.readline()))
+    pieces, line = [], 1
+    with _open(path) as f:
+        for start, end in zip([0] + ends, ends):
+            pieces.append(Part(path, start, end, line))
+            for offset in range(start, end, 1 << 20):
+                line += f.read(min(1 << 20, end - offset)).count(b"\n")
+    return pieces or [Part(path)]
+
+
+def read_part(part: Part, config: IngestConfig):
+    """Yields the (record, Location) pairs of one piece of a source (see `parts`)."""
+    if part.source.startswith((BUILTIN_PREFIX, TFDS_PREFIX)):
+        yield from read_source(part.source, config)
+    else:
+        yield from _read_file(part.source, config, part)
 
 
 def whole_text_files(spec: str, config: IngestConfig) -> bool:
@@ -159,19 +215,24 @@ def _kind(path: str) -> str:
     return posixpath.splitext(path.removesuffix(".gz"))[1].lower()
 
 
-def _read_file(path, config):
-    """The records of one file, read by the reader of its type."""
+def _read_file(path, config, part: Part | None = None):
+    """The records of one file, or of the lines of one of its parts, read by the reader of its type."""
     try:
-        yield from READERS[_kind(path)](path, config)
+        if part is not None and part.end is not None:
+            yield from _read_jsonl(path, config, part.start, part.end, part.first_line)
+        else:
+            yield from READERS[_kind(path)](path, config)
     except (OSError, EOFError, zlib.error, tf.errors.OpError) as e:  # truncated gzip, corrupt TFRecord, I/O
         raise UserError(f"Cannot read {path} ({str(e).splitlines()[0]}): repair the file or leave it out of "
                         "--data.") from None
 
 
-def _read_jsonl(path, config):
-    """One JSON object per line; `path:line` locates each."""
-    with _open(path) as f:
-        for number, line in enumerate(f, 1):
+def _read_jsonl(path, config, start: int = 0, end: int | None = None, first_line: int = 1):
+    """One JSON object per line (those from byte `start`, line `first_line`, to byte `end`);
+    `path:line` locates each."""
+    with _open(path, start) as f:
+        lines = f if end is None else _lines_before(f, end - start)
+        for number, line in enumerate(lines, first_line):
             location = Location(path, f":{number}")
             try:
                 values = json.loads(line.decode(python_codec(config.encoding)))
@@ -183,6 +244,16 @@ def _read_jsonl(path, config):
                     yield f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})", location
                 continue
             yield (_fields(values, config) if isinstance(values, dict) else "a JSON line must be an object"), location
+
+
+def _lines_before(stream, size: int):
+    """The lines of a binary stream that start within its first `size` bytes."""
+    read = 0
+    for line in stream:
+        if read >= size:
+            return
+        read += len(line)
+        yield line
 
 
 def _read_csv(path, config):
@@ -330,9 +401,12 @@ class _GFileReader(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def _open(path):
-    """A buffered binary stream of a local or tf.io.gfile file, decompressed when it ends in .gz."""
+def _open(path, start: int = 0):
+    """A buffered binary stream of a local or tf.io.gfile file, decompressed when it ends in .gz
+    (from byte `start` of an uncompressed file)."""
     with tf.io.gfile.GFile(path, "rb") as f:
+        if start:
+            f.seek(start)
         stream = io.BufferedReader(_GFileReader(f), buffer_size=1 << 20)
         yield gzip.GzipFile(fileobj=stream) if path.endswith(".gz") else stream
 

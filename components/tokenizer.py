@@ -10,25 +10,31 @@ which the model's vocabulary was trained with.
 
 import bisect
 import collections
+import heapq
 import io
 import itertools
 import json
 import os
+import random
 import re
 import tempfile
 import time
 
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
 import tensorflow as tf
 import tensorflow_text as tf_text
 
-from components import control_tags
+from components import control_tags, spm_model
 from components.common import BOS_ID, EOS_ID, PAD_ID, STORYGEN_IDS, UNK_ID, SpecialIds, UserError
 from components.config import TokenizerConfig
 from components.records import iterate_split
 
 MODEL_FILE = "spm.model"
+# The sample SentencePiece learns from: the trainer's memory grows with its sample, and texts
+# of windows differ in length, so a bound in characters too keeps a large corpus's peak flat
+# (see benchmarks/scale.py).
+MAX_SAMPLE_SENTENCES = 200_000
+MAX_SAMPLE_CHARS = 20_000_000
 REPORT_FILE = "vocab_report.json"
 # The normalisation rules (codepoints in hex, a tab, their replacement): none that changes text
 # ingest lets through. SentencePiece's own "identity" rule leaves the model without a character
@@ -96,37 +102,36 @@ def _as_tensor(value, dtype):
 
 
 def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
-                    max_sentences: int = 200_000) -> dict:
+                    max_sentences: int = MAX_SAMPLE_SENTENCES, max_chars: int = MAX_SAMPLE_CHARS) -> dict:
     """Writes spm.model and vocab_report.json; returns the report. With `config.init_from`
-    it saves the preset's tokenizer instead (see `record_preset_tokenizer`)."""
+    it saves the preset's tokenizer instead (see `record_preset_tokenizer`).
+
+    One pass over the training split counts its characters, finds its control pieces and draws
+    the sample SentencePiece learns from (at most `max_sentences` texts and `max_chars`
+    characters), so memory does not grow with the corpus."""
     if config.init_from:
         return record_preset_tokenizer(examples_dir, output_dir, config.init_from)
     vocab_size = config.vocab_size
     start = time.time()
-
-    def texts():
-        for record in iterate_split(examples_dir, "train"):
-            for text in (record["prompt"], record["story"]):
-                if text:
-                    yield text
-
     chars, count = collections.Counter(), 0
+    sample = Sample(max_sentences, max_chars, config.seed)
 
     def counted(records):
-        """The records, their texts' characters counted as they pass (one read of the split
-        serves both the counts and the control pieces)."""
+        """The records, their texts counted and offered to the sample as they pass."""
         nonlocal count
         for record in records:
             for text in (record["prompt"], record["story"]):
-                chars.update(text)
-                count += bool(text)
+                if text:
+                    chars.update(text)
+                    count += 1
+                    sample.offer(text)
             yield record
 
     control = control_tags.control_pieces(counted(iterate_split(examples_dir, "train")))
     rare, needed_vocab_size = rare_characters(chars, count, vocab_size, len(control))
     # The trainer learns from the text without the rare characters, and with Han characters apart.
     boundaries = str.maketrans(dict.fromkeys(rare, BOUNDARY))
-    sentences = (HAN.sub(BOUNDARY + r"\1" + BOUNDARY, text.translate(boundaries)) for text in texts())
+    sentences = (HAN.sub(BOUNDARY + r"\1" + BOUNDARY, text.translate(boundaries)) for text in sample.texts())
     model = io.BytesIO()
     spm.set_random_generator_seed(config.seed)  # sentence sampling is the trainer's only randomness
     _train_sentencepiece(sentences, model, vocab_size, max_sentences,
@@ -136,6 +141,7 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
         f.write(proto)
     report = vocab_report(proto, examples_dir)
     report.update(character_report(proto, chars))
+    report.update(sample_texts=sample.size, sample_chars=sample.chars, train_texts=count)
     if rare:
         distinct, fallback = report["distinct_chars"], report["byte_fallback_chars"]
         print(f"[tokenizer] --vocab_size={vocab_size} has room for {distinct - fallback} of the corpus's {distinct} "
@@ -143,6 +149,45 @@ def train_tokenizer(examples_dir: str, output_dir: str, config: TokenizerConfig,
               f"{report['character_coverage']:.2%}; --vocab_size={needed_vocab_size} or more would cover "
               f"{DEFAULT_COVERAGE:.2%}).", flush=True)
     return _write_report(report, output_dir, start)
+
+
+class Sample:
+    """A uniform sample of a stream of texts, bounded in texts and in characters, drawn in one
+    pass: each text gets a seeded random key, and the sample is the texts with the smallest keys
+    that fit the bounds (a heap drops the largest key while they do not).
+
+    `texts()` gives them in stream order, so that a stream within the bounds is passed on whole
+    and unchanged.
+
+    >>> sample = Sample(max_texts=3, max_chars=100, seed=1)
+    >>> for text in ["a", "bb", "ccc"]:
+    ...     sample.offer(text)
+    >>> list(sample.texts())
+    ['a', 'bb', 'ccc']
+    >>> sample.offer("dddd")
+    >>> sample.size, sample.chars <= 100
+    (3, True)
+    """
+
+    def __init__(self, max_texts: int, max_chars: int, seed: int):
+        self.max_texts, self.max_chars = max_texts, max_chars
+        self.random = random.Random(seed)
+        self.heap = []  # (-key, position, text): the largest key on top
+        self.chars = self.offered = 0
+
+    def offer(self, text: str):
+        heapq.heappush(self.heap, (-self.random.random(), self.offered, text))
+        self.offered += 1
+        self.chars += len(text)
+        while len(self.heap) > self.max_texts or self.chars > self.max_chars:
+            self.chars -= len(heapq.heappop(self.heap)[2])
+
+    @property
+    def size(self) -> int:
+        return len(self.heap)
+
+    def texts(self):
+        return (text for _, _, text in sorted(self.heap, key=lambda entry: entry[1]))
 
 
 def rare_characters(chars: collections.Counter, texts: int, vocab_size: int,
@@ -268,7 +313,7 @@ def _train_sentencepiece(sentences, model_writer, vocab_size: int, max_sentences
 def _without_rule_path(proto: bytes) -> bytes:
     """The model without the rule file's path, which the trainer records (the rules themselves
     are in the character map): the same corpus and config give the same bytes."""
-    model = sentencepiece_model_pb2.ModelProto.FromString(proto)
+    model = spm_model.ModelProto.FromString(proto)
     model.normalizer_spec.ClearField("normalization_rule_tsv")
     return model.SerializeToString(deterministic=True)
 
@@ -319,9 +364,8 @@ def make_tokenizer(proto: bytes) -> Tokenizer:
 
 def _control_pieces(proto: bytes) -> dict[str, int]:
     """{piece: id} of a SentencePiece model's user-defined pieces: its control tags."""
-    model = sentencepiece_model_pb2.ModelProto.FromString(proto)
-    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-    return {p.piece: i for i, p in enumerate(model.pieces) if p.type == user_defined}
+    model = spm_model.ModelProto.FromString(proto)
+    return {p.piece: i for i, p in enumerate(model.pieces) if p.type == spm_model.USER_DEFINED}
 
 
 def load_tokenizer(tokenizer_dir: str) -> Tokenizer:

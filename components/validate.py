@@ -59,8 +59,12 @@ class RecordValidator:
         return None
 
 
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
 class Quarantine:
-    """Appends bad records to quarantine.jsonl with the reason and where they came from."""
+    """Appends bad records to a quarantine.jsonl (local or any tf.io.gfile path) with the reason
+    and where they came from."""
 
     def __init__(self, path: str):
         self.path = path
@@ -69,7 +73,9 @@ class Quarantine:
 
     def add(self, reason: str, location: str, record=None):
         if self._file is None:
-            self._file = open(self.path, "w", encoding="utf-8")
+            import tensorflow as tf  # only a run with bad records needs it (validation alone does not)
+
+            self._file = tf.io.gfile.GFile(self.path, "w")
         self.count += 1
         self._file.write(json.dumps({"reason": reason, "location": location, "record": record}, ensure_ascii=False) + "\n")
 

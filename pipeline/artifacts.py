@@ -63,24 +63,42 @@ def library_versions() -> dict:
     return versions
 
 
+class Stopped(Exception):
+    """Raised by `PipelineRun.step` after the step the run was told to stop after (`--stop_after`);
+    `manifest` is that step's."""
+
+    def __init__(self, manifest: dict):
+        super().__init__(manifest["step"])
+        self.manifest = manifest
+
+
 class PipelineRun:
     """One run's folder; `step()` runs, resumes or reuses a step and writes its manifest."""
 
-    def __init__(self, pipeline_root: str, run_id: str, use_cache: bool = True):
+    def __init__(self, pipeline_root: str, run_id: str, use_cache: bool = True, stop_after: str | None = None):
         self.pipeline_root = pipeline_root
         self.run_id = run_id
         self.dir = os.path.join(pipeline_root, run_id)
         self.use_cache = use_cache
+        self.stop_after = stop_after
         self._code = code_fingerprint()
         os.makedirs(self.dir, exist_ok=True)
 
     def step(self, name: str, fn, *, inputs: dict, parameters, describe, cacheable: bool = True) -> dict:
-        """Runs `fn(output_dir) -> metrics` unless a complete equal step exists; returns the manifest.
+        """Runs `fn(output_dir) -> metrics` unless a complete equal step exists; returns the manifest,
+        or raises Stopped with it when the run stops after this step.
 
         inputs: {input name: path}, fingerprinted; parameters: the step's config (or a tuple of
         configs): the fields that change the output are its cache key (`config.cache_key`);
         describe: metrics -> the progress line's text.
         """
+        manifest = self._step(name, fn, inputs, parameters, describe, cacheable)
+        if name == self.stop_after:
+            print(f"[pipeline] stopped after the {name} step (--stop_after): {manifest['outputs']['path']}", flush=True)
+            raise Stopped(manifest)
+        return manifest
+
+    def _step(self, name, fn, inputs, parameters, describe, cacheable):
         start = time.time()
         parameters = _parameters(parameters)
         inputs = {key: {"path": path, "fingerprint": _input_fingerprint(path)} for key, path in inputs.items()}

@@ -19,18 +19,19 @@ from components.common import UserError
 from components.config import PipelineConfig
 from components.contract import SIGNATURES
 from pipeline import flags as storygen_flags
-from pipeline.artifacts import PipelineRun
+from pipeline.artifacts import PipelineRun, Stopped
 
 storygen_flags.define_pipeline_flags()
 
 
 def run_pipeline(config: PipelineConfig) -> dict:
-    """Runs every step with `config`; returns the pusher's manifest (a worker's last step's)."""
+    """Runs every step with `config`; returns the pusher's manifest (a worker's last step's, or
+    that of the step of --stop_after)."""
     # Imported here so that `--help` and flag errors answer without loading TensorFlow.
     import keras
 
-    from components import evaluator, exporter, ingest, pusher, tokenizer, trainer, tuner
-    from components.model import load_model, presets
+    from components import trainer
+    from components.model import presets
 
     training = config.training
     init_from = config.model.init_from
@@ -45,13 +46,29 @@ def run_pipeline(config: PipelineConfig) -> dict:
     # Seeds initialisation and dropout; done first, as seeding frees eager TensorFlow resources.
     keras.utils.set_random_seed(training.seed)
     run = PipelineRun(config.run.pipeline_root, config.run.run_id or time.strftime("%Y%m%d-%H%M%S"),
-                      use_cache=config.run.cache)
+                      use_cache=config.run.cache, stop_after=config.run.stop_after)
     print(f"storygen run {run.dir}", flush=True)
+    try:
+        return _run_steps(config, run, strategy, training)
+    except Stopped as stopped:
+        return stopped.manifest
 
-    # Ingest: read and validate the stories, write deterministic train/eval/test TFRecord splits.
-    ingested = run.step("ingest", lambda out: ingest.ingest(config.ingest, out), inputs={"data": config.ingest.data},
-                        parameters=config.ingest, describe=ingest.describe)
-    examples = ingested["outputs"]["path"]
+
+def _run_steps(config: PipelineConfig, run: PipelineRun, strategy, training) -> dict:
+    """The steps, one block each: the pipeline's DAG."""
+    from components import evaluator, exporter, ingest, pusher, tokenizer, trainer, tuner
+    from components.model import load_model
+
+    init_from = config.model.init_from
+    # Ingest: read and validate the stories, write deterministic train/eval/test TFRecord splits
+    # (or take those of an earlier ingest, --examples_dir).
+    if config.ingest.examples_dir:
+        examples = config.ingest.examples_dir
+        print(f"[ingest] using {examples}: {ingest.describe(ingest.read_statistics(examples))}", flush=True)
+    else:
+        ingested = run.step("ingest", lambda out: ingest.ingest(config.ingest, out),
+                            inputs={"data": config.ingest.data}, parameters=config.ingest, describe=ingest.describe)
+        examples = ingested["outputs"]["path"]
 
     # A local preset's files are an input of the steps that read it (a hub handle is a parameter).
     preset = {"preset": init_from} if init_from and os.path.isdir(init_from) else {}

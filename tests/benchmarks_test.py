@@ -1,7 +1,7 @@
 """Tests of the benchmarks (benchmarks/harness.py, the section modules, the `benchmarks.run`
 command): the FLOP counter, the row format and ratio orientation, the worker protocol, the
 command line, and the PyTorch peer's cached decoding. The PyTorch tests skip when torch is not
-installed (CI installs only '.[dev]')."""
+installed (CI installs '.[dev,beam]', without the [bench] extra)."""
 
 import ast
 import glob

@@ -10,7 +10,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from components import ingest, progress
+from components import ingest, progress, sources
 from components.common import SPLITS, UserError, detect_lang, normalize_text
 from components.config import IngestConfig
 from components.records import iterate_split
@@ -516,3 +516,94 @@ def test_windows_know_whether_they_end_their_story(tmp_path):
     windows = sorted(splits["train"], key=lambda r: int(r["id"].rsplit("#w", 1)[1]))
     assert len(windows) > 3
     assert [w["ends_story"] for w in windows] == [0] * (len(windows) - 1) + [1]
+
+
+# ---------------------------------------------------------------- on Apache Beam
+
+
+def ingested(out):
+    """What an ingest run wrote, free of how it is sharded: each split's records (sorted), the
+    quarantine file's lines and the statistics without timings."""
+    splits = {split: sorted(json.dumps(r, sort_keys=True) for r in records) for split, records in read_all(out).items()}
+    quarantine = (out / "quarantine.jsonl").read_text(encoding="utf-8") if (out / "quarantine.jsonl").exists() else ""
+    with open(out / "statistics.json", encoding="utf-8") as f:
+        stats = {k: v for k, v in json.load(f).items() if k not in ("seconds", "stories_per_second")}
+    return splits, quarantine.splitlines(), stats
+
+
+def in_process_and_on_beam(tmp_path, source, beam_args="--runner=DirectRunner", **overrides):
+    """ingested() of an in-process run and of a Beam run on the same source and options."""
+    outputs = []
+    for name, args in (("in_process", None), ("beam", beam_args)):
+        out = tmp_path / name
+        out.mkdir()
+        ingest.ingest(IngestConfig(data=str(source), beam_pipeline_args=args, **{**OPTIONS, **overrides}), str(out))
+        outputs.append(ingested(out))
+    return outputs
+
+
+def test_beam_writes_the_in_process_examples_quarantine_and_statistics_for_every_source_kind(tmp_path, monkeypatch):
+    folder = mixed_folder(tmp_path)  # JSONL (with bad lines), CSV, TXT and TFRecord files
+    with gzip.open(folder / "packed.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"story": "A hen sat. She slept."}\n[1, 2]\n')
+    # JSONL pieces of ~4 kB: each part-k.jsonl (~40 kB) is read in ten pieces.
+    monkeypatch.setattr(sources, "MIN_PIECE_BYTES", 4096)
+    monkeypatch.setattr(sources, "PIECES", 100)
+    assert len(sources.parts(str(folder), IngestConfig(data=str(folder)))) > 30
+    in_process, beam = in_process_and_on_beam(tmp_path, folder, max_bad_fraction=0.01)
+    splits, quarantine, stats = beam
+    assert stats["stories"] == 1200 + 3 + 50 + 1 + 40 + 2 and stats["quarantined"] == 4
+    assert len(quarantine) == 4 and all(len(records) > 100 for records in splits.values())
+    assert beam == in_process  # the quarantine in the same order, with the same file:line
+
+
+def test_beam_ingests_the_builtin_corpus_as_in_process(tmp_path):
+    in_process, beam = in_process_and_on_beam(tmp_path, "builtin:fairy_tales", builtin_count=200)
+    assert beam == in_process and beam[2]["stories"] == 200
+
+
+@pytest.mark.slow
+def test_beam_on_two_worker_processes_writes_the_in_process_output(tmp_path, monkeypatch):
+    folder = mixed_folder(tmp_path)
+    monkeypatch.setattr(sources, "MIN_PIECE_BYTES", 16384)
+    in_process, beam = in_process_and_on_beam(
+        tmp_path, folder, "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing",
+        max_bad_fraction=0.01)
+    assert beam == in_process and beam[2]["quarantined"] == 3
+    shards = sorted(p.name for p in (tmp_path / "beam").glob("train-*.tfrecord"))  # one per JSONL piece and file
+    assert len(shards) > 6 and shards == [f"train-{k:05d}-of-{len(shards):05d}.tfrecord" for k in range(len(shards))]
+
+
+def test_pieces_of_a_jsonl_file_read_its_lines_once_each(tmp_path, monkeypatch):
+    lines = [json.dumps({"story": f"Story {i}. " + "Word. " * (i % 7)}) for i in range(200)]
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")  # the last line without its newline
+    monkeypatch.setattr(sources, "MIN_PIECE_BYTES", 100)
+    config = IngestConfig(data=str(path))
+    pieces = sources.parts(str(path), config)
+    assert sources.PIECES - 4 <= len(pieces) <= sources.PIECES and pieces[0].start == 0 and pieces[-1].end == path.stat().st_size
+    assert all(a.end == b.start for a, b in zip(pieces, pieces[1:]))
+    read = [(record, str(location)) for piece in pieces for record, location in sources.read_part(piece, config)]
+    assert read == [(record, str(location)) for record, location in sources.read_source(str(path), config)]
+    assert [location for _, location in read] == [f"{path}:{n}" for n in range(1, 201)]
+    # Lines longer than a piece: each piece still starts at a line.
+    long_lines = [json.dumps({"story": f"Story {i}. " + "Word. " * 100}) for i in range(20)]
+    path.write_text("\n".join(long_lines) + "\n", encoding="utf-8")
+    monkeypatch.setattr(sources, "PIECES", 1000)  # pieces of 100 bytes, lines of 600
+    pieces = sources.parts(str(path), config)
+    assert [piece.first_line for piece in pieces] == list(range(1, 21))
+
+
+def test_beam_stops_at_an_unreadable_file_with_the_in_process_sentence(tmp_path):
+    folder = mixed_folder(tmp_path)
+    data = gzip.compress(b'{"story": "A fox ran. It hid."}\n' * 100)
+    (folder / "part-1.jsonl.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match=r"Cannot read .*part-1.jsonl.gz \(.*\): repair the file or leave it out"):
+        run_ingest(tmp_path, folder, max_bad_fraction=0.01, beam_pipeline_args="--runner=DirectRunner")
+
+
+def test_beam_pipeline_args_without_beam_installed_say_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # import apache_beam raises ImportError
+    with pytest.raises(UserError, match=re.escape("--beam_pipeline_args needs Apache Beam: pip install "
+                                                  "'storygen[beam]'.")):
+        run_ingest(tmp_path, "builtin:fairy_tales", beam_pipeline_args="--runner=DirectRunner")

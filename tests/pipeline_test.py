@@ -17,6 +17,26 @@ STEPS = ("ingest", "tokenizer", "trainer", "evaluator", "exporter", "pusher")
 
 
 @pytest.mark.slow
+def test_one_ingest_on_beam_serves_later_runs_through_examples_dir(tmp_path):
+    """--stop_after=ingest writes the examples once (here on Beam); a run with --examples_dir
+    (as every host of a multi-worker run) starts from them and never reads --data."""
+    root = tmp_path / "runs"
+    once = run_cli("pipeline.run", f"--pipeline_root={root}", "--run_id=ingest-once", "--stop_after=ingest",
+                   "--builtin_count=120", "--beam_pipeline_args=--runner=DirectRunner", timeout=300)
+    assert once.returncode == 0, once.stderr
+    examples = root / "ingest-once" / "ingest"
+    assert os.listdir(root / "ingest-once") == ["ingest"] and (examples / "manifest.json").exists()
+    assert f"[pipeline] stopped after the ingest step (--stop_after): {examples}" in once.stdout
+    host = run_cli("pipeline.run", f"--pipeline_root={root}", "--run_id=host-a", "--stop_after=tokenizer",
+                   "--data=/no/such/corpus", f"--examples_dir={examples}", "--vocab_size=500", timeout=300)
+    assert host.returncode == 0, host.stderr
+    assert os.listdir(root / "host-a") == ["tokenizer"]
+    assert f"[ingest] using {examples}: builtin:fairy_tales: 120 stories -> " in host.stdout
+    manifest = json.loads((root / "host-a" / "tokenizer" / "manifest.json").read_text())
+    assert manifest["inputs"]["examples"]["path"] == str(examples)
+
+
+@pytest.mark.slow
 def test_every_step_has_a_manifest(tiny_pipeline):
     for step in STEPS:
         manifest = tiny_pipeline.manifest("first", step)
@@ -230,6 +250,7 @@ def test_join_story():
     (["--data={tmp}/empty.jsonl"], "has no usable stories"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     (["--epochs=0"], "flag --epochs=0: 0 is not a positive integer"),
+    (["--examples_dir={tmp}"], "is not an ingest output (it has no statistics.json): give --examples_dir"),
 ])
 def test_bad_input_ends_with_one_clear_sentence(tmp_path, args, message):
     (tmp_path / "empty.jsonl").write_text("")

@@ -74,3 +74,15 @@ def test_an_unknown_split_names_the_splits(prepared, tmp_path):
     data_dir, _ = prepared
     with pytest.raises(UserError, match=r"has no split 'validation': use one of test, train\.$"):
         run_ingest(tmp_path, "tfds:storygen_fairy_tales:validation", tfds_data_dir=data_dir)
+
+
+def test_beam_ingests_a_tfds_split_as_in_process(prepared, tmp_path):
+    data_dir, _ = prepared
+    (tmp_path / "beam").mkdir()
+    stats, records = run_ingest(tmp_path, "tfds:storygen_fairy_tales/small:test", tfds_data_dir=data_dir)
+    beam_stats, beam_records = run_ingest(tmp_path / "beam", "tfds:storygen_fairy_tales/small:test",
+                                          tfds_data_dir=data_dir, beam_pipeline_args="--runner=DirectRunner")
+    key = lambda r: r["id"]  # noqa: E731
+    assert sorted(beam_records, key=key) == sorted(records, key=key) and len(records) == 200
+    timings = ("seconds", "stories_per_second")
+    assert {k: v for k, v in beam_stats.items() if k not in timings} == {k: v for k, v in stats.items() if k not in timings}

@@ -69,6 +69,36 @@ def test_report_and_files(small_examples, tmp_path, capsys):
     assert (again / "spm.model").read_bytes() == (tmp_path / "spm.model").read_bytes()
 
 
+def test_the_sample_is_bounded_in_texts_and_characters_and_keeps_stream_order():
+    texts = [f"{i}:" + "x" * (i % 50) for i in range(10_000)]
+    sample = tokenizer.Sample(max_texts=1000, max_chars=20_000, seed=3)
+    for text in texts:
+        sample.offer(text)
+    kept = list(sample.texts())
+    assert sample.chars == sum(map(len, kept)) <= 20_000 and 500 < len(kept) <= 1000
+    assert kept == sorted(kept, key=texts.index)  # in stream order
+    # Uniform over the stream: each tenth of it gives about a tenth of the sample.
+    tenths = collections.Counter(int(text.split(":")[0]) // 1000 for text in kept)
+    assert all(0.06 * len(kept) < n < 0.14 * len(kept) for n in tenths.values()) and len(tenths) == 10
+    again = tokenizer.Sample(max_texts=1000, max_chars=20_000, seed=3)
+    for text in texts:
+        again.offer(text)
+    assert list(again.texts()) == kept
+    # Within the bounds, the stream passes whole.
+    whole = tokenizer.Sample(max_texts=10_000, max_chars=10**9, seed=3)
+    for text in texts:
+        whole.offer(text)
+    assert list(whole.texts()) == texts
+
+
+def test_the_tokenizer_learns_from_a_sample_bounded_in_characters(small_examples, tmp_path):
+    report = tokenizer.train_tokenizer(small_examples, str(tmp_path), TokenizerConfig(vocab_size=700, seed=1),
+                                       max_chars=8_000)  # of the split's 16,509
+    assert 7_000 < report["sample_chars"] <= 8_000 and report["sample_texts"] < report["train_texts"]
+    assert report["distinct_chars"] == len(train_chars(small_examples))  # counted over the whole split
+    assert report["eval_unknown_rate"] == 0.0 and report["eval_chars_per_token"] > 1.0
+
+
 def test_vocab_too_small_is_a_user_error(small_examples, tmp_path):
     # 256 byte pieces, 4 special ones and 5 control pieces (2 languages, 3 tags).
     with pytest.raises(UserError, match="--vocab_size=265 is too small: .*needs at least 266"):
