@@ -325,16 +325,6 @@ def _piece_result(scratch: str, index: int) -> str:
     return f"{scratch}/piece-{index:05d}-result.pickle"
 
 
-def read_statistics(examples_dir: str) -> dict:
-    """The statistics an ingest run wrote into examples_dir; UserError when it holds none."""
-    path = f"{examples_dir}/{STATISTICS_FILE}"
-    if not tf.io.gfile.exists(path):
-        raise UserError(f"{examples_dir} is not an ingest output (it has no {STATISTICS_FILE}): give --examples_dir "
-                        "the ingest/ folder of a run, such as one made with --stop_after=ingest.")
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
 def describe(summary: dict) -> str:
     """The pipeline's one-line summary of the ingest step."""
     return (f"{summary['source']}: {summary['stories']} stories -> {summary['examples']} examples, "

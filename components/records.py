@@ -56,10 +56,19 @@ def split_pattern(examples_dir: str, split: str) -> str:
     return f"{examples_dir}/{split}-*.tfrecord"
 
 
+def read_statistics(examples_dir: str) -> dict:
+    """The statistics an ingest run wrote into examples_dir; UserError when it holds none."""
+    path = f"{examples_dir}/{STATISTICS_FILE}"
+    if not tf.io.gfile.exists(path):
+        raise UserError(f"{examples_dir} is not an ingest output (it has no {STATISTICS_FILE}): give --examples_dir "
+                        "the ingest/ folder of a run, such as one made with --stop_after=ingest.")
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
 def split_size(examples_dir: str, split: str) -> int:
     """How many examples the ingest step wrote to `split` (from its statistics)."""
-    with tf.io.gfile.GFile(f"{examples_dir}/{STATISTICS_FILE}") as f:
-        return json.load(f)["examples"][split]
+    return read_statistics(examples_dir)["examples"][split]
 
 
 def read_split(examples_dir: str, split: str) -> tf.data.Dataset:

@@ -111,17 +111,17 @@ def parts(spec: str, config: IngestConfig) -> list[Part]:
     if spec.startswith((BUILTIN_PREFIX, TFDS_PREFIX)):
         return [Part(spec)]
     paths = _expand(spec)
-    cuttable = {path for path in paths if READERS[_kind(path)] is _read_jsonl and not path.endswith(".gz")}
-    total = sum(tf.io.gfile.stat(path).length for path in cuttable)
-    piece_bytes = max(-(-total // PIECES), MIN_PIECE_BYTES)
+    sizes = {path: tf.io.gfile.stat(path).length for path in paths
+             if READERS[_kind(path)] is _read_jsonl and not path.endswith(".gz")}
+    piece_bytes = max(-(-sum(sizes.values()) // PIECES), MIN_PIECE_BYTES)
     return [piece for path in paths
-            for piece in (_line_parts(path, piece_bytes) if path in cuttable else [Part(path)])]
+            for piece in (_line_parts(path, sizes[path], piece_bytes) if path in sizes else [Part(path)])]
 
 
-def _line_parts(path: str, piece_bytes: int) -> list[Part]:
-    """A JSONL file cut into pieces of piece_bytes and the rest of the line they cut; their
-    first line numbers are counted in one pass of 1 MB reads."""
-    size, ends = tf.io.gfile.stat(path).length, []
+def _line_parts(path: str, size: int, piece_bytes: int) -> list[Part]:
+    """A JSONL file of `size` bytes cut into pieces of piece_bytes and the rest of the line they
+    cut; their first line numbers are counted in one pass of 1 MB reads."""
+    ends = []
     while (start := ends[-1] if ends else 0) < size:
         if start + piece_bytes >= size:
             ends.append(size)

@@ -49,22 +49,22 @@ def run_pipeline(config: PipelineConfig) -> dict:
                       use_cache=config.run.cache, stop_after=config.run.stop_after)
     print(f"storygen run {run.dir}", flush=True)
     try:
-        return _run_steps(config, run, strategy, training)
+        return _run_steps(config, run, strategy)
     except Stopped as stopped:
         return stopped.manifest
 
 
-def _run_steps(config: PipelineConfig, run: PipelineRun, strategy, training) -> dict:
+def _run_steps(config: PipelineConfig, run: PipelineRun, strategy) -> dict:
     """The steps, one block each: the pipeline's DAG."""
-    from components import evaluator, exporter, ingest, pusher, tokenizer, trainer, tuner
+    from components import evaluator, exporter, ingest, pusher, records, tokenizer, trainer, tuner
     from components.model import load_model
 
-    init_from = config.model.init_from
+    training, init_from = config.training, config.model.init_from
     # Ingest: read and validate the stories, write deterministic train/eval/test TFRecord splits
     # (or take those of an earlier ingest, --examples_dir).
     if config.ingest.examples_dir:
         examples = config.ingest.examples_dir
-        print(f"[ingest] using {examples}: {ingest.describe(ingest.read_statistics(examples))}", flush=True)
+        print(f"[ingest] using {examples}: {ingest.describe(records.read_statistics(examples))}", flush=True)
     else:
         ingested = run.step("ingest", lambda out: ingest.ingest(config.ingest, out),
                             inputs={"data": config.ingest.data}, parameters=config.ingest, describe=ingest.describe)
