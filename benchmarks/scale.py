@@ -6,8 +6,9 @@ number so that the hash split spreads them), written before timing. Ingest in pr
 on Apache Beam (BEAM_ARGS: two local worker processes) and then the tokenizer, all with the
 pipeline's defaults (`IngestConfig`, `TokenizerConfig`), each run in a fresh worker process, so
 that each step's peak RSS is its own (a Beam run's launcher and its largest worker process are
-reported apart); time is from the worker's own clock around the step (importing TensorFlow is
-not data work; starting Beam's worker processes is).
+reported apart); time is from the worker's own clock around the step (importing TensorFlow and
+Beam is not data work; starting Beam's worker processes is). Each size's two ingests take turns
+at going first, and every step starts with the files written before it on disk (os.sync).
 Time is linear when the seconds per MB stay flat (ratio to the 10 MB run >= 0.8); memory is
 flat when the peak RSS grows by at most 20% from one size to the next (ratio >= 1/1.2), and
 Beam's MB/s against the in-process path's has a target of 1.7x (both the issue's targets).
@@ -54,6 +55,9 @@ def step_worker(step: str, data: str, out: str):
     import resource
 
     from components import ingest, tokenizer  # imported before timing: importing TensorFlow is not data work
+
+    if step == "ingest_beam":
+        import apache_beam  # noqa: F401 - nor is importing Beam
 
     examples, tokenizer_dir = os.path.join(out, "examples"), os.path.join(out, "tokenizer")
 
@@ -127,6 +131,7 @@ def _descendants(root: int) -> list[int]:
 def measure(h, step: str, data: str = "", out: str = "", prefix: str = "") -> dict:
     """Runs `step` in a new worker process (named scale-`prefix``step`, as its log is); its result,
     with the process's wall time."""
+    os.sync()  # the files written before (the corpus, the last step's output) reach the disk off this step's clock
     start = time.perf_counter()
     w = h.worker(f"scale-{prefix}{step}", "benchmarks.scale:step_worker", step=step, data=data, out=out)
     result = w.call("run")
@@ -150,7 +155,10 @@ def run_section(h, sizes_mb: list[float] | None = None):
         corpus = write_corpus(data, size)
         out = os.path.join(folder, "out")
         prefix = f"{run}-{size:g}MB-"  # a log per run: the small sizes run twice
-        ingested, beamed = measure(h, "ingest", data, out, prefix), measure(h, "ingest_beam", data, out, prefix)
+        # In-process and Beam take turns at going first, so that a drifting host favours neither.
+        order = ("ingest", "ingest_beam") if run % 2 == 0 else ("ingest_beam", "ingest")
+        ingests = {step: measure(h, step, data, out, prefix) for step in order}
+        ingested, beamed = ingests["ingest"], ingests["ingest_beam"]
         tokenized = measure(h, "tokenizer", data, out, prefix)
         assert beamed["stories"] == ingested["stories"], (beamed, ingested)
         r = dict(corpus, stories=ingested["stories"], ingest_seconds=ingested["seconds"],

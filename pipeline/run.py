@@ -41,6 +41,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if config.tuner.tune and training.distribution_strategy == "multi_worker_mirrored":
         raise UserError("--tune runs on one host: tune first, then train multi-worker with the best values "
                         "(best_hparams.json) as flags.")
+    if config.ingest.examples_dir and config.run.stop_after == "ingest":
+        raise UserError("--stop_after=ingest has nothing to stop after with --examples_dir, which skips ingest: "
+                        "leave out one of them.")
     # Multi-worker training configures collective ops, which must happen before any other TensorFlow work.
     strategy = trainer.make_strategy(training.distribution_strategy, training.tpu)
     # Seeds initialisation and dropout; done first, as seeding frees eager TensorFlow resources.

@@ -206,12 +206,12 @@ def test_torch_train_step_matches_the_loss_definition():
     assert any(p is model.decoder_token.weight for p in groups[1]["params"])
 
 
-def run_quick_section(tmp_path, section):
+def run_quick_section(tmp_path, section, *flags):
     """`python -m benchmarks.run --quick --only SECTION --repeats 1 --json`: the process and its rows."""
     out = tmp_path / "rows.json"
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--only", section,
-                           "--repeats", "1", "--json", str(out), "--work_dir", str(tmp_path / "work")],
+                           "--repeats", "1", "--json", str(out), "--work_dir", str(tmp_path / "work"), *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
@@ -257,3 +257,21 @@ def test_quick_streaming_rows(tmp_path):
         assert row["unit"] == "ms" and row["peer"] == "whole story, one call" and 0 < row["ours"] and 0 < row["peer_value"]
     assert all(row["ours"] < row["peer_value"] for row in rows[::2])  # the first text comes before the whole story
     assert "64 tokens in" in proc.stdout and "differed" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_scale_rows(tmp_path):
+    """`--only scale` on a 1 MB corpus, measured twice: in-process and Beam ingest take turns
+    at going first, both ingest every story, and each step's peak RSS is reported."""
+    proc, rows = run_quick_section(tmp_path, "scale", "--scale_sizes_mb", "1")
+    size = "scale 1 MB"
+    assert [row["name"] for row in rows] == [f"{size}: ingest+tokenizer time", f"{size}: ingest on Beam, 2 processes",
+                                             *(f"{size}: {step} peak RSS" for step in
+                                               ("ingest", "tokenizer", "beam_launcher", "beam_worker"))]
+    beam = rows[1]
+    assert beam["unit"] == "MB/s" and beam["peer"] == "in process" and beam["target"] == 1.7
+    assert beam["ours"] > 0 and beam["ratio"] == pytest.approx(beam["ours"] / beam["peer_value"])
+    assert all(row["ours"] > 100 for row in rows[2:])  # MB: every process holds TensorFlow
+    started = [line.split()[1] for line in proc.stderr.splitlines() if line.strip().startswith("started scale-")]
+    assert started == ["scale-imports", "scale-0-1MB-ingest", "scale-0-1MB-ingest_beam", "scale-0-1MB-tokenizer",
+                       "scale-1-1MB-ingest_beam", "scale-1-1MB-ingest", "scale-1-1MB-tokenizer"]

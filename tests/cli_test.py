@@ -112,6 +112,8 @@ def test_the_tuner_searches_exactly_the_tuned_fields():
     (["--nosuchflag"], EXIT_USAGE, "error: Unknown command line flag 'nosuchflag'"),
     (["stray"], EXIT_USAGE, "error: unexpected arguments stray"),
     (["--tune", "--distribution_strategy=multi_worker_mirrored"], EXIT_USER_ERROR, "error: --tune runs on one host"),
+    (["--examples_dir={tmp}", "--stop_after=ingest"], EXIT_USER_ERROR,
+     "error: --stop_after=ingest has nothing to stop after with --examples_dir"),
 ])
 def test_errors_are_one_sentence_with_their_exit_status(args, status, message, tmp_path):
     result = run_cli("pipeline.run", *(arg.format(tmp=tmp_path) for arg in args))
