@@ -41,9 +41,10 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if config.tuner.tune and training.distribution_strategy == "multi_worker_mirrored":
         raise UserError("--tune runs on one host: tune first, then train multi-worker with the best values "
                         "(best_hparams.json) as flags.")
-    if config.ingest.examples_dir and config.run.stop_after == "ingest":
-        raise UserError("--stop_after=ingest has nothing to stop after with --examples_dir, which skips ingest: "
-                        "leave out one of them.")
+    skipped = _skipped_steps(config)
+    if config.run.stop_after in skipped:
+        raise UserError(f"--stop_after={config.run.stop_after} names a step this run leaves out "
+                        f"({skipped[config.run.stop_after]}): stop after another step.")
     # Multi-worker training configures collective ops, which must happen before any other TensorFlow work.
     strategy = trainer.make_strategy(training.distribution_strategy, training.tpu)
     # Seeds initialisation and dropout; done first, as seeding frees eager TensorFlow resources.
@@ -55,6 +56,14 @@ def run_pipeline(config: PipelineConfig) -> dict:
         return _run_steps(config, run, strategy)
     except Stopped as stopped:
         return stopped.manifest
+
+
+def _skipped_steps(config: PipelineConfig) -> dict[str, str]:
+    """The steps `_run_steps` leaves out with these flags, and why."""
+    skipped = {"ingest": "--examples_dir takes an earlier ingest"} if config.ingest.examples_dir else {}
+    if not config.tuner.tune:
+        skipped["tuner"] = "it runs with --tune"
+    return skipped
 
 
 def _run_steps(config: PipelineConfig, run: PipelineRun, strategy) -> dict:

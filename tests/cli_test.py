@@ -113,7 +113,9 @@ def test_the_tuner_searches_exactly_the_tuned_fields():
     (["stray"], EXIT_USAGE, "error: unexpected arguments stray"),
     (["--tune", "--distribution_strategy=multi_worker_mirrored"], EXIT_USER_ERROR, "error: --tune runs on one host"),
     (["--examples_dir={tmp}", "--stop_after=ingest"], EXIT_USER_ERROR,
-     "error: --stop_after=ingest has nothing to stop after with --examples_dir"),
+     "error: --stop_after=ingest names a step this run leaves out (--examples_dir takes an earlier ingest)"),
+    (["--stop_after=tuner"], EXIT_USER_ERROR, "error: --stop_after=tuner names a step this run leaves out (it runs "
+                                              "with --tune)"),
 ])
 def test_errors_are_one_sentence_with_their_exit_status(args, status, message, tmp_path):
     result = run_cli("pipeline.run", *(arg.format(tmp=tmp_path) for arg in args))
