@@ -3,8 +3,10 @@ dimension, run once, and the outputs split back, as TF Serving's BasicBatchSched
 
 Requests share a batch when they have the same key (the servable, the signature and the values
 of every non-batch input, e.g. the scalar sampling parameters) and fit in `max_batch_size` rows.
-A batch runs when it is full, when `batch_timeout_s` has passed since its first request, or
-when a newer batch with its key was opened. At most `max_enqueued_batches` batches wait; a
+A batch runs when it is full, when `batch_timeout_s` has passed since its first request, when
+a newer batch with its key was opened, or at once when no batch is running: the model never idles
+while a request waits, so a lone client pays no timeout, and requests that arrive while a batch
+runs still gather into the next one. At most `max_enqueued_batches` batches wait; a
 request that would need another one fails at once with RESOURCE_EXHAUSTED, so overload shows
 up as fast rejections rather than growing latency. Batch inputs are concatenated as they are
 (string[B] prompts need no padding), so the key must also hold their shapes apart from B.
@@ -73,6 +75,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue: collections.deque[_Batch] = collections.deque()  # oldest first
         self._open: dict = {}  # key -> the newest waiting batch with that key, which may still grow
+        self._running = 0  # batches that batch threads are running
         self._stopped = False
         self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
                          for i in range(num_batch_threads)]
@@ -151,11 +154,20 @@ class Batcher:
                 self._queue.remove(batch)
                 if self._open.get(batch.key) is batch:
                     del self._open[batch.key]
+                self._running += 1
                 if self._queue:
                     self._cond.notify()  # another thread must now watch the next batch's timeout
-            self._run(batch)
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    if self._queue:
+                        self._cond.notify()  # with nothing running, the oldest waiting batch may go
 
     def _next_ready(self):
+        if self._queue and self._running == 0:
+            return self._queue[0]  # the oldest: nothing runs, so waiting for more would only add latency
         now = time.monotonic()
         for batch in self._queue:
             closed = self._open.get(batch.key) is not batch

@@ -3,6 +3,7 @@ limit, deadlines, isolation of a bad request), then a server with --enable_batch
 calls than requests with every client getting its own answer, RESOURCE_EXHAUSTED / HTTP 429 when
 the queue is full, and DEADLINE_EXCEEDED from the gRPC deadline."""
 
+import contextlib
 import threading
 import time
 from concurrent import futures
@@ -21,13 +22,15 @@ BATCH = frozenset({"x"})
 
 class FakeModel:
     """Doubles x and echoes the scalar `s`; records each call's rows; fails on negative rows;
-    waits for `gate` if given."""
+    sets `started` when called, then waits for `gate` if given."""
 
     def __init__(self, gate: threading.Event | None = None):
         self.calls = []
         self.gate = gate
+        self.started = threading.Event()
 
     def __call__(self, inputs, cancellation=None):
+        self.started.set()
         if self.gate is not None:
             self.gate.wait(10)
         self.calls.append(inputs["x"].tolist())
@@ -41,18 +44,34 @@ def submit(batcher, model, x, s=0, deadline=None):
 
 
 def submit_all(batcher, model, requests):
-    """Submits (x, s) pairs at once from threads; returns each one's outputs or error."""
-    barrier = threading.Barrier(len(requests))
+    """Submits (x, s) pairs at once from threads while another request's batch holds the batch
+    thread (an idle batcher runs the first request at once, alone), then lets that batch finish;
+    returns each request's outputs or error."""
+    gate = threading.Event()
+    with holding_a_batch_thread(batcher, gate), futures.ThreadPoolExecutor(len(requests)) as pool:
+        results = [pool.submit(submit, batcher, model, *request) for request in requests]
+        time.sleep(0.3)  # every request is waiting now
+        gate.set()
+        return [error_or_result(result) for result in results]
 
-    def one(request):
-        barrier.wait()
-        try:
-            return submit(batcher, model, *request)
-        except ServingError as e:
-            return e
 
-    with futures.ThreadPoolExecutor(len(requests)) as pool:
-        return list(pool.map(one, requests))
+def error_or_result(future):
+    try:
+        return future.result()
+    except ServingError as e:
+        return e
+
+
+@contextlib.contextmanager
+def holding_a_batch_thread(batcher, gate: threading.Event):
+    """Runs a request of its own (key "held") on one batch thread until `gate` is set."""
+    model = FakeModel(gate)
+    with futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(submit, batcher, model, [0], "held")
+        assert model.started.wait(5)
+        yield
+        gate.set()
+        assert held.result()["y"].tolist() == [0]
 
 
 @pytest.fixture
@@ -95,9 +114,32 @@ def test_a_batch_is_padded_to_the_smallest_allowed_size_with_its_first_row(make_
 
 def test_a_full_batch_runs_without_waiting_for_the_timeout(make_batcher):
     model = FakeModel()
+    batcher = make_batcher(max_batch_size=2, timeout_s=30, threads=2)
+    with holding_a_batch_thread(batcher, threading.Event()), futures.ThreadPoolExecutor(2) as pool:
+        start = time.monotonic()
+        results = [pool.submit(submit, batcher, model, [i], 0) for i in (1, 2)]
+        assert [r.result(timeout=5)["y"].tolist() for r in results] == [[2], [4]]
+    assert time.monotonic() - start < 5 and model.calls == [[1, 2]]
+
+
+def test_a_lone_request_runs_at_once_when_no_batch_is_running(make_batcher):
+    model = FakeModel()
     start = time.monotonic()
-    submit_all(make_batcher(max_batch_size=2, timeout_s=30), model, [([1], 0), ([2], 0)])
-    assert time.monotonic() - start < 5 and len(model.calls) == 1
+    assert submit(make_batcher(timeout_s=30), model, [3])["y"].tolist() == [6]
+    assert time.monotonic() - start < 5 and model.calls == [[3]]
+
+
+def test_behind_a_running_batch_a_request_waits_for_the_timeout_to_gather_others(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(timeout_s=0.5, threads=2)  # a batch thread is free, yet the request waits
+    with holding_a_batch_thread(batcher, threading.Event()), futures.ThreadPoolExecutor(2) as pool:
+        start = time.monotonic()
+        first = pool.submit(submit, batcher, model, [1], 0)
+        time.sleep(0.2)
+        second = pool.submit(submit, batcher, model, [2], 0)
+        assert first.result(timeout=5)["y"].tolist() == [2] and second.result(timeout=5)["y"].tolist() == [4]
+        assert time.monotonic() - start >= 0.5
+    assert model.calls == [[1, 2]]
 
 
 def test_batches_never_exceed_max_batch_size(make_batcher):
@@ -160,13 +202,18 @@ def test_a_bad_request_does_not_fail_the_requests_merged_with_it(make_batcher):
 
 
 def test_stop_runs_the_waiting_batches_first():
-    batcher = Batcher(8, 30, 10, 1)
+    batcher = Batcher(8, 30, 10, 2)
     model = FakeModel()
-    with futures.ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(submit, batcher, model, [5], 0)
+    gate = threading.Event()
+    with holding_a_batch_thread(batcher, gate), futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(submit, batcher, model, [5], 0)  # behind the held batch: waits for its 30 s timeout
         time.sleep(0.2)
-        batcher.stop()
-        assert waiting.result()["y"].tolist() == [10]
+        stopping = threading.Thread(target=batcher.stop)
+        stopping.start()
+        assert waiting.result(timeout=5)["y"].tolist() == [10]
+        gate.set()
+    stopping.join(5)
+    assert not stopping.is_alive()
     with pytest.raises(ServingError) as error:
         submit(batcher, model, [1])
     assert error.value.code == CODE.UNAVAILABLE
