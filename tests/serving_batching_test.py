@@ -47,11 +47,10 @@ def submit_all(batcher, model, requests):
     """Submits (x, s) pairs at once from threads while another request's batch holds the batch
     thread (an idle batcher runs the first request at once, alone), then lets that batch finish;
     returns each request's outputs or error."""
-    gate = threading.Event()
-    with holding_a_batch_thread(batcher, gate), futures.ThreadPoolExecutor(len(requests)) as pool:
+    with holding_a_batch_thread(batcher) as release, futures.ThreadPoolExecutor(len(requests)) as pool:
         results = [pool.submit(submit, batcher, model, *request) for request in requests]
         time.sleep(0.3)  # every request is waiting now
-        gate.set()
+        release.set()
         return [error_or_result(result) for result in results]
 
 
@@ -63,13 +62,15 @@ def error_or_result(future):
 
 
 @contextlib.contextmanager
-def holding_a_batch_thread(batcher, gate: threading.Event):
-    """Runs a request of its own (key "held") on one batch thread until `gate` is set."""
+def holding_a_batch_thread(batcher):
+    """Runs a request of its own (key "held") on one batch thread until the block ends, or until
+    the Event it yields is set."""
+    gate = threading.Event()
     model = FakeModel(gate)
     with futures.ThreadPoolExecutor(1) as pool:
         held = pool.submit(submit, batcher, model, [0], "held")
         assert model.started.wait(5)
-        yield
+        yield gate
         gate.set()
         assert held.result()["y"].tolist() == [0]
 
@@ -115,7 +116,7 @@ def test_a_batch_is_padded_to_the_smallest_allowed_size_with_its_first_row(make_
 def test_a_full_batch_runs_without_waiting_for_the_timeout(make_batcher):
     model = FakeModel()
     batcher = make_batcher(max_batch_size=2, timeout_s=30, threads=2)
-    with holding_a_batch_thread(batcher, threading.Event()), futures.ThreadPoolExecutor(2) as pool:
+    with holding_a_batch_thread(batcher), futures.ThreadPoolExecutor(2) as pool:
         start = time.monotonic()
         results = [pool.submit(submit, batcher, model, [i], 0) for i in (1, 2)]
         assert [r.result(timeout=5)["y"].tolist() for r in results] == [[2], [4]]
@@ -132,7 +133,7 @@ def test_a_lone_request_runs_at_once_when_no_batch_is_running(make_batcher):
 def test_behind_a_running_batch_a_request_waits_for_the_timeout_to_gather_others(make_batcher):
     model = FakeModel()
     batcher = make_batcher(timeout_s=0.5, threads=2)  # a batch thread is free, yet the request waits
-    with holding_a_batch_thread(batcher, threading.Event()), futures.ThreadPoolExecutor(2) as pool:
+    with holding_a_batch_thread(batcher), futures.ThreadPoolExecutor(2) as pool:
         start = time.monotonic()
         first = pool.submit(submit, batcher, model, [1], 0)
         time.sleep(0.2)
@@ -204,14 +205,13 @@ def test_a_bad_request_does_not_fail_the_requests_merged_with_it(make_batcher):
 def test_stop_runs_the_waiting_batches_first():
     batcher = Batcher(8, 30, 10, 2)
     model = FakeModel()
-    gate = threading.Event()
-    with holding_a_batch_thread(batcher, gate), futures.ThreadPoolExecutor(1) as pool:
+    with holding_a_batch_thread(batcher) as release, futures.ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(submit, batcher, model, [5], 0)  # behind the held batch: waits for its 30 s timeout
         time.sleep(0.2)
         stopping = threading.Thread(target=batcher.stop)
         stopping.start()
         assert waiting.result(timeout=5)["y"].tolist() == [10]
-        gate.set()
+        release.set()
     stopping.join(5)
     assert not stopping.is_alive()
     with pytest.raises(ServingError) as error:
