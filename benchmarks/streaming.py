@@ -2,7 +2,7 @@
 
 Section `streaming` of `python -m benchmarks.run`. A worker process starts `python -m
 serving.server` on a storygen export (`--serving_model_base_path`, or else the default
-configuration's model shape with random weights and a 4000-piece tokenizer, as speed does not
+configuration's model shape and vocabulary size with random weights, as speed does not
 depend on the weights; --quick: a small shape) and, for each of a few prompts, asks for the
 same story two ways in turns: streamed over gRPC (`storygen.StoryService/StreamStory`),
 noting when the first text and the last piece arrive, and in one gRPC Predict on `generate`.

@@ -54,7 +54,7 @@ def _init_from():
 
 def _vocab_size():
     # The model's is the trained tokenizer's actual size, which the pipeline sets.
-    return flag_field(4000, "SentencePiece vocabulary size (includes 256 byte pieces).", lower=300)
+    return flag_field(8000, "SentencePiece vocabulary size (includes 256 byte pieces).", lower=300)
 
 
 @dataclasses.dataclass(frozen=True)

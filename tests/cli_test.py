@@ -71,6 +71,17 @@ def test_flags_are_the_config_fields_with_their_defaults():
         values(["prog", "--eval_fraction=0.7"])
 
 
+def test_the_default_flagfile_is_running_with_no_flags():
+    """pipeline/configs/default.flags says it is the defaults written out: a default changed
+    in components/config.py and not there (or there and not in the config) fails here."""
+    from pipeline import flags as storygen_flags
+
+    values = flags.FlagValues()
+    storygen_flags.define_pipeline_flags(values)
+    values(["prog", f"--flagfile={os.path.join(REPO, 'pipeline', 'configs', 'default.flags')}"])
+    assert storygen_flags.pipeline_config(values) == PipelineConfig()
+
+
 def test_shared_flags_feed_every_step_and_lists_become_tuples():
     parsed = PipelineConfig.from_values({"seed": 7, "batch_size": 8, "builtin_langs": ["en"], "profile_steps": ["3", "5"],
                                          "vocab_size": 1000})
