@@ -14,7 +14,7 @@ from absl import flags
 from components import config
 from components.cli import EXIT_USAGE, EXIT_USER_ERROR
 from components.config import IngestConfig, ModelConfig, PipelineConfig, TrainingConfig, cache_key
-from conftest import REPO, run_cli
+from conftest import DEFAULT_FLAGS, REPO, run_cli
 
 HEAVY = ("tensorflow", "keras", "keras_tuner", "keras_hub")
 
@@ -78,7 +78,7 @@ def test_the_default_flagfile_is_running_with_no_flags():
 
     values = flags.FlagValues()
     storygen_flags.define_pipeline_flags(values)
-    values(["prog", f"--flagfile={os.path.join(REPO, 'pipeline', 'configs', 'default.flags')}"])
+    values(["prog", f"--flagfile={DEFAULT_FLAGS}"])
     assert storygen_flags.pipeline_config(values) == PipelineConfig()
 
 

@@ -13,6 +13,7 @@ from components.cli import EXIT_NOT_PUSHED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = os.path.join(REPO, "pipeline", "configs", "tiny.flags")
+DEFAULT_FLAGS = os.path.join(REPO, "pipeline", "configs", "default.flags")
 
 # A few hand-written stories in both languages for unit tests (the e2e tests use the built-in corpus).
 STORIES = [
