@@ -2,7 +2,7 @@
 
 Section `decoding` of `python -m benchmarks.run`. Every peer decodes with the training section's
 model (`training.MODEL`: 4+4 layers, d_model 256, feed-forward 1024, vocab 8000), greedy, 256
-new tokens (--quick: 32) after an 8-token prompt, at batch 1 and 16:
+new tokens (--quick: 32) after an 8-token prompt, at batch 1, 16 and 64:
 - storygen: the exported `generate` signature (a tf.while_loop over a key/value cache written
   in place, plain TensorFlow ops per token, no XLA), loaded back with tf.saved_model.load as
   TF Serving would (measured as fast as the same generator called in process);
@@ -18,7 +18,7 @@ warmed up once (tracing, XLA compilation), then timed in turns with the others.
 
 Sections `decoding_t5` and `decoding_t5gemma` decode a pretrained architecture instead, with
 random weights, saved as a keras-hub preset and loaded back with `presets.load`, greedy, 128 new
-tokens (--quick: 16, on a tiny shape), batch 1 and 16:
+tokens (--quick: 16, on a tiny shape), batch 1 and 16 (PRETRAINED_BATCH_SIZES):
 - `decoding_t5`: a T5 v1.0 of keras-hub's `t5_small_multi` shape (6+6 layers, d_model 512, 8
   heads of 64, ReLU feed-forward 2048, tied embeddings, vocab 32128);
 - `decoding_t5gemma`: a T5Gemma of `t5gemma_s_s`'s shape (8+8 layers, d_model 512, 8 heads of
@@ -45,7 +45,7 @@ from components.config import ExportConfig, ModelConfig
 PROMPT_TOKENS = 8
 # The prompt of recompute, keras-hub and torch: this ordinary piece (not a special id), repeated.
 PROMPT_TOKEN_ID = 5
-BATCH_SIZES = (1, 16)
+BATCH_SIZES = (1, 16, 64)
 TARGETS = {"keras-hub": 1.0, "recompute": 5.0}
 # storygen's prompt, as text: the exported signature tokenizes it.
 PROMPT_TEXT = "abc defg hij klmno pq"
@@ -93,6 +93,7 @@ PRETRAINED = {
 PRETRAINED_PROMPT_WINDOW = 16
 PRETRAINED_PEERS = {"keras-hub graph": False, "keras-hub XLA": True}  # peer -> keras-hub's jit_compile
 PRETRAINED_TARGET = 1.5
+PRETRAINED_BATCH_SIZES = (1, 16)
 # SentencePiece pieces trained for a pretrained shape's tokenizer; a larger vocabulary gets
 # made-up pieces added to reach the model's size (see `sized_tokenizer_proto`).
 TRAINED_PIECES = 32128
@@ -367,7 +368,7 @@ def run_pretrained_section(h, section: str):
            f"the exported `generate` of presets.load(preset); keras-hub = {arch.classes}Seq2SeqLM.generate on the same "
            "preset, stop_token_ids=None, in a tf.function (graph: jit_compile=False) or XLA-compiled (jit_compile=True)")
     peers = worker.call("peers")
-    for batch in BATCH_SIZES:
+    for batch in PRETRAINED_BATCH_SIZES:
         runs = {name: (lambda name=name: worker.call("run", peer=name, batch=batch)) for name in peers}
         for run in runs.values():
             run()  # warm-up: tracing, XLA compilation

@@ -108,6 +108,24 @@ def fine_tune(preset, out, steps=6, training=FINE_TUNING, **overrides):
     return str(out / PRESET_DIR), history
 
 
+def test_cached_decoding_is_the_forward_pass(preset):
+    """decode_step's logits, position by position, are those of the model's forward pass (T5's
+    relative bias over a growing cache, T5Gemma's sliding window of 4 over 14 positions)."""
+    model = build_model(model_config(preset))
+    encoder_ids = transform.encode_prompts(tokenizer_of(model), tf.constant(PROMPTS[:2]), PROMPT_TOKENS).to_tensor(
+        model.special.pad)
+    story_ids = tf.random.stateless_uniform([2, 13], seed=[1, 2], minval=3, maxval=model.vocab_size, dtype=tf.int32)
+    decoder_ids = tf.concat([tf.fill([2, 1], model.special.start), story_ids], axis=1)
+    expected = model((encoder_ids, decoder_ids)).numpy()
+    states, mask = model.encode(encoder_ids)
+    weights = model.decoding_weights()
+    logits, cache = model.prefill(decoder_ids[:, :1], states, mask, 32, weights)
+    np.testing.assert_allclose(logits[:, 0], expected[:, 0], atol=5e-4)
+    for t in range(1, 14):
+        logits, cache = model.decode_step(decoder_ids[:, t], t, cache, weights)
+        np.testing.assert_allclose(logits, expected[:, t], atol=5e-4)  # logits up to about 6
+
+
 @pytest.mark.slow
 def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, saved_model):
     exported = exported_greedy(tf.saved_model.load(saved_model))
