@@ -167,6 +167,8 @@ def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, we
 # is 8 MB. On this project's 2-core Xeon, training steps were fastest with 256 of 128, 256 and 512
 # (fp32 and bf16); 1024 and 2048 were slower again in a test of the loss alone.
 LOSS_CHUNK_ROWS = 256
+# float32's smallest normal number: the floor of a target's probability in `output_loss_sum`.
+SMALLEST_PROBABILITY = 1.1754944e-38
 
 
 def token_loss_sum(targets, logits, label_smoothing: float = 0.0, pad_id: int = PAD_ID):
@@ -200,6 +202,8 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
 
     states: [B, T, d] (float32 or bfloat16); embeddings: [V, d], cast to the states' dtype.
     logit_soft_cap: the logits are soft_cap * tanh(states @ embeddings^T / soft_cap) (Gemma's).
+    A target whose probability underflows float32 (its logit 87 or more below the largest)
+    counts as `-log(SMALLEST_PROBABILITY)`, 87.3 nats, in the loss; its gradient is exact.
     """
     d_model = tf.shape(states)[-1]
     rows = tf.reshape(states, [-1, d_model])
@@ -222,14 +226,17 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
             if logit_soft_cap:
                 squashed = tf.tanh(logits / logit_soft_cap)
                 logits = logit_soft_cap * squashed
-            log_probs = tf.nn.log_softmax(logits)
-            nll = -tf.gather(log_probs, y, batch_dims=1)
+            # One softmax (oneDNN's kernel) instead of log_softmax and exp: 2.4x faster on a
+            # 256 x 8000 chunk; the loss needs only the targets' log-probabilities.
+            probs = tf.nn.softmax(logits)
+            nll = -tf.math.log(tf.maximum(tf.gather(probs, y, batch_dims=1), SMALLEST_PROBABILITY))
             # The gradient of the (smoothed) loss is softmax minus the target distribution:
             # 1 - label_smoothing on the target, label_smoothing spread evenly over the vocabulary.
             # (TensorFlow's fused SparseSoftmaxCrossEntropyWithLogits kernel took 1.7x as long.)
-            probs = tf.exp(log_probs)
             if label_smoothing:
-                nll = (1.0 - label_smoothing) * nll - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
+                # mean log p = mean(logits) - logsumexp(logits), and logsumexp = target logit + nll.
+                log_sum_exp = tf.gather(logits, y, batch_dims=1) + nll
+                nll = (1.0 - label_smoothing) * nll - label_smoothing * (tf.reduce_mean(logits, axis=-1) - log_sum_exp)
                 probs -= label_smoothing / tf.cast(vocab_size, tf.float32)
             targets_at = tf.stack([tf.range(chunk_rows), y], axis=1)
             gradient = tf.tensor_scatter_nd_sub(probs, targets_at, tf.fill([chunk_rows], 1.0 - label_smoothing))

@@ -135,6 +135,22 @@ def test_output_loss_sum_equals_the_loss_of_the_whole_logits(label_smoothing, so
     assert tape.gradient(low, embeddings).dtype == tf.float32
 
 
+def test_output_loss_sum_floors_an_underflowing_target_probability():
+    # Logits 100, -100 and 0: the target's probability, e^-200, underflows float32.
+    states = tf.constant([[[100.0]]])
+    embeddings = tf.constant([[1.0], [-1.0], [0.0]])
+    targets = tf.constant([[1]])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(states)
+        chunked, _ = trainer.output_loss_sum(targets, states, embeddings)
+        whole, _ = trainer.token_loss_sum(targets, tf.matmul(states, embeddings, transpose_b=True))
+    assert float(whole) == pytest.approx(200.0)
+    assert float(chunked) == pytest.approx(-math.log(trainer.SMALLEST_PROBABILITY)) == pytest.approx(87.336, abs=1e-3)
+    # The gradient is softmax minus the target: 1 * 1 - (-1) = 2 for the state.
+    np.testing.assert_allclose(tape.gradient(chunked, states), [[[2.0]]], rtol=1e-6)
+    np.testing.assert_allclose(tape.gradient(chunked, states), tape.gradient(whole, states), rtol=1e-6)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_token_loss_sum_gradient_matches_log_softmax(label_smoothing):
     logits = tf.random.stateless_normal([2, 5, 7], seed=[1, 2]) * 3
