@@ -171,6 +171,16 @@ LOSS_CHUNK_ROWS = 256
 SMALLEST_PROBABILITY = 1.1754944e-38
 
 
+def smoothed_nll(nll, target_logits, logits, label_smoothing: float):
+    """The label-smoothed cross-entropy from the plain one (`nll`, per position): the target
+    distribution puts `label_smoothing` evenly on the vocabulary and the rest on the target, so
+    the loss is (1 - s) * nll - s * mean log p, where mean log p = mean(logits) - logsumexp(logits)
+    and logsumexp(logits) = target logit + nll.
+    """
+    log_sum_exp = target_logits + nll
+    return (1.0 - label_smoothing) * nll - label_smoothing * (tf.reduce_mean(logits, axis=-1) - log_sum_exp)
+
+
 def token_loss_sum(targets, logits, label_smoothing: float = 0.0, pad_id: int = PAD_ID):
     """Summed cross-entropy over the non-padding targets, and their count (float32).
 
@@ -183,9 +193,7 @@ def token_loss_sum(targets, logits, label_smoothing: float = 0.0, pad_id: int = 
     # without keeping log-probabilities: this loss reads the largest tensor of the step.
     nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     if label_smoothing:
-        # mean log p = mean(logits) - logsumexp(logits), and logsumexp(logits) = nll + target logit.
-        log_sum_exp = nll + tf.gather(logits, targets, batch_dims=2)
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * (tf.reduce_mean(logits, axis=-1) - log_sum_exp)
+        nll = smoothed_nll(nll, tf.gather(logits, targets, batch_dims=2), logits, label_smoothing)
     return tf.reduce_sum(nll * mask), tf.reduce_sum(mask)
 
 
@@ -234,9 +242,7 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
             # 1 - label_smoothing on the target, label_smoothing spread evenly over the vocabulary.
             # (TensorFlow's fused SparseSoftmaxCrossEntropyWithLogits kernel took 1.7x as long.)
             if label_smoothing:
-                # mean log p = mean(logits) - logsumexp(logits), and logsumexp = target logit + nll.
-                log_sum_exp = tf.gather(logits, y, batch_dims=1) + nll
-                nll = (1.0 - label_smoothing) * nll - label_smoothing * (tf.reduce_mean(logits, axis=-1) - log_sum_exp)
+                nll = smoothed_nll(nll, tf.gather(logits, y, batch_dims=1), logits, label_smoothing)
                 probs -= label_smoothing / tf.cast(vocab_size, tf.float32)
             targets_at = tf.stack([tf.range(chunk_rows), y], axis=1)
             gradient = tf.tensor_scatter_nd_sub(probs, targets_at, tf.fill([chunk_rows], 1.0 - label_smoothing))
