@@ -59,6 +59,8 @@ flags.DEFINE_integer("repeats", None, "Timed runs per peer (default 3; --quick 2
 flags.DEFINE_string("json", None, "Write the result rows to this JSON file (after every section).")
 flags.DEFINE_string("serving_model_base_path", None, "Serve this model in the serving section (default: a "
                     "synthetic model) and the streaming one (default: the default configuration's shape).")
+flags.DEFINE_list("serving_flags", [], "storygen-serve flags for both servers of the serving section, e.g. "
+                  "--tensorflow_intra_op_parallelism=1.")
 flags.DEFINE_list("scale_sizes_mb", None, "Corpus sizes of the scale section, in MB (default 10,100,1000; "
                   "--quick 10).")
 flags.DEFINE_string("work_dir", None, "Keep data and worker logs here (default: a temporary directory).")
@@ -87,7 +89,7 @@ def run_sections(h: harness.Harness, sections) -> None:
         elif section in decoding.PRETRAINED:
             decoding.run_pretrained_section(h, section)
         elif section == "serving":
-            serving.run_section(h, FLAGS.serving_model_base_path)
+            serving.run_section(h, FLAGS.serving_model_base_path, FLAGS.serving_flags)
         elif section == "streaming":
             streaming.run_section(h, FLAGS.serving_model_base_path)
         elif section == "scale":

@@ -140,9 +140,10 @@ def load(server: Server, clients: int, seconds: float) -> dict:
             "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies else float("nan")}
 
 
-def serving_worker(work_dir: str, model_base_path: str | None):
-    """Worker: both servers (SIDES) on one model, started and warmed up; `load(side, clients,
-    seconds)` measures one point. The servers stop when the worker exits."""
+def serving_worker(work_dir: str, model_base_path: str | None, server_flags=()):
+    """Worker: both servers (SIDES, each also with `server_flags`) on one model, started and
+    warmed up; `load(side, clients, seconds)` measures one point. The servers stop when the
+    worker exits."""
     if model_base_path is None:
         model_base_path = os.path.join(work_dir, "serving-synthetic")
         os.makedirs(model_base_path)
@@ -154,21 +155,23 @@ def serving_worker(work_dir: str, model_base_path: str | None):
             server.stop()
 
     atexit.register(stop_servers)  # registered first: a server that fails to start leaves none running
-    for side, server_flags in SIDES.items():
-        servers[side] = Server(model_base_path, *server_flags)
+    for side, side_flags in SIDES.items():
+        servers[side] = Server(model_base_path, *side_flags, *server_flags)
     for server in servers.values():
         server.wait_ready()
         load(server, max(CLIENTS), 1)  # warm-up: thread pools, first traces
     return {"load": lambda side, clients, seconds: load(servers[side], clients, seconds)}
 
 
-def run_section(h, model_base_path: str | None = None):
+def run_section(h, model_base_path: str | None = None, server_flags=()):
     seconds = 2.0 if h.quick else 4.0
-    w = h.worker("serving", "benchmarks.serving:serving_worker", work_dir=h.work_dir, model_base_path=model_base_path)
+    w = h.worker("serving", "benchmarks.serving:serving_worker", work_dir=h.work_dir, model_base_path=model_base_path,
+                 server_flags=tuple(server_flags))
     model = model_base_path or (f"synthetic ({SYNTHETIC_STEPS} sequential [B, {WIDTH}] x [{WIDTH}, {WIDTH}] matmuls "
                                 "per call)")
     h.note(f"serving: model {model}; {seconds:g} s per point; servers with default flags "
-           "(--max_batch_size=32 --batch_timeout_micros=1000); one-prompt gRPC Predict requests back to back")
+           f"(--max_batch_size=32 --batch_timeout_micros=1000{''.join(' ' + f for f in server_flags)}); one-prompt "
+           "gRPC Predict requests back to back")
     for clients in CLIENTS:
         points = {side: (lambda side=side: w.call("load", side=side, clients=clients, seconds=seconds))
                   for side in SIDES}

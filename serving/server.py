@@ -80,6 +80,12 @@ def define_flags():
                          "RESOURCE_EXHAUSTED (HTTP 429).", lower_bound=1)
     flags.DEFINE_integer("num_batch_threads", os.cpu_count() or 1, "Batches run in parallel.", lower_bound=1)
     # Every request waiting for a batch holds a gRPC thread, so this also bounds how full batches get.
+    # 0 is TensorFlow's choice, one thread per core. Under concurrent requests on a small machine, 1 thread per
+    # op lets requests (or batches) run side by side instead of splitting each small op across the cores.
+    flags.DEFINE_integer("tensorflow_intra_op_parallelism", 0, "Threads that one op's work is split over; 0 lets "
+                         "TensorFlow choose.", lower_bound=0)
+    flags.DEFINE_integer("tensorflow_inter_op_parallelism", 0, "Ops that run at once, across requests; 0 lets "
+                         "TensorFlow choose.", lower_bound=0)
     flags.DEFINE_integer("grpc_max_threads", 64, "Threads answering gRPC requests.", lower_bound=1)
     flags.DEFINE_integer("grpc_max_concurrent_rpcs", 10_000, "Most gRPC requests running or waiting for a thread; "
                          "beyond it requests fail at once with RESOURCE_EXHAUSTED.", lower_bound=1)
@@ -122,6 +128,7 @@ def _serve(args):
         raise UserError("--batching_parameters_file needs --enable_batching.")
     # Loaded after the flags are checked, so that --help, --version and flag errors answer at once.
     cli.import_tensorflow()
+    _set_tensorflow_threads()
 
     from serving.models import Models
     from serving.predictor import Limits, Predictor
@@ -198,6 +205,15 @@ def _serve(args):
         raise UserError(f"Exiting with {cut} requests still in flight after "
                         f"{FLAGS.drain_timeout_seconds:.0f} s of draining: they were cut.")
     logging.info("All requests answered; exiting.")
+
+
+def _set_tensorflow_threads():
+    """Applies --tensorflow_intra_op_parallelism and --tensorflow_inter_op_parallelism. Called before
+    any op runs: TensorFlow makes its thread pools once, at the first op."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.tensorflow_intra_op_parallelism)
+    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.tensorflow_inter_op_parallelism)
 
 
 def _model_specs():

@@ -82,3 +82,17 @@ def test_a_config_file_storygen_serve_cannot_honour_is_one_line(tmp_path, name, 
 def test_version_prints_and_exits_like_tf_servings():
     result = run_cli("serving.server", "--version")
     assert result.returncode == 0 and result.stdout.startswith("storygen-serve "), result.stderr
+
+
+def test_thread_flags_set_tensorflows_thread_pools(tmp_path):
+    # _serve sets them once TensorFlow is imported, before anything can run an op; a missing
+    # --model_base_path stops it just after.
+    code = ("from absl import flags; from serving import server; from components.common import UserError; "
+            "server.define_flags(); flags.FLAGS(['serve', '--model_base_path=" + str(tmp_path / "none") + "', "
+            "'--tensorflow_intra_op_parallelism=1', '--tensorflow_inter_op_parallelism=3'])\n"
+            "try:\n    server._serve([])\nexcept UserError:\n    pass\n"
+            "import tensorflow as tf; tf.constant(1.0) + 1\n"
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["1", "3"], result.stderr[-2000:]
