@@ -79,13 +79,13 @@ def define_flags():
     flags.DEFINE_integer("max_enqueued_batches", 100, "Most batches waiting to run; beyond it requests fail with "
                          "RESOURCE_EXHAUSTED (HTTP 429).", lower_bound=1)
     flags.DEFINE_integer("num_batch_threads", os.cpu_count() or 1, "Batches run in parallel.", lower_bound=1)
-    # Every request waiting for a batch holds a gRPC thread, so this also bounds how full batches get.
     # 0 is TensorFlow's choice, one thread per core. Under concurrent requests on a small machine, 1 thread per
     # op lets requests (or batches) run side by side instead of splitting each small op across the cores.
     flags.DEFINE_integer("tensorflow_intra_op_parallelism", 0, "Threads that one op's work is split over; 0 lets "
                          "TensorFlow choose.", lower_bound=0)
     flags.DEFINE_integer("tensorflow_inter_op_parallelism", 0, "Ops that run at once, across requests; 0 lets "
                          "TensorFlow choose.", lower_bound=0)
+    # Every request waiting for a batch holds a gRPC thread, so this also bounds how full batches get.
     flags.DEFINE_integer("grpc_max_threads", 64, "Threads answering gRPC requests.", lower_bound=1)
     flags.DEFINE_integer("grpc_max_concurrent_rpcs", 10_000, "Most gRPC requests running or waiting for a thread; "
                          "beyond it requests fail at once with RESOURCE_EXHAUSTED.", lower_bound=1)
