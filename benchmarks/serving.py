@@ -166,12 +166,12 @@ def serving_worker(work_dir: str, model_base_path: str | None, server_flags=()):
 def run_section(h, model_base_path: str | None = None, server_flags=()):
     seconds = 2.0 if h.quick else 4.0
     w = h.worker("serving", "benchmarks.serving:serving_worker", work_dir=h.work_dir, model_base_path=model_base_path,
-                 server_flags=tuple(server_flags))
+                 server_flags=server_flags)
     model = model_base_path or (f"synthetic ({SYNTHETIC_STEPS} sequential [B, {WIDTH}] x [{WIDTH}, {WIDTH}] matmuls "
                                 "per call)")
+    added = f", plus {' '.join(server_flags)}" if server_flags else ""
     h.note(f"serving: model {model}; {seconds:g} s per point; servers with default flags "
-           f"(--max_batch_size=32 --batch_timeout_micros=1000{''.join(' ' + f for f in server_flags)}); one-prompt "
-           "gRPC Predict requests back to back")
+           f"(--max_batch_size=32 --batch_timeout_micros=1000){added}; one-prompt gRPC Predict requests back to back")
     for clients in CLIENTS:
         points = {side: (lambda side=side: w.call("load", side=side, clients=clients, seconds=seconds))
                   for side in SIDES}
