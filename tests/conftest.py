@@ -1,11 +1,14 @@
 """Shared fixtures: a small corpus on disk, a SentencePiece model, a random tiny model, and
 one tiny pipeline run (two runs, in fact: the second pushes version 2) shared by every
-end-to-end test."""
+end-to-end test; and how the suite runs on two workers (pytest-xdist, `-n 2` in setup.cfg)."""
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -22,6 +25,49 @@ STORIES = [
     {"title": "The Tailor", "tags": ["fairy_tale"], "story": "Once upon a time there was a poor tailor. He lived in a small house at the edge of the forest. One morning a fox knocked at his door and asked for a coat. The tailor sewed all day and all night. In the end the fox paid him with a golden button, and the tailor was never poor again."},
     {"title": "The Dragon", "tags": ["fairy_tale", "dragons"], "story": "Long ago a dragon slept under the old castle. Nobody in the village dared to wake him. A little girl walked into the cave with a lantern. She sang a song so gentle that the dragon smiled in his sleep. From that day on, the dragon guarded the village."},
 ]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Groups for `--dist loadgroup`: each group runs in one worker. The tests of the tiny pipeline
+    run (a session fixture of about two minutes) form one, so it is built once; every other
+    module is a group, so its module fixtures are built once."""
+    for item in items:
+        group = "tiny_pipeline" if "tiny_pipeline" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item):
+    """A test marked `alone` (it measures latency) runs, fixtures included, while the other
+    workers run no test; every other test runs beside the others'."""
+    if not hasattr(item.config, "workerinput"):  # one process
+        return (yield)
+    gate_path, lock_path = _lock_files(item.config)
+    # `alone` would wait for ever behind workers that start a test as soon as one ends: it first
+    # takes the gate, which each test passes on its way in.
+    with open(gate_path, "a") as gate, open(lock_path, "a") as lock:
+        if item.get_closest_marker("alone"):
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(gate, fcntl.LOCK_SH)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        return (yield)  # closing the files releases the locks
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput"):
+        for path in _lock_files(session.config):
+            with contextlib.suppress(FileNotFoundError):  # the other worker's
+                os.remove(path)
+
+
+def _lock_files(config):
+    """The gate and the lock that the workers of this run share."""
+    prefix = os.path.join(tempfile.gettempdir(), f"storygen-tests-{config.workerinput['testrunuid']}")
+    return f"{prefix}.gate", f"{prefix}.lock"
 
 
 def write_jsonl(path, records):

@@ -296,6 +296,7 @@ def test_20_reloads_keep_rss_within_50_mb_of_the_first(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_a_version_swap_under_8_clients_keeps_p99_within_2x_of_steady_state(tiny_pipeline, tmp_path):
     """The tiny pipeline's export: version 2 is warmed up before it takes traffic, so no client
     pays its graphs' first calls (without warm-up, requests waited up to 8.1 s here)."""
