@@ -1,5 +1,5 @@
-"""The suite's two workers (tests/conftest.py): a test marked `alone` runs beside no other test,
-while the others run side by side."""
+"""The suite's two workers (tests/conftest.py): a module's tests run in one worker, and a test
+marked `alone` runs beside no other test."""
 
 import os
 import subprocess
@@ -25,7 +25,7 @@ def spend(name, seconds):
     start = time.time()
     time.sleep(seconds)
     with open(os.environ["INTERVALS"], "a") as f:
-        f.write(f"{name} {start} {time.time()}\\n")
+        f.write(f"{name} {os.environ['PYTEST_XDIST_WORKER']} {start} {time.time()}\\n")
 """
 FIRST_MODULE = RECORD + """
 def test_first():
@@ -35,10 +35,11 @@ def test_first():
 def test_alone():
     spend("alone", 1.0)
 """
-SECOND_MODULE = RECORD + "".join(f"\ndef test_{k}():\n    spend('{k}', 0.4)\n" for k in range(8))
+# Longer than the first module: whenever its worker starts, it is still at work during `alone`.
+SECOND_MODULE = RECORD + "".join(f"\ndef test_{k}():\n    spend('{k}', 0.3)\n" for k in range(10))
 
 
-def test_an_alone_test_overlaps_no_other_and_the_others_overlap(tmp_path):
+def test_each_module_runs_in_one_worker_and_an_alone_test_beside_no_other(tmp_path):
     for name, text in [("conftest.py", CONFTEST), ("one_test.py", FIRST_MODULE), ("two_test.py", SECOND_MODULE),
                        ("pytest.ini", "[pytest]\npython_files = *_test.py\nmarkers =\n    alone: alone\n")]:
         (tmp_path / name).write_text(text)
@@ -48,13 +49,16 @@ def test_an_alone_test_overlaps_no_other_and_the_others_overlap(tmp_path):
                              str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, INTERVALS=str(intervals), PYTHONPATH=REPO, TMPDIR=str(temp)))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    spans = {name: (float(start), float(end))
-             for name, start, end in (line.split() for line in intervals.read_text().splitlines())}
-    assert len(spans) == 10
+    workers, spans = {}, {}
+    for line in intervals.read_text().splitlines():
+        name, worker, start, end = line.split()
+        workers[name], spans[name] = worker, (float(start), float(end))
+    assert len(spans) == 12
+    second = [str(k) for k in range(10)]
+    assert workers["first"] == workers["alone"] != workers["0"] and {workers[name] for name in second} == {workers["0"]}
 
     def overlap(a, b):
         return spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
 
-    assert not any(overlap("alone", name) for name in spans if name != "alone"), spans
-    assert any(overlap("first", str(k)) for k in range(8)), spans  # two workers did run at once
+    assert not any(overlap("alone", name) for name in second), spans
     assert [name for name in os.listdir(temp) if name.startswith("storygen-tests-")] == []  # removed at the end
