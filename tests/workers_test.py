@@ -35,7 +35,7 @@ def test_first():
 def test_alone():
     spend("alone", 1.0)
 """
-# Longer than the first module: whenever its worker starts, it is still at work during `alone`.
+# Longer than the first module, so that without the lock some of it would run while `alone` does.
 SECOND_MODULE = RECORD + "".join(f"\ndef test_{k}():\n    spend('{k}', 0.3)\n" for k in range(10))
 
 
