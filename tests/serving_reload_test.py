@@ -220,6 +220,7 @@ def test_labels_and_versions_resolve_or_give_tf_servings_errors(base):
 # ---------------------------------------------------------------------------------- hot reload
 
 @pytest.mark.slow
+@pytest.mark.alone  # times how soon a pushed version answers
 def test_hot_reload_under_load_drops_no_request(tmp_path, saved):
     path = str(tmp_path / "storygen")
     os.makedirs(path)
