@@ -39,8 +39,8 @@ def pytest_collection_modifyitems(items):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item):
-    """A test marked `alone` (it measures latency) runs, fixtures included, while the other
-    workers run no test; every other test runs beside the others'."""
+    """A test marked `alone` runs, fixtures included, while the other workers run no test; every
+    other test runs beside the others'."""
     if not hasattr(item.config, "workerinput"):  # one process
         return (yield)
     gate_path, lock_path = _lock_files(item.config)
