@@ -14,8 +14,6 @@ and a changed version policy or label applies at the next look at the versions.
 """
 
 import dataclasses
-import os
-import sys
 import threading
 import time
 
@@ -131,10 +129,6 @@ class Models:
             self._thread.join()
 
     def _poll_loop(self, interval_s: float, config_file: str | None, config_interval_s: float) -> None:
-        if sys.platform == "linux":  # where niceness is per thread
-            # Loads and warm-ups here yield the CPU to requests: on 2 busy cores a version swap's p99 went
-            # from 1.3-2.0x of steady state to 1.25-1.45x (8 clients), the load taking a few seconds more.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         tick = min(period for period in (interval_s, config_interval_s if config_file else 0) if period > 0)
         last_versions = last_config = time.monotonic()
         while not self._stop.wait(tick):

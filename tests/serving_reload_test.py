@@ -5,8 +5,11 @@ asking: no request fails and the new version answers within two poll intervals."
 import gc
 import os
 import shutil
+import sys
 import threading
 import time
+import types
+import weakref
 
 import grpc
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 from tensorflow_serving.apis import get_model_status_pb2
 
 from serving.errors import ServingError
-from serving.model_manager import ModelManager, VersionPolicy
+from serving.model_manager import ModelManager, VersionPolicy, in_low_priority_thread
 from serving_fixtures import (AVAILABLE, ServerProcess, clients_running, expected_story, predict_request,
                               publish_version, rest_story, stage_broken_version, stage_version, stories,
                               write_warmup_requests)
@@ -125,6 +128,8 @@ def test_failed_loads_are_retried_max_num_load_retries_times(base, monkeypatch):
         return real_load(name, version, version_path, tags)
 
     monkeypatch.setattr(model_manager, "load_servable", flaky_load)
+    clock = [0.0]  # the manager's, so that however long a poll's loads take, no retry falls due within it
+    monkeypatch.setattr(model_manager, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     models = ModelManager("storygen", path, VersionPolicy.parse("specific:1,2,3"), {}, max_load_retries=2,
                           retry_interval_s=0.3)
     models.poll()
@@ -132,7 +137,7 @@ def test_failed_loads_are_retried_max_num_load_retries_times(base, monkeypatch):
     models.poll()  # too soon for a retry
     assert attempts == {1: 1, 2: 1, 3: 1}
     for expected in (2, 3, 3):
-        time.sleep(0.35)
+        clock[0] += 0.35
         models.poll()
         assert attempts[3] == expected
     assert models.loaded_versions() == [1, 2]
@@ -158,6 +163,46 @@ def test_a_new_version_retires_the_old_one_without_breaking_its_requests(base):
     assert models.loaded_versions() == [2]
     assert call(in_flight) == expected_story("p", 1)
     assert {s.version: s.state for s in models.statuses("storygen")} == {1: END, 2: AVAILABLE}
+
+
+@pytest.mark.slow
+def test_a_retired_version_is_freed_at_the_first_poll_after_its_last_request(tiny_pipeline, tmp_path):
+    """The tiny pipeline's export: unlike the stub, a real SavedModel is full of reference cycles."""
+    path = str(tmp_path / "storygen")
+    os.makedirs(path)
+    for version in (1, 2):
+        shutil.copytree(os.path.join(tiny_pipeline.model_base_path, str(version)), os.path.join(path, f".tmp-{version}"))
+    publish_version(os.path.join(path, ".tmp-1"), 1)
+    models = manager(path, warmup=False)
+    models.poll()
+    in_flight = models.resolve("storygen")
+    graph = weakref.ref(in_flight.signature("generate")._function.graph)  # its operations point back at it
+    publish_version(os.path.join(path, ".tmp-2"), 2)
+    gc.disable()  # so that only the manager's collections free it
+    try:
+        models.poll()
+        assert models.loaded_versions() == [2] and graph() is not None
+        del in_flight  # the request ends, but reference cycles keep the version's graphs...
+        assert graph() is not None
+        models.poll()  # ...until the next poll collects them
+        assert graph() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="niceness is per thread on Linux only")
+def test_a_load_runs_at_the_lowest_priority_without_automatic_collections():
+    def load():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), gc.isenabled()
+
+    def broken_load():
+        raise ValueError("not a SavedModel")
+
+    assert in_low_priority_thread(load) == (19, False)
+    assert gc.isenabled() and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
+    with pytest.raises(ValueError, match="not a SavedModel"):
+        in_low_priority_thread(broken_load)
+    assert gc.isenabled()
 
 
 def slow_warmup(version_path, seconds=1.0, count=2):
@@ -298,13 +343,17 @@ def test_20_reloads_keep_rss_within_50_mb_of_the_first(tiny_pipeline, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.alone
-def test_a_version_swap_under_8_clients_keeps_p99_within_2x_of_steady_state(tiny_pipeline, tmp_path):
-    """The tiny pipeline's export: version 2 is warmed up before it takes traffic, so no client
-    pays its graphs' first calls (without warm-up, requests waited up to 8.1 s here)."""
+def test_version_swaps_under_8_clients_keep_p99_within_2x_of_steady_state(tiny_pipeline, tmp_path):
+    """The tiny pipeline's export, swapped twice (1 -> 2 -> 3, a copy of 1). A swap counts from the
+    push until the old version is freed: its load, its warm-up (without warm-up, requests waited up
+    to 8.1 s here) and the collection that frees the old version (~0.5 s holding every request).
+    Steady state is before, between and after the swaps. On this 2-core host one swap measured
+    1.16-2.25x (3 of 17 over 2x), the steady p99 of ~2300 requests alone ranging 0.067-0.123 s from
+    run to run; two swaps pooled measured 1.43-1.90x (5 runs)."""
     path = str(tmp_path / "storygen")
     shutil.copytree(os.path.join(tiny_pipeline.model_base_path, "1"), os.path.join(path, "1"))
     server = ServerProcess(path, tmp_path / "server.log", f"--file_system_poll_wait_seconds={POLL_S}")
-    latencies, failures = [], []  # (start, seconds)
+    latencies, failures, swaps = [], [], []  # (start, seconds); (pushed, freed)
     try:
         server.wait_ready(1)
 
@@ -319,23 +368,34 @@ def test_a_version_swap_under_8_clients_keeps_p99_within_2x_of_steady_state(tiny
                 except grpc.RpcError as e:
                     failures.append(f"{e.code()}: {e.details()}")
 
+        def freed(version, timeout_s=60):
+            deadline = time.monotonic() + timeout_s
+            while f"Freed version(s) {version} of model storygen" not in server.log():
+                assert time.monotonic() < deadline, server.log()[-3000:]
+                time.sleep(0.1)
+            return time.monotonic()
+
         # This process holds every earlier test's objects: its garbage collections would pause the
         # clients, and count as the server's latency.
         gc.disable()
         with clients_running(8, client):
-            time.sleep(8)
-            pushed = time.monotonic()
-            staged = os.path.join(path, ".tmp-2")
-            shutil.copytree(os.path.join(tiny_pipeline.model_base_path, "2"), staged)
-            publish_version(staged, 2)
-            server.wait_ready(2, timeout_s=60)
-            time.sleep(5)
+            time.sleep(10)
+            for version, source in ((2, "2"), (3, "1")):
+                pushed = time.monotonic()
+                staged = os.path.join(path, f".tmp-{version}")
+                shutil.copytree(os.path.join(tiny_pipeline.model_base_path, source), staged)
+                publish_version(staged, version)
+                server.wait_ready(version, timeout_s=60)
+                swaps.append((pushed, freed(version - 1) + 1))  # + the requests that waited for the collection
+                time.sleep(6)
     finally:
         gc.enable()
         server.stop()
-    steady = [seconds for started, seconds in latencies if 2 < started - latencies[0][0] and started < pushed]
-    swap = [seconds for started, seconds in latencies if started >= pushed]
-    assert failures == [] and len(steady) > 100 and len(swap) > 100
+    during = [any(pushed <= started < end for pushed, end in swaps) for started, _ in latencies]
+    steady = [s for (started, s), swapping in zip(latencies, during) if started > latencies[0][0] + 2 and not swapping]
+    swap = [s for (_, s), swapping in zip(latencies, during) if swapping]
+    assert failures == [] and len(steady) > 1000 and len(swap) > 1000
     assert np.percentile(swap, 99) <= 2 * np.percentile(steady, 99), (np.percentile(steady, 99), np.percentile(swap, 99))
     log = server.log()
-    assert log.index("Warmed up version 2") < log.index("Version 2 of model storygen is available")
+    for version in (2, 3):
+        assert log.index(f"Warmed up version {version}") < log.index(f"Version {version} of model storygen is available")
