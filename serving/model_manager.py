@@ -328,7 +328,7 @@ class ModelManager:
         quarter of the long-lived ones (none had run 5 s after a swap under 8 clients)."""
         released = [version for version, servable in self._retired if servable() is None]
         if released:
-            self._retired = [(version, servable) for version, servable in self._retired if servable() is not None]
+            self._retired = [entry for entry in self._retired if entry[0] not in released]
             started = time.monotonic()
             gc.collect()
             logging.info("Freed version(s) %s of model %s in %.2f s", ", ".join(map(str, released)), self.name,
