@@ -163,6 +163,15 @@ class ServerProcess:
             time.sleep(0.1)
         raise AssertionError(f"Version {version} was not AVAILABLE after {timeout_s} s:\n{self.log()[-3000:]}")
 
+    def wait_log(self, text: str, timeout_s: float = 60) -> float:
+        """Polls the log until it holds `text`; returns time.monotonic() then."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"'{text}' was not logged after {timeout_s} s:\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+        return time.monotonic()
+
     def stop(self) -> None:
         self.channel.close()
         if self.proc.poll() is None:
