@@ -155,7 +155,9 @@ class TrainingConfig:
     clip_norm: float = flag_field(1.0, "Clip gradients to this global norm (0 = off).", lower=0.0)
     label_smoothing: float = flag_field(0.0, "Label smoothing of the training loss.", lower=0.0, upper=0.5)
     early_stopping_patience: int = flag_field(0, "Stop when validation loss has not improved for this many epochs "
-                                             "(0 = off). Training always ends with the best epoch's weights.", lower=0)
+                                             "(0 = off); from the first epoch that does not improve, the learning "
+                                             "rate decays to where that would stop the run. Training always ends "
+                                             "with the best epoch's weights.", lower=0)
     time_budget: float = flag_field(540.0, "Stop training after this many seconds, at the end of a step, and "
                                    "evaluate; the learning rate then decays to where the budget will end the run, "
                                    "so that run is annealed too (0 = no limit). The default keeps the default "

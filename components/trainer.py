@@ -403,7 +403,8 @@ class Trainer:
         tokens_per_second, learning_rate and gradient_norm, how it ended, and `best_epoch` (from
         1): the model ends with the weights of the epoch with the lowest validation loss.
         A time budget ends the run early, and the learning rate then decays to where the budget
-        will end it (`_plan_decay`).
+        will end it (`_plan_decay`); so does early stopping, once an epoch fails to improve
+        (`_early_stopping_decay_end`).
         Keras `callbacks` get on_train_begin/on_epoch_begin/on_epoch_end/on_train_end (KerasTuner
         trials use them); one setting `model.stop_training` ends training after that epoch.
 
@@ -425,6 +426,9 @@ class Trainer:
         progress = Progress("trainer", "step", total_steps, done=self.step,
                             deadline=start_time + time_budget if time_budget else None)
         epochs_in_total, session_tokens = math.ceil(total_steps / steps_per_epoch), 0.0
+        # Where the decay ends unless the time budget ends the run sooner (a resumed run's history counts).
+        planned_end = self._plan_early_stopping_decay(history.get("val_loss", []), early_stopping_patience,
+                                                      steps_per_epoch, total_steps)
         while self.step < total_steps:
             epoch = self.step // steps_per_epoch
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
@@ -436,7 +440,7 @@ class Trainer:
             while self.step < epoch_end:
                 step = self.step
                 if time_budget and step % REPLAN_STEPS == 0:
-                    last_plan = self._plan_decay(step, total_steps, time_budget, start_time, last_plan)
+                    last_plan = self._plan_decay(step, planned_end, time_budget, start_time, last_plan)
                 if profile_steps and step == profile_steps[0] and writers.train_dir:
                     tf.profiler.experimental.start(writers.train_dir)
                 batch_loss, batch_tokens, norm = self.train_step(iterator)
@@ -464,6 +468,8 @@ class Trainer:
             if logs["val_loss"] <= min(history["val_loss"]):
                 for best, variable in zip(self.best_weights, self.model.variables):
                     best.assign(variable)
+            planned_end = self._plan_early_stopping_decay(history["val_loss"], early_stopping_patience,
+                                                          steps_per_epoch, total_steps)
             self._copy_to_float32_model()
             writers.epoch_summaries(epoch, logs)
             print(f"[trainer] epoch {epoch + 1}: step {self.step}, loss {logs['loss']:.4f}, val_loss "
@@ -495,13 +501,21 @@ class Trainer:
     def _plan_decay(self, step: int, total_steps: int, time_budget: float, start_time: float, last_plan):
         """Where the time budget will end the run, from the rate of the last REPLAN_STEPS steps
         (the first interval, with its tracing, only starts the clock): the learning rate decays to
-        that step. A run that fits its budget keeps total_steps, and stays deterministic."""
+        that step. A run that fits its budget keeps total_steps (the planned end), and stays
+        deterministic."""
         now = time.time()
         if last_plan is not None and now > last_plan:
             rate = REPLAN_STEPS / (now - last_plan)
             left = max(time_budget - (now - start_time), 0.0)
             self.decay_end.assign(min(float(total_steps), step + left * rate))
         return now
+
+    def _plan_early_stopping_decay(self, val_losses, patience: int, steps_per_epoch: int, total_steps: int) -> int:
+        """Brings the end of the decay forward to where early stopping will end the run
+        (`_early_stopping_decay_end`), and returns that step."""
+        planned_end = _early_stopping_decay_end(val_losses, patience, steps_per_epoch, total_steps)
+        self.decay_end.assign(min(float(self.decay_end.numpy()), planned_end))
+        return planned_end
 
     def _epoch_logs(self, loss: float, val_loss: float, gradient_norm: float, tokens_per_second: float) -> dict:
         """An epoch's history entry (what the Keras callbacks get as `logs`)."""
@@ -578,6 +592,24 @@ class _Writers:
 def _no_improvement(val_losses, patience: int) -> bool:
     """Early stopping: the last `patience` epochs did not beat the best before them."""
     return bool(patience) and len(val_losses) > patience and min(val_losses[-patience:]) >= min(val_losses[:-patience])
+
+
+def _early_stopping_decay_end(val_losses, patience: int, steps_per_epoch: int, total_steps: int) -> int:
+    """The step the learning rate decays to under early stopping: from the first epoch that does
+    not beat the best before it, the step where early stopping would end the run (`patience`
+    epochs after that best), so that a run it stops ends annealed. A later improvement goes on
+    at the lowered rate: the end only ever moves closer. total_steps without early stopping.
+
+    >>> _early_stopping_decay_end([3.0, 2.0, 2.1, 1.9], patience=2, steps_per_epoch=10, total_steps=100)
+    40
+    """
+    end, best = total_steps, None  # best: the epoch (from 1) with the lowest loss so far
+    for epoch, loss in enumerate(val_losses, start=1):
+        if best is None or loss < val_losses[best - 1]:
+            best = epoch
+        elif patience:
+            end = min(end, (best + patience) * steps_per_epoch)
+    return end
 
 
 def _shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:

@@ -52,7 +52,8 @@ def trained(data, tmp_path_factory):
     return out, metrics, steps
 
 
-def short_fit(data, steps=3, epochs=1, strategy=None, callbacks=(), time_budget=None, **options):
+def short_fit(data, steps=3, epochs=1, strategy=None, callbacks=(), time_budget=None, early_stopping_patience=0,
+              **options):
     """A Trainer from the same initial weights, and its history after `epochs` epochs of `steps` steps."""
     _, _, _, config, tok, initial_weights, examples = data
     train_data, eval_data = fresh_data(examples, tok)
@@ -60,7 +61,7 @@ def short_fit(data, steps=3, epochs=1, strategy=None, callbacks=(), time_budget=
     model = trainer.Trainer(config, training, total_steps=steps * epochs, strategy=strategy)
     model.model.set_weights(initial_weights)
     return model, model.fit(train_data, eval_data, steps_per_epoch=steps, epochs=epochs, callbacks=callbacks,
-                             time_budget=time_budget)
+                             time_budget=time_budget, early_stopping_patience=early_stopping_patience)
 
 
 def test_metrics_history_and_checkpoints(trained):
@@ -308,3 +309,25 @@ def test_early_stopping_rule():
     assert trainer._no_improvement([3.0, 2.0, 2.1], patience=1)
     assert not trainer._no_improvement([3.0, 2.0, 2.1, 1.9], patience=2)
     assert trainer._no_improvement([3.0, 2.0, 2.1, 2.0], patience=2)
+
+
+def test_early_stopping_brings_the_end_of_the_decay_to_where_it_would_stop():
+    def end(val_losses, patience, total_steps=100):
+        return trainer._early_stopping_decay_end(val_losses, patience, steps_per_epoch=10, total_steps=total_steps)
+
+    assert end([3.0, 2.0, 1.9], patience=2) == 100  # every epoch improved
+    assert end([3.0, 2.0, 2.1], patience=0) == 100  # early stopping is off
+    assert end([3.0, 2.0, 2.1], patience=2) == 40  # it stops after epoch 4 unless epoch 4 improves
+    assert end([3.0, 2.0, 2.1, 1.9, 2.5], patience=2) == 40  # an improvement after it keeps the lowered end
+    assert end([3.0, 2.0, 2.0], patience=1) == 30  # a tie is no improvement
+    assert end([3.0, 2.0, 2.1], patience=5, total_steps=50) == 50  # never past the run's end
+
+
+def test_a_run_that_early_stopping_ends_ends_annealed(data, monkeypatch):
+    val_losses = iter([3.0, 2.0, 2.5, 2.6])
+    monkeypatch.setattr(trainer.Trainer, "evaluate", lambda self, eval_data: next(val_losses))
+    model, history = short_fit(data, steps=2, epochs=6, early_stopping_patience=2)
+    # Epoch 3 did not improve: the decay, planned over 12 steps, now ends at step 8, where early stopping ends the run.
+    assert history["stopped"] == "early_stopping" and history["steps"] == 8
+    assert float(model.decay_end.numpy()) == 8.0
+    assert history["learning_rate"][-1] == pytest.approx(3e-3 * trainer.WarmupCosineDecay.ALPHA)
