@@ -512,10 +512,14 @@ class Trainer:
 
     def _plan_early_stopping_decay(self, val_losses, patience: int, steps_per_epoch: int, total_steps: int) -> int:
         """Brings the end of the decay forward to where early stopping will end the run
-        (`_early_stopping_decay_end`), and returns that step."""
-        planned_end = _early_stopping_decay_end(val_losses, patience, steps_per_epoch, total_steps)
-        self.decay_end.assign(min(float(self.decay_end.numpy()), planned_end))
-        return planned_end
+        (`_early_stopping_decay_end`), if it will, and returns where the run ends unless a time
+        budget ends it sooner. Otherwise the decay keeps its end: the whole run's, which a fit
+        of fewer steps (a run killed and resumed later) must not move."""
+        stop = _early_stopping_decay_end(val_losses, patience, steps_per_epoch)
+        if stop is None:
+            return total_steps
+        self.decay_end.assign(min(float(self.decay_end.numpy()), stop))
+        return min(total_steps, stop)
 
     def _epoch_logs(self, loss: float, val_loss: float, gradient_norm: float, tokens_per_second: float) -> dict:
         """An epoch's history entry (what the Keras callbacks get as `logs`)."""
@@ -594,21 +598,23 @@ def _no_improvement(val_losses, patience: int) -> bool:
     return bool(patience) and len(val_losses) > patience and min(val_losses[-patience:]) >= min(val_losses[:-patience])
 
 
-def _early_stopping_decay_end(val_losses, patience: int, steps_per_epoch: int, total_steps: int) -> int:
+def _early_stopping_decay_end(val_losses, patience: int, steps_per_epoch: int) -> int | None:
     """The step the learning rate decays to under early stopping: from the first epoch that does
     not beat the best before it, the step where early stopping would end the run (`patience`
     epochs after that best), so that a run it stops ends annealed. A later improvement goes on
-    at the lowered rate: the end only ever moves closer. total_steps without early stopping.
+    at the lowered rate: the end only ever moves closer. None while every epoch has improved,
+    and without early stopping.
 
-    >>> _early_stopping_decay_end([3.0, 2.0, 2.1, 1.9], patience=2, steps_per_epoch=10, total_steps=100)
+    >>> _early_stopping_decay_end([3.0, 2.0, 2.1, 1.9], patience=2, steps_per_epoch=10)
     40
     """
-    end, best = total_steps, None  # best: the epoch (from 1) with the lowest loss so far
+    end, best = None, None  # best: the epoch (from 1) with the lowest loss so far
     for epoch, loss in enumerate(val_losses, start=1):
         if best is None or loss < val_losses[best - 1]:
             best = epoch
         elif patience:
-            end = min(end, (best + patience) * steps_per_epoch)
+            stop = (best + patience) * steps_per_epoch
+            end = stop if end is None else min(end, stop)
     return end
 
 

@@ -53,12 +53,13 @@ def trained(data, tmp_path_factory):
 
 
 def short_fit(data, steps=3, epochs=1, strategy=None, callbacks=(), time_budget=None, early_stopping_patience=0,
-              **options):
-    """A Trainer from the same initial weights, and its history after `epochs` epochs of `steps` steps."""
+              planned_epochs=None, **options):
+    """A Trainer from the same initial weights, and its history after `epochs` epochs of `steps`
+    steps (of `planned_epochs` it was built for: by default, those)."""
     _, _, _, config, tok, initial_weights, examples = data
     train_data, eval_data = fresh_data(examples, tok)
     training = TrainingConfig(**{"learning_rate": 3e-3, "warmup_steps": 1, "mixed_precision": False, **options})
-    model = trainer.Trainer(config, training, total_steps=steps * epochs, strategy=strategy)
+    model = trainer.Trainer(config, training, total_steps=steps * (planned_epochs or epochs), strategy=strategy)
     model.model.set_weights(initial_weights)
     return model, model.fit(train_data, eval_data, steps_per_epoch=steps, epochs=epochs, callbacks=callbacks,
                              time_budget=time_budget, early_stopping_patience=early_stopping_patience)
@@ -312,15 +313,14 @@ def test_early_stopping_rule():
 
 
 def test_early_stopping_brings_the_end_of_the_decay_to_where_it_would_stop():
-    def end(val_losses, patience, total_steps=100):
-        return trainer._early_stopping_decay_end(val_losses, patience, steps_per_epoch=10, total_steps=total_steps)
+    def end(val_losses, patience):
+        return trainer._early_stopping_decay_end(val_losses, patience, steps_per_epoch=10)
 
-    assert end([3.0, 2.0, 1.9], patience=2) == 100  # every epoch improved
-    assert end([3.0, 2.0, 2.1], patience=0) == 100  # early stopping is off
+    assert end([3.0, 2.0, 1.9], patience=2) is None  # every epoch improved
+    assert end([3.0, 2.0, 2.1], patience=0) is None  # early stopping is off
     assert end([3.0, 2.0, 2.1], patience=2) == 40  # it stops after epoch 4 unless epoch 4 improves
     assert end([3.0, 2.0, 2.1, 1.9, 2.5], patience=2) == 40  # an improvement after it keeps the lowered end
     assert end([3.0, 2.0, 2.0], patience=1) == 30  # a tie is no improvement
-    assert end([3.0, 2.0, 2.1], patience=5, total_steps=50) == 50  # never past the run's end
 
 
 def test_a_run_that_early_stopping_ends_ends_annealed(data, monkeypatch):
@@ -331,3 +331,9 @@ def test_a_run_that_early_stopping_ends_ends_annealed(data, monkeypatch):
     assert history["stopped"] == "early_stopping" and history["steps"] == 8
     assert float(model.decay_end.numpy()) == 8.0
     assert history["learning_rate"][-1] == pytest.approx(3e-3 * trainer.WarmupCosineDecay.ALPHA)
+
+
+def test_a_fit_of_part_of_the_run_keeps_the_runs_decay(data):
+    # A run of 3 epochs, killed after its first: the schedule still decays over all 3.
+    model, _ = short_fit(data, steps=2, epochs=1, planned_epochs=3, early_stopping_patience=2)
+    assert float(model.decay_end.numpy()) == 6.0
