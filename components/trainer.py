@@ -498,16 +498,16 @@ class Trainer:
         self._copy_to_float32_model()
         return dict(history, stopped=stopped, steps=self.step, best_epoch=best_epoch)
 
-    def _plan_decay(self, step: int, total_steps: int, time_budget: float, start_time: float, last_plan):
+    def _plan_decay(self, step: int, planned_end: int, time_budget: float, start_time: float, last_plan):
         """Where the time budget will end the run, from the rate of the last REPLAN_STEPS steps
         (the first interval, with its tracing, only starts the clock): the learning rate decays to
-        that step. A run that fits its budget keeps total_steps (the planned end), and stays
-        deterministic."""
+        that step. A run that fits its budget keeps planned_end (its last step, or early
+        stopping's), and stays deterministic."""
         now = time.time()
         if last_plan is not None and now > last_plan:
             rate = REPLAN_STEPS / (now - last_plan)
             left = max(time_budget - (now - start_time), 0.0)
-            self.decay_end.assign(min(float(total_steps), step + left * rate))
+            self.decay_end.assign(min(float(planned_end), step + left * rate))
         return now
 
     def _plan_early_stopping_decay(self, val_losses, patience: int, steps_per_epoch: int, total_steps: int) -> int:

@@ -199,9 +199,9 @@ def test_a_time_budget_moves_the_end_of_the_decay():
 def test_a_run_the_budget_ends_plans_its_decay_to_the_budget(data):
     model, _ = short_fit(data, steps=3)
     start = time.time() - 30.0  # 30 s of a 40 s budget spent; 100 steps took the last 10 s
-    model._plan_decay(200, total_steps=10_000, time_budget=40.0, start_time=start, last_plan=time.time() - 10.0)
+    model._plan_decay(200, planned_end=10_000, time_budget=40.0, start_time=start, last_plan=time.time() - 10.0)
     assert float(model.decay_end.numpy()) == pytest.approx(300.0, rel=0.02)  # 10 s left at 10 steps/s
-    model._plan_decay(300, total_steps=310, time_budget=1000.0, start_time=time.time(), last_plan=time.time() - 1.0)
+    model._plan_decay(300, planned_end=310, time_budget=1000.0, start_time=time.time(), last_plan=time.time() - 1.0)
     assert float(model.decay_end.numpy()) == 310.0  # the budget is ample: the run's own end
 
 
