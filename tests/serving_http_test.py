@@ -138,6 +138,7 @@ for position in range(10 ** 6):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_500_idle_or_trickling_connections_leave_real_clients_p99_within_2x(server):
     """A thread per connection used to cap REST at 64 connections: every other client got 503."""
     def p99_of_requests(count=300):
