@@ -306,7 +306,8 @@ class Trainer:
         self.mixed_precision = training.mixed_precision and bf16_supported()
         if training.mixed_precision and not self.mixed_precision:
             logging.info("--mixed_precision: no bf16 support on this machine; training in float32.")
-        # The step the learning rate decays to: total_steps, or sooner when fit's time budget will end the run.
+        # The step the learning rate decays to: total_steps, or sooner when early stopping or fit's time budget
+        # will end the run.
         self.decay_end = tf.Variable(float(total_steps), trainable=False)
         policy = keras.config.dtype_policy()
         try:
