@@ -140,25 +140,28 @@ for position in range(10 ** 6):
 @pytest.mark.slow
 @pytest.mark.alone
 def test_500_idle_or_trickling_connections_leave_real_clients_p99_within_2x(server):
-    """A thread per connection used to cap REST at 64 connections: every other client got 503."""
-    def p99_of_requests(count=300):
+    """A thread per connection used to cap REST at 64 connections: every other client got 503.
+    A request takes ~1.5 ms, so a p99 needs a few seconds of them: with 300 (the 3rd slowest), one
+    hiccup of the host decided it (2.13x in one CI run). The baseline brackets the held run."""
+    def latencies(count):
         connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
         try:
-            return np.percentile([predict_once(server, connection) for _ in range(count)], 99)
+            return [predict_once(server, connection) for _ in range(count)]
         finally:
             connection.close()
 
-    p99_of_requests(30)  # warm
-    free = p99_of_requests()
+    latencies(30)  # warm
+    free = latencies(1000)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(server.rest_port)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         time.sleep(2.5)  # every trickling connection has started its request
-        held = p99_of_requests()
+        held = latencies(2000)
         new_connections = [predict_once(server) for _ in range(20)]
         assert holder.poll() is None  # no connection was refused or reset
     finally:
         holder.kill()
         holder.wait()
-    assert held <= 2 * free, (free, held)
+    free += latencies(1000)
+    assert np.percentile(held, 99) <= 2 * np.percentile(free, 99), (np.percentile(free, 99), np.percentile(held, 99))
     assert max(new_connections) < 1.0, new_connections
