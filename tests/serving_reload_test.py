@@ -348,8 +348,8 @@ def test_version_swaps_under_8_clients_keep_p99_within_2_5x_of_steady_state(tiny
     counts from the push until the old version is freed: its load, its warm-up (without warm-up,
     requests waited up to 8.1 s here) and the collection that frees the old version (~0.5 s holding
     every request). Steady state is before, between and after the swaps, about as long as they are:
-    a p99 over a shorter stretch reads low (with no swap at all, 16 s of steady state against the
-    next 60 s measured 1.13-1.25x). The 8 clients keep the 2 cores busy, so the warm-up's CPU work
+    a p99 over a shorter stretch reads low (in-process clients with no swap at all: the middle 60 s
+    measured 1.13-1.25x of the 8 s before and after). The 8 clients keep the 2 cores busy, so the warm-up's CPU work
     (~5 s) comes out of theirs: on 2026-12-05 this test measured 1.48-2.16x (5 runs), and the same
     warm-up run by another process at nice 19 or SCHED_IDLE raised in-process clients' p99 1.3-1.9x."""
     path = str(tmp_path / "storygen")
