@@ -63,15 +63,15 @@ def padding_bias(encoder_mask):
     return tf.where(tf.transpose(encoder_mask)[:, :, None], 0.0, NEG_INF)
 
 
-def write_row(cache, position, row):
-    """Writes row [1, B, heads, head_dim] at `position` of cache [window, B, heads, head_dim].
+def write_row(cache, index, row):
+    """Writes row [1, B, heads, head_dim] at `index` ([position], int32) of cache [window, B, heads, head_dim].
 
     InplaceUpdate is a core op that writes into its input's buffer without copying it
     (concatenating, or tensor_scatter_nd_update, copies the whole cache at every token). So
     the buffer must have one owner: `prefill` allocates each cache (`empty_buffer`, or a
     tf.pad of its own input), and each is passed to one decode_step only.
     """
-    return tf.raw_ops.InplaceUpdate(x=cache, i=tf.reshape(position, [1]), v=row)
+    return tf.raw_ops.InplaceUpdate(x=cache, i=index, v=row)
 
 
 def empty_buffer(shape) -> tf.Tensor:

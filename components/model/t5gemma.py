@@ -128,14 +128,25 @@ class T5Gemma(PretrainedSeq2Seq):
         heads, kv_heads, head_dim = (backbone.decoder_num_attention_heads, backbone.decoder_num_key_value_heads,
                                      backbone.decoder_head_dim)
         groups = heads // kv_heads
-        batch = tf.shape(token_ids)[0]
         cos, sin = weights["cos"][position], weights["sin"][position]
         attention_cap = backbone.attn_logit_softcapping
+
+        # Once per step, not per layer: the cache row this position writes, and per kind of
+        # layer the rows it reads (first .. position, as Slice's begin and size). Reshapes take
+        # -1 for the batch, so no layer computes a shape.
+        index = tf.reshape(position, [1])
+
+        def rows_seen(window):
+            first = 0 if window is None else tf.maximum(0, position - window)
+            return tf.stack([first, 0, 0, 0]), tf.stack([position + 1 - first, -1, -1, -1])
+
+        windows = dict.fromkeys(block["sliding_window"] for block in weights["blocks"])  # in the layers' order
+        seen = {window: rows_seen(window) for window in windows}
 
         # Grouped-query attention: a query [B, kv_heads, groups, head_dim] attends to keys and
         # values [T, B, kv_heads, 1, head_dim]. (Every head its own keys: no grouping at all.)
         def query_heads(query):
-            return tf.reshape(query, [batch, kv_heads, groups, head_dim] if groups > 1 else [batch, heads, head_dim])
+            return tf.reshape(query, [-1, kv_heads, groups, head_dim] if groups > 1 else [-1, heads, head_dim])
 
         def shared(keys):
             return keys[:, :, :, None] if groups > 1 else keys
@@ -148,22 +159,22 @@ class T5Gemma(PretrainedSeq2Seq):
 
             def self_attention(h):
                 # Queries and keys rotated together: [B, heads + kv_heads, head_dim].
-                query_key, value = tf.split(tf.reshape(dense(h, block["qkv"]), [batch, heads + 2 * kv_heads, head_dim]),
+                query_key, value = tf.split(tf.reshape(dense(h, block["qkv"]), [-1, heads + 2 * kv_heads, head_dim]),
                                             [heads + kv_heads, kv_heads], axis=1)
                 query, key = tf.split(rotate(query_key, cos, sin), [heads, kv_heads], axis=1)
-                keys.append(write_row(cache.keys[i], position, key[None]))
-                values.append(write_row(cache.values[i], position, value[None]))
-                first = 0 if block["sliding_window"] is None else tf.maximum(0, position - block["sliding_window"])
-                attended = attend(query_heads(query), shared(keys[i][first: position + 1]),
-                                  shared(values[i][first: position + 1]), cap=attention_cap)
-                return dense(tf.reshape(attended, [batch, heads * head_dim]), block["self_output"])
+                keys.append(write_row(cache.keys[i], index, key[None]))
+                values.append(write_row(cache.values[i], index, value[None]))
+                begin, size = seen[block["sliding_window"]]
+                attended = attend(query_heads(query), shared(tf.slice(keys[i], begin, size)),
+                                  shared(tf.slice(values[i], begin, size)), cap=attention_cap)
+                return dense(tf.reshape(attended, [-1, heads * head_dim]), block["self_output"])
 
             def cross_attention(h):
                 query = query_heads(dense(h, block["cross_query"]))
                 bias = cache.cross_bias[..., None] if groups > 1 else cache.cross_bias
                 attended = attend(query, shared(cache.cross_keys[i]), shared(cache.cross_values[i]), bias,
                                   cap=attention_cap)
-                return dense(tf.reshape(attended, [batch, heads * head_dim]), block["cross_output"])
+                return dense(tf.reshape(attended, [-1, heads * head_dim]), block["cross_output"])
 
             def feedforward(h):
                 gate, up = tf.split(dense(h, block["intermediate"]), 2, axis=-1)
