@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from components.model import StoryTransformer
 
@@ -105,3 +106,22 @@ def test_decode_step_reads_no_row_after_its_position(model):
     expected, _ = model.decode_step(ids(20), 2, fresh, weights)
     got, _ = model.decode_step(ids(20), 2, stale, weights)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("op_type", ["Shape", "Pack"])
+def test_decode_step_computes_shapes_once_per_step_not_per_layer(op_type):
+    """A deeper decoder adds only its layers' own work to a token: the batch's shape and the
+    attended rows (Pack: a slice's bounds, a reshape's shape) are computed once per step."""
+
+    def count(num_layers):
+        keras.utils.set_random_seed(1)
+        deeper = StoryTransformer(**{**CONFIG, "num_layers": num_layers})
+        deeper((ids([2, 5, 6, 0]), ids([2])))  # builds its layers
+        states, mask = deeper.encode(ids([2, 5, 6, 0]))
+        weights = deeper.decoding_weights()
+        _, cache = deeper.prefill(ids([2]), states, mask, cache_size=12, weights=weights)
+        step = tf.function(deeper.decode_step).get_concrete_function(
+            tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), cache, weights)
+        return sum(op.type == op_type for op in step.graph.get_operations())
+
+    assert count(3) == count(1)
