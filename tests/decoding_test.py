@@ -1,6 +1,7 @@
 """Sampling in `components.model.decoding`: top-k and top-p keep what their definitions keep
 (checked against a plain NumPy reading of them), and drawing among the top-k candidates alone
-gives the very token that filtering the whole vocabulary gives, with the same noise."""
+gives the very token that filtering the whole vocabulary gives, with the same noise. The output
+projection in blocks gives the whole matrix's logits."""
 
 import numpy as np
 import pytest
@@ -58,3 +59,22 @@ def test_a_draw_is_the_gumbel_max_of_the_filtered_vocabulary(top_k, top_p):
 
 def test_greedy_is_the_argmax_whatever_the_filters():
     np.testing.assert_array_equal(draw(4, 0.8, seed=0, temperature=0.0), LOGITS.argmax(axis=-1))
+
+
+@pytest.mark.parametrize("rows, vocab, blocks", [(1, 65536, 1), (7, 65536, 1), (8, 65536, 16), (64, 65552, 16),
+                                                 (8, 65544, 1), (64, 8000, 1)])
+def test_the_projection_in_blocks_gives_the_whole_matrixs_logits(rows, vocab, blocks):
+    """Traced as `generate` traces it (the row count a tensor): the head is blocked from 8 rows
+    on, for a vocabulary of 65536 and more that 16 divides, and the logits are x @ head either way."""
+    head = tf.constant(np.random.default_rng(1).normal(size=[8, vocab]).astype("float32"))
+    x = tf.constant(np.random.default_rng(2).normal(size=[rows, 8]).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8])])
+    def project(x):
+        laid_out = decoding.head_for_batch(head, tf.shape(x)[0])
+        blocks = tf.shape(laid_out)[0] if laid_out.shape.rank == 3 else 1
+        return blocks, decoding.project(x, laid_out)
+
+    used_blocks, logits = project(x)
+    assert int(used_blocks) == blocks
+    np.testing.assert_allclose(logits.numpy(), x.numpy() @ head.numpy(), rtol=1e-5, atol=1e-4)

@@ -15,7 +15,7 @@ import preset_fixtures
 from components import exporter, trainer, transform
 from components.common import UserError
 from components.config import ExportConfig, ModelConfig, TrainingConfig
-from components.model import PRESET_DIR, build_model, load_model, presets, save_model
+from components.model import PRESET_DIR, build_model, decoding, load_model, presets, save_model
 from components.tokenizer import Tokenizer
 
 PROMPTS = ["从前有座山，山里有座庙，", "Once upon a time", "一只狐狸", "The dragon slept under the castle and",
@@ -132,6 +132,19 @@ def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, saved_mo
     expected = keras_hub_greedy(preset)
     assert exported == expected
     assert len({tuple(ids) for ids in expected}) > 1  # the prompts lead to different stories
+
+
+@pytest.mark.slow
+def test_t5gemma_decodes_keras_hubs_tokens_with_its_projection_in_blocks(tmp_path, monkeypatch):
+    """The output projection in blocks (`decoding.head_for_batch`, which 256k-piece vocabularies
+    such as T5Gemma's take at 8 rows and more), with its thresholds lowered so that these prompts
+    and the tiny vocabulary take it, still decodes keras-hub's greedy tokens."""
+    monkeypatch.setattr(decoding, "BLOCKED_HEAD_MIN_ROWS", 1)
+    monkeypatch.setattr(decoding, "BLOCKED_HEAD_MIN_VOCAB", decoding.HEAD_BLOCKS)
+    preset = preset_fixtures.save_t5gemma_preset(str(tmp_path / "preset"))
+    model = build_model(model_config(preset))
+    assert model.vocab_size % decoding.HEAD_BLOCKS == 0
+    assert exported_greedy(tf.saved_model.load(export(model, tmp_path / "export"))) == keras_hub_greedy(preset)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ slides the window, so no position past the trained ones is ever used.
 import tensorflow as tf
 
 from components.common import SpecialIds
-from components.model import blocks, internals
+from components.model import blocks, decoding, internals
 from components.model.pretrained import PretrainedSeq2Seq
 
 
@@ -47,4 +47,4 @@ class Bart(PretrainedSeq2Seq):
         x = blocks.layer_norm(x, weights["embedding_norm"])
         x, cache = blocks.decoder_blocks_step(x, position, cache, weights["blocks"], self.backbone.num_heads,
                                               normalize_first=False)
-        return tf.matmul(x, weights["head"]), cache
+        return decoding.project(x, weights["head"]), cache

@@ -15,7 +15,7 @@ import warnings
 import tensorflow as tf
 
 from components.common import SpecialIds
-from components.model import blocks
+from components.model import blocks, decoding
 from components.model.pretrained import PretrainedSeq2Seq
 
 
@@ -100,5 +100,5 @@ class T5(PretrainedSeq2Seq):
                                               weights["blocks"], self.backbone.num_heads, normalize_first=True,
                                               norm=blocks.rms_norm, self_bias=bias)
         x = self.scale_states(blocks.rms_norm(x, weights["norm"]))
-        logits = tf.matmul(x, weights["head"])
+        logits = decoding.project(x, weights["head"])
         return logits, cache

@@ -19,7 +19,7 @@ import tensorflow as tf
 from components.common import SpecialIds
 from components.model import blocks
 from components.model.blocks import dense_weights, rms_norm
-from components.model.decoding import attend, dense, soft_cap, write_row
+from components.model.decoding import attend, dense, project, soft_cap, write_row
 from components.model.pretrained import PretrainedSeq2Seq
 
 
@@ -184,4 +184,4 @@ class T5Gemma(PretrainedSeq2Seq):
             x = sublayer(x, "cross", cross_attention)
             x = sublayer(x, "feedforward", feedforward)
         x = rms_norm(x, weights["norm"])
-        return soft_cap(tf.matmul(x, weights["head"]), self.logit_soft_cap), cache._replace(keys=keys, values=values)
+        return soft_cap(project(x, weights["head"]), self.logit_soft_cap), cache._replace(keys=keys, values=values)

@@ -26,7 +26,7 @@ from components import layers
 from components.common import PAD_ID, STORYGEN_IDS
 from components.model import internals
 from components.model.blocks import decoder_block_weights, decoder_blocks_step, layer_norm, norm_weights
-from components.model.decoding import DecoderCache, padding_bias, position_major
+from components.model.decoding import DecoderCache, padding_bias, position_major, project
 
 
 @keras.saving.register_keras_serializable(package="storygen")
@@ -149,7 +149,7 @@ class StoryTransformer(keras.Model):
         """
         x = tf.gather(weights["tokens"], token_ids) + weights["positions"][position]  # [B, d_model]
         x, cache = decoder_blocks_step(x, position, cache, weights["blocks"], self.num_heads, normalize_first=True)
-        logits = tf.matmul(layer_norm(x, weights["norm"]), weights["head"])
+        logits = project(layer_norm(x, weights["norm"]), weights["head"])
         return logits, cache
 
     def call(self, inputs, training=False):
