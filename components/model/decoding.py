@@ -75,6 +75,14 @@ def write_row(cache, index, row):
     return tf.raw_ops.InplaceUpdate(x=cache, i=index, v=row)
 
 
+def rows_read(position, window=None):
+    """Slice's begin and size for the cache rows [window, B, ...] that a query at `position`
+    attends to: first .. position, where first is position - window for a layer that sees only
+    the last `window` + 1 positions (None: every position, first 0)."""
+    first = 0 if window is None else tf.maximum(0, position - window)
+    return tf.stack([first, 0, 0, 0]), tf.stack([position + 1 - first, -1, -1, -1])
+
+
 def empty_buffer(shape) -> tf.Tensor:
     """A zero-filled float32 buffer of its own for `write_row` to write into. The Empty op is
     stateful, so graph optimisation never merges two of them into one buffer (it does merge

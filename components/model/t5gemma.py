@@ -19,7 +19,7 @@ import tensorflow as tf
 from components.common import SpecialIds
 from components.model import blocks
 from components.model.blocks import dense_weights, rms_norm
-from components.model.decoding import attend, dense, project, soft_cap, write_row
+from components.model.decoding import attend, dense, project, rows_read, soft_cap, write_row
 from components.model.pretrained import PretrainedSeq2Seq
 
 
@@ -135,13 +135,8 @@ class T5Gemma(PretrainedSeq2Seq):
         # layer the rows it reads (first .. position, as Slice's begin and size). Reshapes take
         # -1 for the batch, so no layer computes a shape.
         index = tf.reshape(position, [1])
-
-        def rows_seen(window):
-            first = 0 if window is None else tf.maximum(0, position - window)
-            return tf.stack([first, 0, 0, 0]), tf.stack([position + 1 - first, -1, -1, -1])
-
         windows = dict.fromkeys(block["sliding_window"] for block in weights["blocks"])  # in the layers' order
-        seen = {window: rows_seen(window) for window in windows}
+        seen = {window: rows_read(position, window) for window in windows}
 
         # Grouped-query attention: a query [B, kv_heads, groups, head_dim] attends to keys and
         # values [T, B, kv_heads, 1, head_dim]. (Every head its own keys: no grouping at all.)
