@@ -4,7 +4,8 @@
 
 Sections (all by default; `--only` picks some), one module each:
   training        tokens/s of storygen's trainer vs the same model in PyTorch (eager, torch.compile),
-                  fp32 and bf16; model FLOPs utilisation; padding waste    (benchmarks/training.py)
+                  fp32 and bf16; model FLOPs utilisation; padding waste; where storygen's step
+                  spends its time (a profile by part of the model)        (benchmarks/training.py)
   input_pipeline  examples/s of transform.training_batches vs what the trainer consumes
                                                                            (benchmarks/input_pipeline.py)
   decoding        the exported `generate` signature vs recompute, keras-hub's BartSeq2SeqLM.generate

@@ -23,11 +23,19 @@ FLOP/s on the padded batch shapes, which is what both frameworks compute.
 MFU divides achieved FLOP/s by the best large-matmul FLOP/s of this machine, measured in the same
 run with tf.matmul and torch.mm (2048 and, in the full run, 4096 square; before and after the
 training runs; the highest of all).
+
+Where storygen's step spends its time, at each precision: one pass over the timed batches under
+TensorFlow's profiler in a worker that runs one op at a time (inter-op parallelism 1, so the ops'
+times add up to the pass's), its ops' time summed by part of the model (`step_parts`), in the
+section's notes. CPU only: on a GPU the host's op times are launches, not the kernels.
 """
 
+import collections
 import dataclasses
+import glob
 import json
 import os
+import re
 import time
 
 from benchmarks.harness import alternate, best_by_omp, omp_name, omp_of, omp_settings, timed
@@ -170,6 +178,63 @@ def batches_work(batches, model_config) -> dict:
             "useful_flops": useful}
 
 
+# ---------------------------------------------------------------------- where the step's time goes
+
+
+def traced_ops(log_dir: str) -> list:
+    """(op name, op type, ms) of every TensorFlow op that ran on the host's compute threads in
+    the newest profile under `log_dir` (TensorFlow's trace names an op's event "name:type")."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    with open(sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.xplane.pb")))[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    op_event = re.compile(r"^([^ :]+):(\w+)$")
+    ops = []
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if line.name.startswith("tf_Compute"):
+                for event in line.events:
+                    match = op_event.match(plane.event_metadata[event.metadata_id].name)
+                    if match:
+                        ops.append((match[1], match[2], event.duration_ps / 1e9))
+    return ops
+
+
+def step_part(name: str, op_type: str, optimizer: str) -> str:
+    """The part of storygen's training step that an op (by its name and type) belongs to.
+
+    >>> step_part("gradient_tape/decoder_0_1/self_attention_layer_norm_1/mul", "Mul", "adam_w")
+    'layer norms'
+    >>> step_part("decoder_1_1/self_attention_1/MatMul", "_MklBatchMatMulV2", "adam_w")
+    'attention: scores and weighted values (matmuls)'
+    """
+    matmul = "MatMul" in op_type or "Einsum" in op_type
+    if name.startswith((optimizer + "/", "clip_by_global_norm", "global_norm")):
+        return "optimizer and gradient clipping"
+    if "/while/" in name or name.startswith("while/"):  # the chunked output loss is the step's one loop
+        return "output projection and loss: matmuls" if matmul else "output loss: softmax, casts, gradient"
+    if re.search(r"_norm(_\d+)?/", name):  # the blocks' *_layer_norm, encoder_norm, decoder_norm
+        return "layer norms"
+    if "attention" in name:
+        if "BatchMatMul" in op_type:
+            return "attention: scores and weighted values (matmuls)"
+        return "attention: query/key/value/output projections" if matmul else "attention: softmax, mask, casts"
+    if "feedforward" in name:
+        return "feed-forward: matmuls" if matmul else "feed-forward: bias, relu"
+    return "matmuls elsewhere" if matmul else "other"
+
+
+def step_parts(ops, optimizer: str) -> dict:
+    """{part: ms} of `traced_ops`' list, by `step_part`."""
+    parts = collections.Counter()
+    for name, op_type, ms in ops:
+        parts[step_part(name, op_type, optimizer)] += ms
+    return dict(parts)
+
+
 # ---------------------------------------------------------------------- the peers (worker processes)
 
 STORYGEN_WORKER = "benchmarks.training:storygen_worker"
@@ -205,13 +270,16 @@ def tf_matmul_peak(dtype: str, n: int = 2048, seconds: float = 1.0) -> float:
     return best
 
 
-def storygen_worker(batches_path: str, model_config: dict, mixed_precision: bool):
-    """Worker: storygen's Trainer step on the saved batches, in order, one step per batch."""
+def storygen_worker(batches_path: str, model_config: dict, mixed_precision: bool, one_op_at_a_time: bool = False):
+    """Worker: storygen's Trainer step on the saved batches, in order, one step per batch.
+    `one_op_at_a_time`: inter-op parallelism 1, for `profile`."""
     import keras
     import tensorflow as tf
 
     from components.trainer import Trainer
 
+    if one_op_at_a_time:
+        tf.config.threading.set_inter_op_parallelism_threads(1)  # before the first op runs
     batches = load_batches(batches_path)
     keras.utils.set_random_seed(0)
     # The learning-rate schedule does not change a step's cost; this one never ends.
@@ -234,8 +302,20 @@ def storygen_worker(batches_path: str, model_config: dict, mixed_precision: bool
         assert int(tokens) == work["tokens"], (tokens, work["tokens"])
         return work
 
-    return {"info": lambda: {"mixed_precision": trainer.mixed_precision, **work},
-            "run": timed(run), "peak": tf_matmul_peak}
+    def profile(log_dir: str) -> dict:
+        """One run under TensorFlow's profiler: its seconds and {part: ms} (`step_parts`)."""
+        tf.profiler.experimental.start(log_dir)
+        start = time.perf_counter()
+        try:
+            run()
+        finally:
+            seconds = time.perf_counter() - start
+            tf.profiler.experimental.stop()
+        return {"seconds": seconds, "parts": step_parts(traced_ops(log_dir), trainer.optimizer.name)}
+
+    return {"info": lambda: {"mixed_precision": trainer.mixed_precision,
+                             "gpu": bool(tf.config.list_logical_devices("GPU")), **work},
+            "run": timed(run), "peak": tf_matmul_peak, "profile": profile}
 
 
 def torch_worker(batches_path: str, model_config: dict, compile: bool, bf16: bool):
@@ -364,4 +444,32 @@ def run_section(h, prep: dict) -> dict:
     peak = peaks.close()
     examples = [report(h, precision, stats, peak["bfloat16" if precision == "bf16" else "float32"])
                 for precision, stats in results.items() if stats is not None]
+    for precision in (p for p, stats in results.items() if stats is not None):
+        profile = profile_in_worker(h, prep, precision)
+        if profile:
+            h.note(profile_note(precision, profile))
     return {"examples_per_second": max(examples)}
+
+
+def profile_in_worker(h, prep: dict, precision: str) -> dict | None:
+    """storygen's step at one precision, profiled in a worker of its own (see `step_parts`):
+    {"seconds", "parts"}; None on a GPU."""
+    w = h.worker(f"profile-{precision}", STORYGEN_WORKER, batches_path=prep["batches"],
+                 model_config=prep["model_config"], mixed_precision=precision == "bf16", one_op_at_a_time=True)
+    try:
+        if w.call("info")["gpu"]:
+            h.note(f"training {precision}: no profile on a GPU (it reads the CPU's op times)")
+            return None
+        w.call("run")  # warm-up: tracing
+        return w.call("profile", log_dir=os.path.join(h.work_dir, f"profile-{precision}"))
+    finally:
+        w.close()
+
+
+def profile_note(precision: str, profile: dict) -> str:
+    """The profile as one note line, the largest part first."""
+    parts, total = profile["parts"], sum(profile["parts"].values())
+    return (f"training {precision}: where storygen's step spends its time (op time, one op at a time; "
+            f"{total:.0f} ms of the pass's {1000 * profile['seconds']:.0f}): "
+            + ", ".join(f"{part} {ms:.0f} ms ({100 * ms / total:.0f}%)"
+                        for part, ms in sorted(parts.items(), key=lambda item: -item[1])))

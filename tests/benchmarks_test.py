@@ -55,6 +55,51 @@ def test_useful_flops_count_each_story_at_its_own_lengths():
     assert work["useful_flops"] < work["flops"]
 
 
+def test_step_part_of_ops_named_as_in_the_trainers_step():
+    ops = {  # (name, type) as TensorFlow's trace names them in a training step: part
+        ("while/body/_1/while/MatMul", "_MklMatMul"): "output projection and loss: matmuls",
+        ("while/body/_1/while/Softmax", "_MklSoftmax"): "output loss: softmax, casts, gradient",
+        ("decoder_0_1/self_attention_1/query_1/einsum/Einsum", "_MklEinsum"):
+            "attention: query/key/value/output projections",
+        ("gradient_tape/decoder_2_1/cross_attention_1/MatMul_1/MatMul", "_MklBatchMatMulV2"):
+            "attention: scores and weighted values (matmuls)",
+        ("decoder_1_1/self_attention_1/Softmax", "_MklSoftmax"): "attention: softmax, mask, casts",
+        # A norm inside a block whose name says attention or feedforward is a norm.
+        ("gradient_tape/decoder_0_1/self_attention_layer_norm_1/mul", "Mul"): "layer norms",
+        ("encoder_1_1/feedforward_layer_norm_1/Rsqrt", "Rsqrt"): "layer norms",
+        ("decoder_norm_1/moments/mean", "Mean"): "layer norms",
+        ("decoder_3_1/feedforward_intermediate_dense_1/Tensordot/MatMul", "_MklMatMul"): "feed-forward: matmuls",
+        ("gradient_tape/decoder_3_1/feedforward_intermediate_dense_1/ReluGrad", "ReluGrad"):
+            "feed-forward: bias, relu",
+        ("adam_w/Sub_733/ReadVariableOp", "ReadVariableOp"): "optimizer and gradient clipping",
+        ("clip_by_global_norm/mul_2", "Mul"): "optimizer and gradient clipping",
+        ("decoder_embedding_1/GatherV2", "GatherV2"): "other",
+    }
+    for (name, op_type), part in ops.items():
+        assert training.step_part(name, op_type, "adam_w") == part, name
+    assert training.step_parts([("adam_w/Mul", "Mul", 1.5), ("global_norm/Sum", "Sum", 2.0),
+                                ("while/body/_1/while/MatMul_2", "_MklMatMul", 4.0)], "adam_w") == {
+        "optimizer and gradient clipping": 3.5, "output projection and loss: matmuls": 4.0}
+
+
+@pytest.mark.slow
+def test_quick_training_profile_adds_up_to_the_pass(tmp_path):
+    """The training section's profile of storygen's step (--quick's model, fp32) in its worker: one
+    op at a time, so the parts' op time is most of the profiled pass and never more."""
+    h = harness.Harness(quick=True, repeats=1, work_dir=str(tmp_path))
+    try:
+        profile = training.profile_in_worker(h, training.prepare_in_worker(h), "fp32")
+    finally:
+        h.close()
+    parts, total_ms = profile["parts"], sum(profile["parts"].values())
+    assert 0.5 * 1000 * profile["seconds"] < total_ms <= 1000 * profile["seconds"]
+    for part in ("output projection and loss: matmuls", "feed-forward: matmuls", "layer norms",
+                 "attention: scores and weighted values (matmuls)", "optimizer and gradient clipping"):
+        assert parts[part] > 0, part
+    assert parts.get("matmuls elsewhere", 0) == 0 and parts["other"] < 0.25 * total_ms
+    assert training.profile_note("fp32", profile).startswith("training fp32: where storygen's step spends its time")
+
+
 def test_rows_are_oriented_so_that_higher_is_better():
     faster = harness.make_row("rate", "tokens/s", harness.Stat([90.0, 100.0, 120.0]), "peer",
                               harness.Stat([40.0, 50.0, 70.0]), target=1.5)
