@@ -302,20 +302,20 @@ def storygen_worker(batches_path: str, model_config: dict, mixed_precision: bool
         assert int(tokens) == work["tokens"], (tokens, work["tokens"])
         return work
 
+    timed_run = timed(run)
+
     def profile(log_dir: str) -> dict:
         """One run under TensorFlow's profiler: its seconds and {part: ms} (`step_parts`)."""
         tf.profiler.experimental.start(log_dir)
-        start = time.perf_counter()
         try:
-            run()
+            seconds = timed_run()["seconds"]
         finally:
-            seconds = time.perf_counter() - start
             tf.profiler.experimental.stop()
         return {"seconds": seconds, "parts": step_parts(traced_ops(log_dir), trainer.optimizer.name)}
 
     return {"info": lambda: {"mixed_precision": trainer.mixed_precision,
                              "gpu": bool(tf.config.list_logical_devices("GPU")), **work},
-            "run": timed(run), "peak": tf_matmul_peak, "profile": profile}
+            "run": timed_run, "peak": tf_matmul_peak, "profile": profile}
 
 
 def torch_worker(batches_path: str, model_config: dict, compile: bool, bf16: bool):
