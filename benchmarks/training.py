@@ -39,7 +39,7 @@ import re
 import time
 
 from benchmarks.harness import alternate, best_by_omp, omp_name, omp_of, omp_settings, timed
-from components.common import PAD_ID
+from components.common import OUTPUT_LOSS_LOOP, PAD_ID
 from components.config import IngestConfig, ModelConfig, TokenizerConfig, TrainingConfig
 
 # The full run's model (the decoding section's too): d_model 256, 4+4 layers, feed-forward 1024,
@@ -214,7 +214,7 @@ def step_part(name: str, op_type: str, optimizer: str) -> str:
     matmul = "MatMul" in op_type or "Einsum" in op_type
     if name.startswith((optimizer + "/", "clip_by_global_norm", "global_norm")):
         return "optimizer and gradient clipping"
-    if "/while/" in name or name.startswith("while/"):  # the chunked output loss is the step's one loop
+    if re.search(f"(^|/){OUTPUT_LOSS_LOOP}/", name):  # the ops of the chunked output loss's loop
         return "output projection and loss: matmuls" if matmul else "output loss: softmax, casts, gradient"
     if re.search(r"_norm(_\d+)?/", name):  # the blocks' *_layer_norm, encoder_norm, decoder_norm
         return "layer norms"

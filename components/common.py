@@ -43,6 +43,10 @@ class SpecialIds(NamedTuple):
 # storygen's own tokenizer and model: BOS opens the prompt and the story, EOS ends the story.
 STORYGEN_IDS = SpecialIds(pad=PAD_ID, start=BOS_ID, eos=EOS_ID, prompt_start=BOS_ID, prompt_end=None)
 
+# The name of the training step's loop over the output loss's chunks (trainer.output_loss_sum):
+# its ops' names in a profile contain "output_loss/".
+OUTPUT_LOSS_LOOP = "output_loss"
+
 # Added to the logits or attention scores of what must not be chosen: exp gives 0 in float32.
 NEG_INF = -1e9
 

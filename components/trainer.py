@@ -30,7 +30,7 @@ from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
 from components import transform
-from components.common import PAD_ID, UserError
+from components.common import OUTPUT_LOSS_LOOP, PAD_ID, UserError
 from components.config import SCHEDULES, STRATEGIES, ModelConfig, TrainingConfig
 from components.model import build_model, presets, save_model
 from components.model.decoding import StoryGenerator
@@ -259,7 +259,8 @@ def output_loss_sum(targets, states, embeddings, label_smoothing: float = 0.0, c
         _, total, row_gradients, weight_gradient = tf.while_loop(
             lambda i, *_: i < chunks, chunk,
             (0, tf.constant(0.0), tf.TensorArray(rows.dtype, size=chunks, element_shape=[chunk_rows, None]),
-             tf.zeros(tf.shape(weights), tf.float32)))
+             tf.zeros(tf.shape(weights), tf.float32)),
+            name=OUTPUT_LOSS_LOOP)
         row_gradients = tf.reshape(row_gradients.stack(), [-1, d_model])[:count]
 
         def gradient(upstream):

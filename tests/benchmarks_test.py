@@ -57,8 +57,8 @@ def test_useful_flops_count_each_story_at_its_own_lengths():
 
 def test_step_part_of_ops_named_as_in_the_trainers_step():
     ops = {  # (name, type) as TensorFlow's trace names them in a training step: part
-        ("while/body/_1/while/MatMul", "_MklMatMul"): "output projection and loss: matmuls",
-        ("while/body/_1/while/Softmax", "_MklSoftmax"): "output loss: softmax, casts, gradient",
+        ("output_loss/body/_1/output_loss/MatMul", "_MklMatMul"): "output projection and loss: matmuls",
+        ("output_loss/body/_1/output_loss/Softmax", "_MklSoftmax"): "output loss: softmax, casts, gradient",
         ("decoder_0_1/self_attention_1/query_1/einsum/Einsum", "_MklEinsum"):
             "attention: query/key/value/output projections",
         ("gradient_tape/decoder_2_1/cross_attention_1/MatMul_1/MatMul", "_MklBatchMatMulV2"):
@@ -74,11 +74,13 @@ def test_step_part_of_ops_named_as_in_the_trainers_step():
         ("adam_w/Sub_733/ReadVariableOp", "ReadVariableOp"): "optimizer and gradient clipping",
         ("clip_by_global_norm/mul_2", "Mul"): "optimizer and gradient clipping",
         ("decoder_embedding_1/GatherV2", "GatherV2"): "other",
+        # Another loop's ops are not the output loss's.
+        ("while/body/_1/while/MatMul", "_MklMatMul"): "matmuls elsewhere",
     }
     for (name, op_type), part in ops.items():
         assert training.step_part(name, op_type, "adam_w") == part, name
     assert training.step_parts([("adam_w/Mul", "Mul", 1.5), ("global_norm/Sum", "Sum", 2.0),
-                                ("while/body/_1/while/MatMul_2", "_MklMatMul", 4.0)], "adam_w") == {
+                                ("output_loss/body/_1/output_loss/MatMul_2", "_MklMatMul", 4.0)], "adam_w") == {
         "optimizer and gradient clipping": 3.5, "output projection and loss: matmuls": 4.0}
 
 
