@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components.model import StoryTransformer
+from components.model import StoryTransformer, decoding
 
 CONFIG = dict(vocab_size=50, max_prompt_tokens=8, max_story_tokens=12, d_model=16, num_layers=2, num_heads=2,
               ff_dim=32, dropout=0.0)
@@ -78,24 +78,31 @@ def test_config_and_save_round_trip(model, tmp_path):
     np.testing.assert_allclose(model(x), restored(x), atol=1e-6)
 
 
-def test_cached_decoding_equals_recomputing_the_prefix(model):
+@pytest.mark.parametrize("block", [32, 4])
+def test_cached_decoding_equals_recomputing_the_prefix(model, monkeypatch, block):
+    """With the default cache block (one block holds the window) and with blocks of 4
+    positions, so that the steps cross from block to block."""
+    monkeypatch.setattr(decoding, "CACHE_BLOCK", block)
     encoder_ids = ids([2, 5, 6, 0], [2, 7, 8, 9])
-    decoder_ids = ids([2, 9, 10, 11, 12, 13], [2, 3, 4, 5, 6, 7])
+    decoder_ids = ids([2, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
     full = model((encoder_ids, decoder_ids)).numpy()
     states, mask = model.encode(encoder_ids)
     logits, cache = model.prefill(decoder_ids[:, :2], states, mask, cache_size=12)
     np.testing.assert_allclose(logits, full[:, :2], atol=1e-4)
-    # Position-major: [window, B, heads, head_dim] and [S, B, heads, head_dim].
-    assert [tuple(k.shape) for k in cache.keys + cache.values] == [(12, 2, 2, 8)] * 4
-    assert [tuple(k.shape) for k in cache.cross_keys + cache.cross_values] == [(4, 2, 2, 8)] * 4
+    # Blocks of positions [blocks * B * heads * block, head_dim]; the prompt's [1, B, heads, S, head_dim].
+    blocks = -(-12 // block)
+    assert [tuple(k.shape) for k in cache.keys + cache.values] == [(blocks * 2 * 2 * block, 8)] * 4
+    assert [tuple(k.shape) for k in cache.cross_keys + cache.cross_values] == [(1, 2, 2, 4, 8)] * 4
     weights = model.decoding_weights()
-    for t in range(2, 6):
+    for t in range(2, 11):
         step_logits, cache = model.decode_step(decoder_ids[:, t], t, cache, weights)
         np.testing.assert_allclose(step_logits, full[:, t], atol=1e-4)
 
 
-def test_decode_step_reads_no_row_after_its_position(model):
+@pytest.mark.parametrize("block", [32, 4])
+def test_decode_step_reads_no_row_after_its_position(model, monkeypatch, block):
     """Rows after the position may hold anything (here: keys of a longer prefix)."""
+    monkeypatch.setattr(decoding, "CACHE_BLOCK", block)
     encoder_ids = ids([2, 5, 6, 0])
     states, mask = model.encode(encoder_ids)
     _, cache = model.prefill(ids([2, 9, 10, 11, 12, 13, 14, 15]), states, mask, cache_size=12)

@@ -108,9 +108,12 @@ def fine_tune(preset, out, steps=6, training=FINE_TUNING, **overrides):
     return str(out / PRESET_DIR), history
 
 
-def test_cached_decoding_is_the_forward_pass(preset):
+@pytest.mark.parametrize("block", [32, 4])
+def test_cached_decoding_is_the_forward_pass(preset, monkeypatch, block):
     """decode_step's logits, position by position, are those of the model's forward pass (T5's
-    relative bias over a growing cache, T5Gemma's sliding window of 4 over 14 positions)."""
+    relative bias over a growing cache, T5Gemma's sliding window of 4 over 14 positions), with
+    the cache in one block and in blocks of 4 positions (the window then starts blocks later)."""
+    monkeypatch.setattr(decoding, "CACHE_BLOCK", block)
     model = build_model(model_config(preset))
     encoder_ids = transform.encode_prompts(tokenizer_of(model), tf.constant(PROMPTS[:2]), PROMPT_TOKENS).to_tensor(
         model.special.pad)

@@ -13,8 +13,8 @@ import math
 
 import tensorflow as tf
 
-from components.model.decoding import (DecoderCache, attend, dense, empty_buffer, padding_bias, position_major,
-                                       rows_read, write_row)
+from components.model.decoding import (DecoderCache, attend, blocks_read, cross_cache, dense, empty_cache,
+                                       padding_bias, write_row, write_rows)
 
 
 def dense_weights(layer, inputs: int):
@@ -71,15 +71,15 @@ def start_cache(blocks, encoder_states, encoder_mask, num_heads: int, cache_size
     """An empty self-attention cache with room for `cache_size` positions, and the
     cross-attention keys and values of the encoder states [B, S, d]."""
     batch = tf.shape(encoder_states)[0]
+    head_dim = blocks[0]["cross_key"][0].shape[1] // num_heads
 
     def heads(x):
-        return position_major(tf.reshape(x, [batch, tf.shape(x)[1], num_heads, -1]))
+        return cross_cache(tf.reshape(x, [batch, tf.shape(x)[1], num_heads, head_dim]))
 
     cross_keys = [heads(dense(encoder_states, block["cross_key"])) for block in blocks]
     cross_values = [heads(dense(encoder_states, block["cross_value"])) for block in blocks]
-    shapes = [tf.stack([cache_size, batch, num_heads, tf.shape(keys)[-1]]) for keys in cross_keys]
-    return DecoderCache([empty_buffer(shape) for shape in shapes], [empty_buffer(shape) for shape in shapes],
-                        cross_keys, cross_values, padding_bias(encoder_mask))
+    keys, values = ([empty_cache(batch, num_heads, head_dim, cache_size) for _ in blocks] for _ in range(2))
+    return DecoderCache(keys, values, cross_keys, cross_values, padding_bias(encoder_mask))
 
 
 def decoder_blocks_step(x, position, cache, blocks, num_heads: int, normalize_first: bool, norm=layer_norm,
@@ -91,16 +91,17 @@ def decoder_blocks_step(x, position, cache, blocks, num_heads: int, normalize_fi
     normalize_first: pre-layer-norm blocks (storygen's, T5's) normalise each sublayer's input;
     post-layer-norm blocks (BART's) normalise the residual sum. norm(x, weights): the
     normalisation (T5's is an RMS norm). self_bias: added to the self-attention scores of keys
-    0 .. position, [position + 1, 1, heads] (T5's relative positions). A block whose "gated" is
+    0 .. position, [position + 1, heads] (T5's relative positions). A block whose "gated" is
     true computes activation(x W) * (x W_gate) from its "intermediate" kernels [W | W_gate]."""
     keys, values = [], []
-    # Once per step, not per layer: the cache row this position writes, and the rows 0 ..
-    # position that attention reads (as Slice's begin and size). Reshapes take -1 for the
-    # batch, so no layer computes a shape: about a fifth fewer ops per token for storygen's model.
-    index = tf.reshape(position, [1])
-    begin, size = rows_read(position)
+    width = blocks[0]["self_output"][0].shape[0]  # heads * head_dim
+    head_dim = width // num_heads
+    # Once per step, not per layer: the cache rows this position writes, and the blocks that
+    # attention reads. Reshapes take -1 for the batch, so no layer computes a shape.
+    batch = tf.shape(x)[0]
+    rows = write_rows(position, batch, num_heads)
+    read = blocks_read(position, batch, num_heads, head_dim, position_bias=self_bias)
     for i, block in enumerate(blocks):
-        width = block["self_output"][0].shape[0]  # heads * head_dim
 
         def sublayer(x, name, compute):
             if normalize_first:
@@ -109,15 +110,14 @@ def decoder_blocks_step(x, position, cache, blocks, num_heads: int, normalize_fi
 
         def self_attention(h):
             qkv = dense(h, block["qkv"])
-            query, key, value = tf.split(tf.reshape(qkv, [1, -1, 3 * num_heads, width // num_heads]), 3, axis=2)
-            keys.append(write_row(cache.keys[i], index, key))
-            values.append(write_row(cache.values[i], index, value))
-            # Rows after `position` hold no keys of this window yet: attend to the rows up to it.
-            attended = attend(query[0], tf.slice(keys[i], begin, size), tf.slice(values[i], begin, size), self_bias)
+            query, key, value = tf.split(tf.reshape(qkv, [-1, 3 * num_heads, 1, head_dim]), 3, axis=1)
+            keys.append(write_row(cache.keys[i], rows, key))
+            values.append(write_row(cache.values[i], rows, value))
+            attended = attend(query, read.of(keys[i]), read.of(values[i]), read.bias)
             return dense(tf.reshape(attended, [-1, width]), block["self_output"])
 
         def cross_attention(h):
-            query = tf.reshape(dense(h, block["cross_query"]), [-1, num_heads, width // num_heads])
+            query = tf.reshape(dense(h, block["cross_query"]), [-1, num_heads, 1, head_dim])
             attended = attend(query, cache.cross_keys[i], cache.cross_values[i], cache.cross_bias)
             return dense(tf.reshape(attended, [-1, width]), block["cross_output"])
 

@@ -41,11 +41,10 @@ def input_signature(name: str) -> list[tf.TensorSpec]:
 
 
 class DecoderCache(NamedTuple):
-    """What decoding a prefix leaves for the next tokens, position-major so that one
-    position's row can be written in place: per block the self-attention keys and values
-    [window, B, heads, head_dim] (rows past the decoded ones are free), the cross-attention
-    keys and values [S, B, heads, head_dim], and the prompt's padding as an additive
-    attention bias [S, B, 1]."""
+    """What decoding a prefix leaves for the next tokens: per block the self-attention keys and
+    values, each a buffer of its own in `to_blocks`' layout (positions past the decoded ones are
+    free), the cross-attention keys and values [1, B, heads, S, head_dim] (`cross_cache`), and
+    the prompt's padding as an additive attention bias [1, B, 1, 1, S] (`padding_bias`)."""
 
     keys: list
     values: list
@@ -54,40 +53,119 @@ class DecoderCache(NamedTuple):
     cross_bias: tf.Tensor
 
 
-def position_major(x):
-    """[B, T, heads, head_dim] -> [T, B, heads, head_dim]."""
-    return tf.transpose(x, [1, 0, 2, 3])
+# Positions per block of a self-attention cache (see `to_blocks`).
+CACHE_BLOCK = 32
+
+
+def cache_blocks(cache_size: int) -> int:
+    """Blocks of a cache with room for `cache_size` positions."""
+    return -(-cache_size // CACHE_BLOCK)
+
+
+def to_blocks(x, cache_size: int):
+    """Keys or values x [B, T, heads, head_dim] of positions 0 .. T - 1 (T <= cache_size) as a
+    self-attention cache with room for `cache_size` positions: a buffer of its own, [blocks * B *
+    heads * CACHE_BLOCK, head_dim], holding [blocks, B, heads, CACHE_BLOCK, head_dim]. Each
+    block's positions of a row and head are contiguous, so attention reads the blocks up to a
+    position as batch matmuls (`attend`); the cache is flat so that `write_row` writes a
+    position in place.
+
+    >>> cache = to_blocks(tf.reshape(tf.range(2 * 3 * 1 * 1, dtype=tf.float32), [2, 3, 1, 1]), 40)
+    >>> cache.shape.as_list(), cache[:4, 0].numpy().tolist(), cache[32:35, 0].numpy().tolist()
+    ([128, 1], [0.0, 1.0, 2.0, 0.0], [3.0, 4.0, 5.0])
+    """
+    heads, head_dim = x.shape[2], x.shape[3]
+    blocks = cache_blocks(cache_size)
+    x = tf.pad(x, [[0, 0], [0, blocks * CACHE_BLOCK - tf.shape(x)[1]], [0, 0], [0, 0]])
+    return tf.reshape(tf.transpose(tf.reshape(x, [-1, blocks, CACHE_BLOCK, heads, head_dim]), [1, 0, 3, 2, 4]),
+                      [-1, head_dim])
+
+
+def empty_cache(batch, heads: int, head_dim: int, cache_size: int) -> tf.Tensor:
+    """A zero-filled self-attention cache in `to_blocks`' layout, for `write_row` to write into.
+    The Empty op is stateful, so graph optimisation never merges two of them into one buffer
+    (it does merge equal tf.zeros ops, and two caches sharing a buffer would overwrite each
+    other's rows)."""
+    shape = tf.stack([cache_blocks(cache_size) * batch * heads * CACHE_BLOCK, head_dim])
+    return tf.raw_ops.Empty(shape=shape, dtype=tf.float32, init=True)
+
+
+def cross_cache(x):
+    """Cross-attention keys or values [B, S, heads, head_dim] laid out as `attend` reads them:
+    one block of all S positions, [1, B, heads, S, head_dim]."""
+    return tf.transpose(x, [0, 2, 1, 3])[None]
 
 
 def padding_bias(encoder_mask):
-    """The prompt's padding mask [B, S] as the additive cross-attention bias [S, B, 1]."""
-    return tf.where(tf.transpose(encoder_mask)[:, :, None], 0.0, NEG_INF)
+    """The prompt's padding mask [B, S] as the additive cross-attention bias [1, B, 1, 1, S]."""
+    return tf.where(encoder_mask, 0.0, NEG_INF)[None, :, None, None, :]
 
 
-def write_row(cache, index, row):
-    """Writes row [1, B, heads, head_dim] at `index` ([position], int32) of cache [window, B, heads, head_dim].
+def write_rows(position, batch, heads: int):
+    """The rows of a cache (`to_blocks`) that hold position `position` of each of `batch` rows
+    and `heads` heads, [batch * heads], in the order of keys [B, heads, head_dim].
+
+    >>> write_rows(tf.constant(33), 2, 1).numpy().tolist()  # block 1 starts at row 2 * 32
+    [65, 97]
+    """
+    per_block = batch * heads * CACHE_BLOCK
+    return position // CACHE_BLOCK * per_block + position % CACHE_BLOCK + tf.range(batch * heads) * CACHE_BLOCK
+
+
+def write_row(cache, rows, row):
+    """Writes one position's keys or values row [B, heads, head_dim] at `rows` (`write_rows`)
+    of a cache (`to_blocks`).
 
     InplaceUpdate is a core op that writes into its input's buffer without copying it
     (concatenating, or tensor_scatter_nd_update, copies the whole cache at every token). So
-    the buffer must have one owner: `prefill` allocates each cache (`empty_buffer`, or a
-    tf.pad of its own input), and each is passed to one decode_step only.
+    the buffer must have one owner: `prefill` allocates each cache (`empty_cache`, or
+    `to_blocks` of its own input), and each is passed to one decode_step only.
     """
-    return tf.raw_ops.InplaceUpdate(x=cache, i=index, v=row)
+    return tf.raw_ops.InplaceUpdate(x=cache, i=rows, v=tf.reshape(row, [-1, row.shape[-1]]))
 
 
-def rows_read(position, window=None):
-    """Slice's begin and size for the cache rows [window, B, ...] that a query at `position`
-    attends to: first .. position, where first is position - window for a layer that sees only
-    the last `window` + 1 positions (None: every position, first 0)."""
+class CacheRead(NamedTuple):
+    """The cache blocks a query reads (`blocks_read`): Slice's begin and size on a cache, the
+    shape [blocks, B, heads, CACHE_BLOCK, head_dim] to view them in, and the additive bias
+    [blocks, 1, 1 or heads, 1, CACHE_BLOCK] of their positions' scores."""
+
+    begin: tf.Tensor
+    size: tf.Tensor
+    shape: tf.Tensor
+    bias: tf.Tensor
+
+    def of(self, cache):
+        """The blocks read of `cache`, [blocks, B, heads, CACHE_BLOCK, head_dim] (no copy)."""
+        return tf.reshape(tf.slice(cache, self.begin, self.size), self.shape)
+
+
+def blocks_read(position, batch, heads: int, head_dim: int, window=None, position_bias=None) -> CacheRead:
+    """What a query at `position` reads of a cache (`to_blocks`) of `batch` rows and `heads`
+    heads: the blocks holding positions first .. position, where first is position - window for
+    a layer that sees only the last `window` + 1 positions (None: every position, first 0).
+    Their bias masks the other positions of those blocks (not yet written, or out of the
+    window) and, with `position_bias` [position + 1, heads] (T5's relative positions), adds it
+    to positions 0 .. position. Computed once per step, for every layer alike."""
     first = 0 if window is None else tf.maximum(0, position - window)
-    return tf.stack([first, 0, 0, 0]), tf.stack([position + 1 - first, -1, -1, -1])
+    first_block = first // CACHE_BLOCK
+    blocks = position // CACHE_BLOCK - first_block + 1
+    per_block = batch * heads * CACHE_BLOCK
+    positions = first_block * CACHE_BLOCK + tf.range(blocks * CACHE_BLOCK)
+    seen = (positions >= first) & (positions <= position)
+    if position_bias is None:
+        bias = tf.reshape(tf.where(seen, 0.0, NEG_INF), [-1, 1, 1, 1, CACHE_BLOCK])
+    else:  # [blocks * CACHE_BLOCK, heads] -> [blocks, 1, heads, 1, CACHE_BLOCK]
+        bias = tf.where(seen[:, None], tf.gather(position_bias, tf.minimum(positions, position)), NEG_INF)
+        bias = tf.transpose(tf.reshape(bias, [-1, CACHE_BLOCK, position_bias.shape[-1]]), [0, 2, 1])[:, None, :, None]
+    return CacheRead(tf.stack([first_block * per_block, 0]), tf.stack([blocks * per_block, -1]),
+                     tf.stack([-1, batch, heads, CACHE_BLOCK, head_dim]), bias)
 
 
-def empty_buffer(shape) -> tf.Tensor:
-    """A zero-filled float32 buffer of its own for `write_row` to write into. The Empty op is
-    stateful, so graph optimisation never merges two of them into one buffer (it does merge
-    equal tf.zeros ops, and two caches sharing a buffer would overwrite each other's rows)."""
-    return tf.raw_ops.Empty(shape=shape, dtype=tf.float32, init=True)
+def reorder_rows(cache, parent, cache_size: int):
+    """A cache (`to_blocks`) whose row b is row parent[b] of `cache` ([B'] ids): beam search's
+    beams continuing their parents. A new buffer, as `write_row` needs."""
+    blocks = tf.reshape(cache, [cache_blocks(cache_size), tf.size(parent), -1])
+    return tf.reshape(tf.gather(blocks, parent, axis=1), tf.shape(cache))
 
 
 def soft_cap(x, cap):
@@ -140,21 +218,24 @@ def project(x, head):
     return tf.cond(tf.shape(head)[0] > 1, blocked, lambda: tf.matmul(x, tf.squeeze(head, 0)))
 
 
-def attend(query, keys, values, bias=None, cap=None):
-    """One query per row and head [B, heads, head_dim] (already scaled) attends to keys and
-    values [T, B, heads, head_dim]; returns [B, heads, head_dim]. `bias` broadcasts to the
-    scores [T, B, heads]; the scores are `soft_cap`ped at `cap` before the bias is added
-    (Gemma's attention logit soft-capping). Grouped-query attention
-    passes query [B, kv_heads, groups, head_dim] and keys and values [T, B, kv_heads, 1,
-    head_dim]. Products and sums rather than batch matmuls: the position-major layout is not
-    a batch matmul's, and for one query per row they cost less than oneDNN's batch-matmul and
-    softmax kernels, whose per-call overhead dominates at small batches."""
-    scores = soft_cap(tf.reduce_sum(keys * query, axis=-1), cap)  # [T, B, heads]
-    if bias is not None:
-        scores += bias
-    weights = tf.exp(scores - tf.reduce_max(scores, axis=0))
-    weights /= tf.reduce_sum(weights, axis=0)
-    return tf.reduce_sum(weights[..., None] * values, axis=0)
+def attend(query, keys, values, bias, cap=None):
+    """Queries [B, kv_heads, groups, head_dim] (already scaled) attend to keys and values
+    [blocks, B, kv_heads, L, head_dim] (`CacheRead.of` a self-attention cache, or a
+    `cross_cache`); returns [B, kv_heads, groups, head_dim]. Grouped-query attention has groups
+    query heads per key/value head; otherwise groups is 1. `bias` broadcasts to the scores
+    [blocks, B, kv_heads, groups, L]; the scores are `soft_cap`ped at `cap` before it is added
+    (Gemma's attention logit soft-capping), and the softmax runs over all blocks' positions.
+
+    The products are BatchMatMulV3, which TensorFlow's oneDNN rewrite leaves to Eigen: for
+    these many one-row products it ran 1.3-1.4x as fast as oneDNN's batch matmul (what
+    tf.matmul makes) at batch 16 and 64 on 2 CPU cores (benchmarks/RESULTS.md, 2026-12-05,
+    the cache in blocks).
+    """
+    scores = tf.raw_ops.BatchMatMulV3(x=query[None], y=keys, Tout=tf.float32, adj_y=True)
+    scores = soft_cap(scores, cap) + bias
+    weights = tf.exp(scores - tf.reduce_max(scores, axis=[0, 4], keepdims=True))
+    weights /= tf.reduce_sum(weights, axis=[0, 4], keepdims=True)
+    return tf.reduce_sum(tf.raw_ops.BatchMatMulV3(x=weights, y=values, Tout=tf.float32), axis=0)
 
 
 def dense(x, weights):
@@ -253,8 +334,8 @@ class StoryGenerator(tf.Module):
             tokens = tf.concat([tf.gather(tokens, parent), next_token[:, None]], axis=1)
             done = tf.gather(done, parent) | tf.equal(next_token, special.eos) | tf.equal(next_token, special.pad)
             # Each beam continues its parent's cache (gathering also gives decode_step buffers of its own).
-            cache = cache._replace(keys=[tf.gather(k, parent, axis=1) for k in cache.keys],
-                                   values=[tf.gather(v, parent, axis=1) for v in cache.values])
+            cache = cache._replace(keys=[reorder_rows(k, parent, self.window) for k in cache.keys],
+                                   values=[reorder_rows(v, parent, self.window) for v in cache.values])
             logits, cache = self.model.decode_step(next_token, t + prefix, cache, weights)
             return t + 1, tokens, done, tf.reshape(top_scores, [rows]), logits, cache
 

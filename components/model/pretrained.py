@@ -6,8 +6,8 @@ trainer, evaluator and exporter use it exactly as they use `StoryTransformer`:
 - training and scoring: `final_states`, `output_embeddings`, and calling the model on
   (encoder ids, decoder ids) for logits, all through the backbone's own forward pass;
 - decoding: `encode`, `prefill`, `decoding_weights` and `decode_step`, the per-token decoder
-  written with plain TensorFlow ops on the backbone's weights and a position-major key/value
-  cache written in place (`decoding.write_row`), never keras-hub's `slice_update` (which
+  written with plain TensorFlow ops on the backbone's weights and a key/value cache in blocks
+  of positions written in place (`decoding.write_row`), never keras-hub's `slice_update` (which
   lowers to XLA ops stock TF Serving lacks).
 
 An architecture is one module (`t5.py`, `bart.py`, `t5gemma.py`) with a subclass that implements

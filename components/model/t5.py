@@ -94,8 +94,8 @@ class T5(PretrainedSeq2Seq):
     def decode_step(self, token_ids, position, cache, weights):
         """One token per row at window `position`: its logits [B, V] and the cache with its keys
         and values written in place (the cache passed in must not be used again)."""
-        # Keys 0 .. position are at distances position .. 0: [position + 1, 1, heads].
-        bias = weights["position_bias"][self.max_story_tokens - 1 - position:][:, None, :]
+        # Keys 0 .. position are at distances position .. 0: [position + 1, heads].
+        bias = weights["position_bias"][self.max_story_tokens - 1 - position:]
         x, cache = blocks.decoder_blocks_step(tf.gather(weights["tokens"], token_ids), position, cache,
                                               weights["blocks"], self.backbone.num_heads, normalize_first=True,
                                               norm=blocks.rms_norm, self_bias=bias)

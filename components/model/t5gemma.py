@@ -19,7 +19,7 @@ import tensorflow as tf
 from components.common import SpecialIds
 from components.model import blocks
 from components.model.blocks import dense_weights, rms_norm
-from components.model.decoding import attend, dense, project, rows_read, soft_cap, write_row
+from components.model.decoding import attend, blocks_read, dense, project, soft_cap, write_row, write_rows
 from components.model.pretrained import PretrainedSeq2Seq
 
 
@@ -131,20 +131,17 @@ class T5Gemma(PretrainedSeq2Seq):
         cos, sin = weights["cos"][position], weights["sin"][position]
         attention_cap = backbone.attn_logit_softcapping
 
-        # Once per step, not per layer: the cache row this position writes, and per kind of
-        # layer the rows it reads (first .. position, as Slice's begin and size). Reshapes take
-        # -1 for the batch, so no layer computes a shape.
-        index = tf.reshape(position, [1])
+        # Once per step, not per layer: the cache rows this position writes, and per kind of
+        # layer the blocks it reads. Reshapes take -1 for the batch, so no layer computes a shape.
+        batch = tf.shape(token_ids)[0]
+        rows = write_rows(position, batch, kv_heads)
         windows = dict.fromkeys(block["sliding_window"] for block in weights["blocks"])  # in the layers' order
-        seen = {window: rows_read(position, window) for window in windows}
+        reads = {window: blocks_read(position, batch, kv_heads, head_dim, window) for window in windows}
 
-        # Grouped-query attention: a query [B, kv_heads, groups, head_dim] attends to keys and
-        # values [T, B, kv_heads, 1, head_dim]. (Every head its own keys: no grouping at all.)
+        # Grouped-query attention: queries [B, kv_heads, groups, head_dim] attend to keys and
+        # values of kv_heads heads (groups is 1 when every head has its own keys).
         def query_heads(query):
-            return tf.reshape(query, [-1, kv_heads, groups, head_dim] if groups > 1 else [-1, heads, head_dim])
-
-        def shared(keys):
-            return keys[:, :, :, None] if groups > 1 else keys
+            return tf.reshape(query, [-1, kv_heads, groups, head_dim])
 
         x = tf.gather(weights["tokens"], token_ids) * tf.sqrt(tf.cast(backbone.decoder_hidden_dim, tf.float32))
         keys, values = [], []
@@ -157,18 +154,16 @@ class T5Gemma(PretrainedSeq2Seq):
                 query_key, value = tf.split(tf.reshape(dense(h, block["qkv"]), [-1, heads + 2 * kv_heads, head_dim]),
                                             [heads + kv_heads, kv_heads], axis=1)
                 query, key = tf.split(rotate(query_key, cos, sin), [heads, kv_heads], axis=1)
-                keys.append(write_row(cache.keys[i], index, key[None]))
-                values.append(write_row(cache.values[i], index, value[None]))
-                begin, size = seen[block["sliding_window"]]
-                attended = attend(query_heads(query), shared(tf.slice(keys[i], begin, size)),
-                                  shared(tf.slice(values[i], begin, size)), cap=attention_cap)
+                keys.append(write_row(cache.keys[i], rows, key))
+                values.append(write_row(cache.values[i], rows, value))
+                read = reads[block["sliding_window"]]
+                attended = attend(query_heads(query), read.of(keys[i]), read.of(values[i]), read.bias,
+                                  cap=attention_cap)
                 return dense(tf.reshape(attended, [-1, heads * head_dim]), block["self_output"])
 
             def cross_attention(h):
-                query = query_heads(dense(h, block["cross_query"]))
-                bias = cache.cross_bias[..., None] if groups > 1 else cache.cross_bias
-                attended = attend(query, shared(cache.cross_keys[i]), shared(cache.cross_values[i]), bias,
-                                  cap=attention_cap)
+                attended = attend(query_heads(dense(h, block["cross_query"])), cache.cross_keys[i],
+                                  cache.cross_values[i], cache.cross_bias, cap=attention_cap)
                 return dense(tf.reshape(attended, [-1, heads * head_dim]), block["cross_output"])
 
             def feedforward(h):

@@ -10,7 +10,8 @@ per token, computes one position with plain TensorFlow ops on the blocks' weight
 layers, their einsums and oneDNN's small-matrix kernels cost several times more per token).
 keras-hub's own cache writes with `ops.slice_update`, which the TensorFlow backend lowers to
 the XLA op XlaDynamicUpdateSlice that stock TF Serving cannot run; here the cache is a
-position-major buffer written in place with the core op InplaceUpdate. Both read the
+buffer in blocks of positions (`decoding.to_blocks`) written in place with the core op
+InplaceUpdate. Both read the
 blocks' sublayers through `internals` (private attributes of keras-hub 0.32, pinned in
 setup.cfg); tests check cached decoding against recomputing the prefix.
 
@@ -26,7 +27,7 @@ from components import layers
 from components.common import PAD_ID, STORYGEN_IDS
 from components.model import internals
 from components.model.blocks import decoder_block_weights, decoder_blocks_step, layer_norm, norm_weights
-from components.model.decoding import DecoderCache, padding_bias, position_major, project
+from components.model.decoding import DecoderCache, cross_cache, padding_bias, project, to_blocks
 
 
 @keras.saving.register_keras_serializable(package="storygen")
@@ -113,15 +114,14 @@ class StoryTransformer(keras.Model):
         `cache_size` positions. (`weights` is the decoding interface's; the blocks' own are used.)"""
         x = self.decoder_embedding(decoder_ids)
         keys, values, cross_keys, cross_values = [], [], [], []
-        free = [[0, cache_size - tf.shape(decoder_ids)[1]], [0, 0], [0, 0], [0, 0]]
         for block in self.decoder_blocks:
             parts = internals.decoder_block_parts(block)
             h = parts.self_norm(x)
-            # Padding allocates each cache buffer afresh, as decode_step's in-place writes need.
-            keys.append(tf.pad(position_major(parts.self_attention.key_dense(h)), free))
-            values.append(tf.pad(position_major(parts.self_attention.value_dense(h)), free))
-            cross_keys.append(position_major(parts.cross_attention.key_dense(encoder_states)))
-            cross_values.append(position_major(parts.cross_attention.value_dense(encoder_states)))
+            # to_blocks allocates each cache buffer afresh, as decode_step's in-place writes need.
+            keys.append(to_blocks(parts.self_attention.key_dense(h), cache_size))
+            values.append(to_blocks(parts.self_attention.value_dense(h), cache_size))
+            cross_keys.append(cross_cache(parts.cross_attention.key_dense(encoder_states)))
+            cross_values.append(cross_cache(parts.cross_attention.value_dense(encoder_states)))
             x = block(x, encoder_states, encoder_padding_mask=encoder_mask, training=False)
         return self.logits(x), DecoderCache(keys, values, cross_keys, cross_values, padding_bias(encoder_mask))
 
