@@ -11,12 +11,22 @@ request that would need another one fails at once with RESOURCE_EXHAUSTED, so ov
 up as fast rejections rather than growing latency. Batch inputs are concatenated as they are
 (string[B] prompts need no padding), so the key must also hold their shapes apart from B.
 
+Two rules keep batches large when clients send their next request as soon as they have an answer:
+- The callers of a batch that just finished come back together, but milliseconds apart (each
+  answer is encoded and sent, and each next request parsed, in turn). Until as many rows with its
+  key have arrived as that batch answered, a batch with that key that is not full waits, for at
+  most `RETURN_WINDOW` of the finished batch's run time. Without this the first caller back runs alone on the free batch
+  thread, and the clients split into ever smaller groups that each keep a batch thread busy.
+- A batch thread takes at most an equal share of the waiting and running rows per batch thread and
+  leaves the rest to the next free one, so the threads run batches of equal size side by side.
+
 A request whose deadline passes, or whose caller goes, stops waiting at once: if its batch has not
 started it runs without it, and a running batch whose callers have all gone is cancelled, so no
 model time is spent for callers that are no longer there.
 """
 
 import collections
+import math
 import threading
 import time
 
@@ -26,6 +36,10 @@ from absl import logging
 from tensorflow.python.eager.cancellation import CancellationManager
 
 from serving.errors import ServingError, caller_gone, invalid_argument
+
+
+# The longest wait for a finished batch's callers to come back, as a fraction of its run time.
+RETURN_WINDOW = 0.1
 
 
 class _Task:
@@ -47,14 +61,40 @@ class _Task:
 
 
 class _Batch:
-    def __init__(self, key, run, batch_inputs: frozenset):
+    def __init__(self, key, run, batch_inputs: frozenset, created: float | None = None):
         self.key = key
         self.run = run  # run(inputs, cancellation)
         self.batch_inputs = batch_inputs
         self.tasks: list[_Task] = []
         self.rows = 0
-        self.created = time.monotonic()
+        self.created = time.monotonic() if created is None else created
         self.cancellation = CancellationManager()  # cancelled when every caller of a running batch has gone
+
+    def add(self, task: "_Task") -> None:
+        task.batch = self
+        self.tasks.append(task)
+        self.rows += task.rows
+
+    def split(self, rows: int) -> "_Batch":
+        """Moves its first tasks to a new batch: at most `rows` rows, and at least one task."""
+        first = _Batch(self.key, self.run, self.batch_inputs, self.created)
+        while self.tasks and (not first.tasks or first.rows + self.tasks[0].rows <= rows):
+            task = self.tasks.pop(0)
+            self.rows -= task.rows
+            first.add(task)
+        return first
+
+
+class _Returning:
+    """The callers of the latest batches with one key, awaited until `until`."""
+
+    def __init__(self):
+        self.answered = 0  # rows
+        self.returned = 0  # rows that arrived since
+        self.until = 0.0
+
+    def awaited(self, now: float) -> bool:
+        return self.returned < self.answered and now < self.until
 
 
 class Batcher:
@@ -76,6 +116,8 @@ class Batcher:
         self._queue: collections.deque[_Batch] = collections.deque()  # oldest first
         self._open: dict = {}  # key -> the newest waiting batch with that key, which may still grow
         self._running = 0  # batches that batch threads are running
+        self._running_rows = 0
+        self._returning: dict = {}  # key -> _Returning, for the keys of batches that answered lately
         self._stopped = False
         self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
                          for i in range(num_batch_threads)]
@@ -108,8 +150,9 @@ class Batcher:
                 self._queue.append(batch)
                 self._open[key] = batch
             task = _Task(inputs, rows, deadline, batch)
-            batch.tasks.append(task)
-            batch.rows += rows
+            batch.add(task)
+            if key in self._returning:
+                self._returning[key].returned += rows
             if batch.rows == self.max_batch_size:
                 del self._open[key]  # full: ready to run
             self._cond.notify()
@@ -149,36 +192,65 @@ class Batcher:
                 while batch is None:
                     if self._stopped and not self._queue:
                         return
-                    self._cond.wait(self._time_to_next_timeout())
+                    self._cond.wait(self._time_to_next_check())
                     batch = self._next_ready()
-                self._queue.remove(batch)
-                if self._open.get(batch.key) is batch:
-                    del self._open[batch.key]
+                batch = self._take(batch)
                 self._running += 1
+                self._running_rows += batch.rows
                 if self._queue:
-                    self._cond.notify()  # another thread must now watch the next batch's timeout
+                    self._cond.notify()  # another thread must now watch the next batch
+            started = time.monotonic()
             try:
                 self._run(batch)
             finally:
                 with self._cond:
                     self._running -= 1
+                    self._running_rows -= batch.rows
+                    self._expect_back(batch.key, batch.rows, time.monotonic() - started)
                     if self._queue:
                         self._cond.notify()  # with nothing running, the oldest waiting batch may go
 
+    def _take(self, batch: _Batch) -> _Batch:
+        """Takes `batch` from the queue, or its first tasks up to this thread's share of the rows
+        (waiting and running, per batch thread); the rest then goes to the next free thread."""
+        share = math.ceil((self._running_rows + sum(b.rows for b in self._queue)) / len(self._threads))
+        if self._open.get(batch.key) is batch:
+            del self._open[batch.key]  # new requests start a new batch
+        if batch.rows > share and len(batch.tasks) > 1:
+            return batch.split(share)
+        self._queue.remove(batch)
+        return batch
+
+    def _expect_back(self, key, rows: int, run_s: float) -> None:
+        """Notes that a batch of `rows` rows with `key`, which ran for `run_s`, has answered its callers."""
+        now = time.monotonic()
+        self._returning = {k: r for k, r in self._returning.items() if r.awaited(now)}
+        returning = self._returning.setdefault(key, _Returning())
+        returning.answered += rows
+        returning.until = max(returning.until, now + RETURN_WINDOW * run_s)
+
     def _next_ready(self):
-        if self._queue and self._running == 0:
-            return self._queue[0]  # the oldest: nothing runs, so waiting for more would only add latency
         now = time.monotonic()
         for batch in self._queue:
-            closed = self._open.get(batch.key) is not batch
-            if closed or self._stopped or now - batch.created >= self.batch_timeout_s:
-                return batch
+            if self._open.get(batch.key) is not batch or self._stopped:
+                return batch  # closed: no request can join it any more
+            if self._awaiting_callers(batch.key, now):
+                continue
+            if self._running == 0 or now - batch.created >= self.batch_timeout_s:
+                return batch  # nothing runs, so waiting for more would only add latency; or its timeout passed
         return None
 
-    def _time_to_next_timeout(self):
+    def _time_to_next_check(self):
         if not self._queue:
             return None
-        return max(0.0, min(b.created for b in self._queue) + self.batch_timeout_s - time.monotonic())
+        now = time.monotonic()
+        checks = [self._returning[b.key].until if self._awaiting_callers(b.key, now) else
+                  b.created + self.batch_timeout_s for b in self._queue]
+        return max(0.0, min(checks) - now)  # or sooner: each request that arrives notifies
+
+    def _awaiting_callers(self, key, now: float) -> bool:
+        returning = self._returning.get(key)
+        return returning is not None and returning.awaited(now)
 
     def _run(self, batch: _Batch) -> None:
         now = time.monotonic()

@@ -78,7 +78,8 @@ def define_flags():
                          lower_bound=0)
     flags.DEFINE_integer("max_enqueued_batches", 100, "Most batches waiting to run; beyond it requests fail with "
                          "RESOURCE_EXHAUSTED (HTTP 429).", lower_bound=1)
-    flags.DEFINE_integer("num_batch_threads", os.cpu_count() or 1, "Batches run in parallel.", lower_bound=1)
+    flags.DEFINE_integer("num_batch_threads", os.cpu_count() or 1, "Batches run in parallel; under load "
+                         "each takes an equal share of the waiting rows.", lower_bound=1)
     # 0 is TensorFlow's choice, one thread per core. Under concurrent requests on a small machine, 1 thread per
     # op lets requests (or batches) run side by side instead of splitting each small op across the cores.
     flags.DEFINE_integer("tensorflow_intra_op_parallelism", 0, "Threads that one op's work is split over; 0 lets "

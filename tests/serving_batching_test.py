@@ -22,17 +22,19 @@ BATCH = frozenset({"x"})
 
 class FakeModel:
     """Doubles x and echoes the scalar `s`; records each call's rows; fails on negative rows;
-    sets `started` when called, then waits for `gate` if given."""
+    sets `started` when called, then waits for `gate` if given, or `seconds`."""
 
-    def __init__(self, gate: threading.Event | None = None):
+    def __init__(self, gate: threading.Event | None = None, seconds: float = 0):
         self.calls = []
         self.gate = gate
+        self.seconds = seconds
         self.started = threading.Event()
 
     def __call__(self, inputs, cancellation=None):
         self.started.set()
         if self.gate is not None:
             self.gate.wait(10)
+        time.sleep(self.seconds)
         self.calls.append(inputs["x"].tolist())
         if (inputs["x"] < 0).any():
             raise invalid_argument("x must be >= 0")
@@ -141,6 +143,55 @@ def test_behind_a_running_batch_a_request_waits_for_the_timeout_to_gather_others
         assert first.result(timeout=5)["y"].tolist() == [2] and second.result(timeout=5)["y"].tolist() == [4]
         assert time.monotonic() - start >= 0.5
     assert model.calls == [[1, 2]]
+
+
+def run_a_batch_for(batcher, seconds, rows):
+    """Runs one request of `rows` rows that takes `seconds`, and waits for its answer."""
+    gate = threading.Event()
+    with futures.ThreadPoolExecutor(1) as pool:
+        request = pool.submit(submit, batcher, FakeModel(gate), list(range(rows)), 0)
+        time.sleep(seconds)
+        gate.set()
+        request.result(timeout=5)
+
+
+def test_the_callers_of_a_finished_batch_are_awaited_and_batched_together_again(make_batcher):
+    """A 3-row batch ran for 2 s; its callers come back 0, 30 and 60 ms later. Nothing runs, so the
+    first alone would run at once, but a tenth of that batch's run is given for all three."""
+    model = FakeModel()
+    batcher = make_batcher(timeout_s=0.001)
+    run_a_batch_for(batcher, 2, rows=3)
+    with futures.ThreadPoolExecutor(3) as pool:
+        back = [pool.submit(lambda i: (time.sleep(0.03 * i), submit(batcher, model, [i], 0))[1], i) for i in range(3)]
+        assert [f.result(timeout=5)["y"].tolist() for f in back] == [[0], [2], [4]]
+    assert model.calls == [[0, 1, 2]]
+
+
+def test_callers_that_do_not_come_back_hold_the_next_batch_a_tenth_of_the_last_run_at_most(make_batcher):
+    """Only one of a 1 s batch's three rows comes back: it waits about 0.1 s. A request that could
+    not have shared that batch (another scalar) does not wait."""
+    model = FakeModel()
+    batcher = make_batcher(timeout_s=0.001)
+    run_a_batch_for(batcher, 1, rows=3)
+    start = time.monotonic()
+    assert submit(batcher, model, [5], s=1)["s"].tolist() == [1]
+    assert time.monotonic() - start < 0.05
+    assert submit(batcher, model, [4])["y"].tolist() == [8]
+    assert 0.05 < time.monotonic() - start < 0.5
+    assert model.calls == [[5], [4]]
+
+
+def test_waiting_rows_are_shared_out_among_the_batch_threads(make_batcher):
+    """Eight rows wait behind a running batch; once it is done, each of two threads takes four."""
+    model = FakeModel(seconds=0.5)
+    batcher = make_batcher(max_batch_size=16, timeout_s=30, threads=2)
+    with holding_a_batch_thread(batcher) as release, futures.ThreadPoolExecutor(8) as pool:
+        results = [pool.submit(submit, batcher, model, [i], 0) for i in range(8)]
+        time.sleep(0.3)
+        assert not model.started.is_set()  # not full, and within the timeout: they wait while a batch runs
+        release.set()
+        assert [r.result(timeout=5)["y"].tolist() for r in results] == [[2 * i] for i in range(8)]
+    assert sorted(map(len, model.calls)) == [4, 4] and sorted(sum(model.calls, [])) == list(range(8))
 
 
 def test_batches_never_exceed_max_batch_size(make_batcher):
