@@ -15,8 +15,9 @@ Two rules keep batches large when clients send their next request as soon as the
 - The callers of a batch that just finished come back together, but milliseconds apart (each
   answer is encoded and sent, and each next request parsed, in turn). Until as many rows with its
   key have arrived as that batch answered, a batch with that key that is not full waits, for at
-  most `RETURN_WINDOW` of the finished batch's run time. Without this the first caller back runs alone on the free batch
-  thread, and the clients split into ever smaller groups that each keep a batch thread busy.
+  most `RETURN_WINDOW` of the finished batch's run time. Without this the first caller back runs
+  alone on the free batch thread, and the clients split into ever smaller groups that each keep a
+  batch thread busy.
 - A batch thread takes at most an equal share of the waiting and running rows per batch thread and
   leaves the rest to the next free one, so the threads run batches of equal size side by side.
 
