@@ -46,11 +46,11 @@ RETURN_WINDOW = 0.1
 class _Task:
     """One request waiting for its share of a batch."""
 
-    def __init__(self, inputs: dict, rows: int, deadline: float | None, batch: "_Batch"):
+    def __init__(self, inputs: dict, rows: int, deadline: float | None):
         self.inputs = inputs
         self.rows = rows
         self.deadline = deadline
-        self.batch = batch
+        self.batch: "_Batch | None" = None  # the batch it waits in, set by _Batch.add
         self.done = threading.Event()  # set before its batch runs only if its caller stopped waiting
         self.outputs = None
         self.error = None
@@ -150,7 +150,7 @@ class Batcher:
                 batch = _Batch(key, run, batch_inputs)
                 self._queue.append(batch)
                 self._open[key] = batch
-            task = _Task(inputs, rows, deadline, batch)
+            task = _Task(inputs, rows, deadline)
             batch.add(task)
             if key in self._returning:
                 self._returning[key].returned += rows

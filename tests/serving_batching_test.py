@@ -64,17 +64,17 @@ def error_or_result(future):
 
 
 @contextlib.contextmanager
-def holding_a_batch_thread(batcher):
-    """Runs a request of its own (key "held") on one batch thread until the block ends, or until
-    the Event it yields is set."""
+def holding_a_batch_thread(batcher, rows=1, s="held"):
+    """Runs a request of its own (`rows` rows, scalar `s`) on one batch thread until the block
+    ends, or until the Event it yields is set."""
     gate = threading.Event()
     model = FakeModel(gate)
     with futures.ThreadPoolExecutor(1) as pool:
-        held = pool.submit(submit, batcher, model, [0], "held")
+        held = pool.submit(submit, batcher, model, list(range(rows)), s)
         assert model.started.wait(5)
         yield gate
         gate.set()
-        assert held.result()["y"].tolist() == [0]
+        assert held.result()["y"].tolist() == [2 * i for i in range(rows)]
 
 
 @pytest.fixture
@@ -146,13 +146,9 @@ def test_behind_a_running_batch_a_request_waits_for_the_timeout_to_gather_others
 
 
 def run_a_batch_for(batcher, seconds, rows):
-    """Runs one request of `rows` rows that takes `seconds`, and waits for its answer."""
-    gate = threading.Event()
-    with futures.ThreadPoolExecutor(1) as pool:
-        request = pool.submit(submit, batcher, FakeModel(gate), list(range(rows)), 0)
+    """Runs one request of `rows` rows (scalar 0) that takes `seconds`, and waits for its answer."""
+    with holding_a_batch_thread(batcher, rows, s=0):
         time.sleep(seconds)
-        gate.set()
-        request.result(timeout=5)
 
 
 def test_the_callers_of_a_finished_batch_are_awaited_and_batched_together_again(make_batcher):
