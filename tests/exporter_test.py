@@ -11,6 +11,7 @@ from components import control_tags, exporter
 from components.common import BOS_ID, EOS_ID
 from components.config import ExportConfig
 from components.contract import SIGNATURES, WARMUP_FILE
+from components.model import decoding
 from components.tokenizer import make_tokenizer
 
 PROMPTS = ["从前有座山，", "Once upon a time", "一只狐狸", "The dragon", "", "老渔夫说：", "A tailor", "山里有座庙。"]
@@ -222,6 +223,21 @@ def test_story_does_not_depend_on_the_batch(loaded):
         assert (batch["token_ids"][row] == alone["token_ids"][0]).all()
         assert batch["story"][row] == alone["story"][0]
         np.testing.assert_allclose(batch["log_prob"][row], alone["log_prob"][0], rtol=1e-4)
+
+
+def test_steps_with_the_kernels_whole_write_the_stories_of_steps_in_halves(loaded, tiny_model, spm_proto, tmp_path,
+                                                                          monkeypatch):
+    """The tiny model's steps take the kernels in column halves at any batch here (see
+    `decoding.halves_pay`); an export that never takes them writes the same stories, greedy and
+    sampled, across a slide of the window."""
+    assert bool(decoding.halves_pay(len(PROMPTS), tiny_model.decoding_weights()))
+    monkeypatch.setattr(decoding, "HALVES_MAX_WORK", 0)
+    whole = tf.saved_model.load(exporter.export(tiny_model, make_tokenizer(spm_proto), str(tmp_path),
+                                                ExportConfig(max_new_tokens_limit=LIMIT)))
+    for temperature in (0.0, 1.0):
+        expected, got = (generate(m, PROMPTS, max_new_tokens=40, temperature=temperature) for m in (loaded, whole))
+        np.testing.assert_array_equal(got["token_ids"], expected["token_ids"])
+        np.testing.assert_allclose(got["log_prob"], expected["log_prob"], rtol=1e-4)
 
 
 def test_concurrent_requests_do_not_share_caches(loaded):

@@ -78,10 +78,11 @@ def test_config_and_save_round_trip(model, tmp_path):
     np.testing.assert_allclose(model(x), restored(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("block", [32, 4])
-def test_cached_decoding_equals_recomputing_the_prefix(model, monkeypatch, block):
+@pytest.mark.parametrize("block, halves", [(32, False), (4, False), (32, True)])
+def test_cached_decoding_equals_recomputing_the_prefix(model, monkeypatch, block, halves):
     """With the default cache block (one block holds the window) and with blocks of 4
-    positions, so that the steps cross from block to block."""
+    positions, so that the steps cross from block to block; and with the steps' kernels in
+    column halves (`decoding.in_column_halves`)."""
     monkeypatch.setattr(decoding, "CACHE_BLOCK", block)
     encoder_ids = ids([2, 5, 6, 0], [2, 7, 8, 9])
     decoder_ids = ids([2, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
@@ -93,7 +94,7 @@ def test_cached_decoding_equals_recomputing_the_prefix(model, monkeypatch, block
     blocks = -(-12 // block)
     assert [tuple(k.shape) for k in cache.keys + cache.values] == [(blocks * 2 * 2 * block, 8)] * 4
     assert [tuple(k.shape) for k in cache.cross_keys + cache.cross_values] == [(1, 2, 2, 4, 8)] * 4
-    weights = model.decoding_weights()
+    weights = decoding.in_column_halves(model.decoding_weights()) if halves else model.decoding_weights()
     for t in range(2, 11):
         step_logits, cache = model.decode_step(decoder_ids[:, t], t, cache, weights)
         np.testing.assert_allclose(step_logits, full[:, t], atol=1e-4)

@@ -108,11 +108,12 @@ def fine_tune(preset, out, steps=6, training=FINE_TUNING, **overrides):
     return str(out / PRESET_DIR), history
 
 
-@pytest.mark.parametrize("block", [32, 4])
-def test_cached_decoding_is_the_forward_pass(preset, monkeypatch, block):
+@pytest.mark.parametrize("block, halves", [(32, False), (4, False), (32, True)])
+def test_cached_decoding_is_the_forward_pass(preset, monkeypatch, block, halves):
     """decode_step's logits, position by position, are those of the model's forward pass (T5's
     relative bias over a growing cache, T5Gemma's sliding window of 4 over 14 positions), with
-    the cache in one block and in blocks of 4 positions (the window then starts blocks later)."""
+    the cache in one block and in blocks of 4 positions (the window then starts blocks later),
+    and with the steps' kernels in column halves (`decoding.in_column_halves`)."""
     monkeypatch.setattr(decoding, "CACHE_BLOCK", block)
     model = build_model(model_config(preset))
     encoder_ids = transform.encode_prompts(tokenizer_of(model), tf.constant(PROMPTS[:2]), PROMPT_TOKENS).to_tensor(
@@ -121,7 +122,7 @@ def test_cached_decoding_is_the_forward_pass(preset, monkeypatch, block):
     decoder_ids = tf.concat([tf.fill([2, 1], model.special.start), story_ids], axis=1)
     expected = model((encoder_ids, decoder_ids)).numpy()
     states, mask = model.encode(encoder_ids)
-    weights = model.decoding_weights()
+    weights = decoding.in_column_halves(model.decoding_weights()) if halves else model.decoding_weights()
     logits, cache = model.prefill(decoder_ids[:, :1], states, mask, 32, weights)
     np.testing.assert_allclose(logits[:, 0], expected[:, 0], atol=5e-4)
     for t in range(1, 14):

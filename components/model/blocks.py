@@ -94,7 +94,7 @@ def decoder_blocks_step(x, position, cache, blocks, num_heads: int, normalize_fi
     0 .. position, [position + 1, heads] (T5's relative positions). A block whose "gated" is
     true computes activation(x W) * (x W_gate) from its "intermediate" kernels [W | W_gate]."""
     keys, values = [], []
-    width = blocks[0]["self_output"][0].shape[0]  # heads * head_dim
+    width = tf.nest.flatten(blocks[0]["self_output"][0])[0].shape[0]  # heads * head_dim (the kernel's rows)
     head_dim = width // num_heads
     # Once per step, not per layer: the cache rows this position writes, and the blocks that
     # attention reads. Reshapes take -1 for the batch, so no layer computes a shape.

@@ -239,16 +239,74 @@ def attend(query, keys, values, bias, cap=None):
 
 
 def dense(x, weights):
-    """x @ kernel (+ bias): `weights` is (kernel [in, out], bias [out] or None)."""
+    """x @ kernel (+ bias): `weights` is (kernel [in, out], bias [out] or None). The kernel may
+    come as a tuple of its column blocks (`in_column_halves`): their products, concatenated."""
     kernel, bias = weights
-    y = tf.matmul(x, kernel)
+    y = tf.concat([tf.matmul(x, block) for block in kernel], axis=-1) if isinstance(kernel, tuple) \
+        else tf.matmul(x, kernel)
     return y if bias is None else tf.nn.bias_add(y, bias)
+
+
+# The decode step's matmuls in two column halves while they are small (see `in_column_halves`):
+# the blocks' kernels that each token multiplies by, and the most rows * d_model**2 that take them.
+PER_TOKEN_KERNELS = ("qkv", "self_output", "cross_query", "cross_output", "intermediate", "output")
+HALVES_MAX_WORK = 2 ** 20
+
+
+def in_column_halves(weights: dict) -> dict:
+    """`weights` (a model's `decoding_weights()`) with each block's PER_TOKEN_KERNELS split into
+    two column halves, which `dense` multiplies as two matmuls and concatenates; copies them.
+
+    A matmul of a few rows by a kernel read from memory runs on one core: on 2 CPU cores a
+    [1, 512] x [512, 512] product took about 0.1 ms in the exported T5Gemma's step, a tenth of
+    the memory's speed. Two halves are independent ops, which TensorFlow's executor runs side
+    by side. The exported greedy `generate` of the `decoding` benchmark's model (d_model 256)
+    made 1.09x the tokens/s at batch 1, 1.10x at 16 and 1.04x at 32, and 0.95x at 64; the
+    T5Gemma of `t5gemma_s_s`'s shape (d_model 512) 1.10-1.13x at batch 1, 1.00x at 4 and 0.97x
+    at 8 (2026-12-05, benchmarks/RESULTS.md). Hence HALVES_MAX_WORK (`halves_pay`).
+
+    >>> kernel = tf.reshape(tf.range(12.0), [2, 6])
+    >>> block = in_column_halves({"blocks": [{"qkv": (kernel, None), "cross_key": (kernel, None)}]})["blocks"][0]
+    >>> [k.shape.as_list() for k in block["qkv"][0]], block["cross_key"][0].shape.as_list()
+    ([[2, 3], [2, 3]], [2, 6])
+    >>> bool(tf.reduce_all(dense(tf.ones([1, 2]), block["qkv"]) == tf.ones([1, 2]) @ kernel))
+    True
+    """
+    def halves(kernel, bias):
+        half = kernel.shape[1] // 2
+        return tuple(tf.split(kernel, [half, kernel.shape[1] - half], axis=1)), bias
+
+    blocks = [{**block, **{name: halves(*block[name]) for name in PER_TOKEN_KERNELS if name in block}}
+              for block in weights["blocks"]]
+    return {**weights, "blocks": blocks}
+
+
+def halves_pay(rows, weights: dict):
+    """Whether a step of `rows` rows takes `in_column_halves(weights)`: rows * d_model**2 at
+    most HALVES_MAX_WORK (d_model: the rows of the first block's "qkv" kernel).
+
+    >>> [bool(halves_pay(rows, {"blocks": [{"qkv": (tf.zeros([256, 768]), None)}]})) for rows in (16, 17)]
+    [True, False]
+    """
+    d_model = weights["blocks"][0]["qkv"][0].shape[0]
+    return rows * d_model ** 2 <= HALVES_MAX_WORK
 
 
 def unknown_shapes(loop_vars):
     """Shape invariants for loop variables whose every dimension may change (the batch, the
     token count, a new prompt's length after a slide)."""
     return tf.nest.map_structure(lambda x: tf.TensorShape([None] * x.shape.rank), loop_vars)
+
+
+class GenerationWeights(NamedTuple):
+    """A generation's decoding weights, read once per call: `whole`, the model's
+    `decoding_weights()` with its output projection laid out for the call's rows
+    (`head_for_batch`); `halves`, the same with the per-token kernels in column halves
+    (`in_column_halves`); and `take_halves`, whether the call's steps take `halves` (`halves_pay`)."""
+
+    whole: dict
+    halves: dict
+    take_halves: tf.Tensor
 
 
 class StoryGenerator(tf.Module):
@@ -313,7 +371,7 @@ class StoryGenerator(tf.Module):
         # Every prompt is repeated num_beams times: row b * num_beams + k is beam k of prompt b.
         encoder_ids = tf.repeat(encoder_ids, num_beams, axis=0)
         states, mask = self.model.encode(encoder_ids)
-        weights = self._decoding_weights(rows)
+        weights = self._decoding_weights(rows).whole
         prefix = len(special.decoder_prefix)
         tokens = repeat_ids(special.decoder_prefix, rows)
         logits, cache = self.model.prefill(tokens, states, mask, self.window, weights)
@@ -406,7 +464,7 @@ class StoryGenerator(tf.Module):
         noise_offsets = tf.cast(tf.strings.to_hash_bucket_fast(prompt, self.model.vocab_size), tf.int32)
         weights = self._decoding_weights(batch)
         control_ids, _ = prompt_control_ids(self.tokenizer, prompt)  # a slid window's prompt keeps them
-        logits, length, cache = self._resume(prompt, generated, control_ids, weights)
+        logits, length, cache = self._resume(prompt, generated, control_ids, weights.whole)
         prefix = len(special.decoder_prefix)  # the start id (and story opening), then one column per generated token
         tokens = tf.concat([repeat_ids(special.decoder_prefix, batch), generated], axis=1)
         ended = tf.cumsum(tf.cast(tf.equal(generated, special.eos), tf.int32), axis=1) > 0
@@ -465,10 +523,11 @@ class StoryGenerator(tf.Module):
         logits, cache = self.model.prefill(window, states, mask, self.window, weights)
         return logits[:, -1, :], tf.shape(window)[1], cache
 
-    def _decoding_weights(self, rows):
-        """The model's decoding weights, its output projection laid out for `rows` rows."""
+    def _decoding_weights(self, rows) -> GenerationWeights:
+        """The model's decoding weights for a call of `rows` rows."""
         weights = self.model.decoding_weights()
-        return {**weights, "head": head_for_batch(weights["head"], rows)}
+        whole = {**weights, "head": head_for_batch(weights["head"], rows)}
+        return GenerationWeights(whole, in_column_halves(whole), halves_pay(rows, whole))
 
     def _check_request(self, prompt, max_new_tokens, limit, so_far=0):
         """Checks every request's prompt and length; `so_far` is the length of the story it continues."""
@@ -479,22 +538,24 @@ class StoryGenerator(tf.Module):
                                            + ("" if isinstance(so_far, int) else " less the length of token_ids")),
         ]
 
-    def _feed(self, tokens, length, cache, control_ids, weights):
+    def _feed(self, tokens, length, cache, control_ids, weights: GenerationWeights):
         """Feeds the newest token to a window holding `length` positions; when the window is
         full, slides it first (see module doc), its prompt led by `control_ids`. Returns its
         logits, the new length and cache."""
 
-        def step():
-            logits, grown = self.model.decode_step(tokens[:, -1], length, cache, weights)
+        def step(step_weights):
+            logits, grown = self.model.decode_step(tokens[:, -1], length, cache, step_weights)
             return logits, length + 1, grown
 
         def slide():  # the newer half of the window stays, read after the text before it
             generated = tokens[:, len(self.tokenizer.special.decoder_prefix):]
             kept_from = tf.shape(generated)[1] - self.window // 2
             return self._window_from(self._prompt_before(generated, kept_from, control_ids), generated, kept_from,
-                                     weights)
+                                     weights.whole)
 
-        return tf.cond(length >= self.window, slide, step)
+        # One branch per token: a slide, or a step with the kernels in halves or whole.
+        branch = tf.where(length >= self.window, 0, tf.where(weights.take_halves, 1, 2))
+        return tf.switch_case(branch, [slide, lambda: step(weights.halves), lambda: step(weights.whole)])
 
     def _detokenize(self, token_ids, num_tokens):
         """Story strings: each row's first `num_tokens` ids."""
