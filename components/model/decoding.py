@@ -260,10 +260,11 @@ def in_column_halves(weights: dict) -> dict:
     A matmul of a few rows by a kernel read from memory runs on one core: on 2 CPU cores a
     [1, 512] x [512, 512] product took about 0.1 ms in the exported T5Gemma's step, a tenth of
     the memory's speed. Two halves are independent ops, which TensorFlow's executor runs side
-    by side. The exported greedy `generate` of the `decoding` benchmark's model (d_model 256)
-    made 1.09x the tokens/s at batch 1, 1.10x at 16 and 1.04x at 32, and 0.95x at 64; the
-    T5Gemma of `t5gemma_s_s`'s shape (d_model 512) 1.10-1.13x at batch 1, 1.00x at 4 and 0.97x
-    at 8 (2026-12-05, benchmarks/RESULTS.md). Hence HALVES_MAX_WORK (`halves_pay`).
+    by side. With every step in halves, the exported greedy `generate` of the `decoding`
+    benchmark's model (d_model 256) made 1.09x the tokens/s at batch 1, 1.10x at 16, 1.04x at
+    32 and 0.95x at 64; the T5Gemma of `t5gemma_s_s`'s shape (d_model 512) 1.10-1.13x at batch
+    1, 1.00x at 4 and 0.97x at 8. Hence HALVES_MAX_WORK (`halves_pay`); what it gives is in
+    benchmarks/RESULTS.md (2026-12-06).
 
     >>> kernel = tf.reshape(tf.range(12.0), [2, 6])
     >>> block = in_column_halves({"blocks": [{"qkv": (kernel, None), "cross_key": (kernel, None)}]})["blocks"][0]
