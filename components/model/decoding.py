@@ -309,6 +309,11 @@ class GenerationWeights(NamedTuple):
     halves: dict
     take_halves: tf.Tensor
 
+    @classmethod
+    def of(cls, whole: dict, rows) -> "GenerationWeights":
+        """`whole`, its halves, and whether a call of `rows` rows takes them."""
+        return cls(whole, in_column_halves(whole), halves_pay(rows, whole))
+
 
 class StoryGenerator(tf.Module):
     """The exported module: signatures serving_default, generate, continue_story, beam_search and score."""
@@ -372,7 +377,7 @@ class StoryGenerator(tf.Module):
         # Every prompt is repeated num_beams times: row b * num_beams + k is beam k of prompt b.
         encoder_ids = tf.repeat(encoder_ids, num_beams, axis=0)
         states, mask = self.model.encode(encoder_ids)
-        weights = self._decoding_weights(rows).whole
+        weights = self._decoding_weights(rows)
         prefix = len(special.decoder_prefix)
         tokens = repeat_ids(special.decoder_prefix, rows)
         logits, cache = self.model.prefill(tokens, states, mask, self.window, weights)
@@ -463,7 +468,7 @@ class StoryGenerator(tf.Module):
             generated = tf.identity(generated)  # everything below waits for the checks
         batch = tf.shape(prompt)[0]
         noise_offsets = tf.cast(tf.strings.to_hash_bucket_fast(prompt, self.model.vocab_size), tf.int32)
-        weights = self._decoding_weights(batch)
+        weights = GenerationWeights.of(self._decoding_weights(batch), batch)
         control_ids, _ = prompt_control_ids(self.tokenizer, prompt)  # a slid window's prompt keeps them
         logits, length, cache = self._resume(prompt, generated, control_ids, weights.whole)
         prefix = len(special.decoder_prefix)  # the start id (and story opening), then one column per generated token
@@ -524,11 +529,10 @@ class StoryGenerator(tf.Module):
         logits, cache = self.model.prefill(window, states, mask, self.window, weights)
         return logits[:, -1, :], tf.shape(window)[1], cache
 
-    def _decoding_weights(self, rows) -> GenerationWeights:
-        """The model's decoding weights for a call of `rows` rows."""
+    def _decoding_weights(self, rows):
+        """The model's decoding weights, its output projection laid out for `rows` rows."""
         weights = self.model.decoding_weights()
-        whole = {**weights, "head": head_for_batch(weights["head"], rows)}
-        return GenerationWeights(whole, in_column_halves(whole), halves_pay(rows, whole))
+        return {**weights, "head": head_for_batch(weights["head"], rows)}
 
     def _check_request(self, prompt, max_new_tokens, limit, so_far=0):
         """Checks every request's prompt and length; `so_far` is the length of the story it continues."""
