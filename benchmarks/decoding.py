@@ -38,7 +38,8 @@ import io
 import tempfile
 
 from benchmarks import training
-from benchmarks.harness import alternate, best_by_omp, omp_name, omp_of, omp_settings, timed
+from benchmarks.harness import (INTRA_OP_SETTINGS, OMP_SETTINGS, alternate, best_setting, setting_name, setting_of,
+                               settings, timed)
 from components.common import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from components.config import ExportConfig, ModelConfig
 
@@ -232,9 +233,9 @@ def run_section(h):
     config = model_config(new_tokens)
     tf_worker = h.worker("decoding-tf", "benchmarks.decoding:tf_decoding_worker", new_tokens=new_tokens)
     peers = {name: tf_worker for name in tf_worker.call("peers")}
-    for setting in omp_settings(h):
-        peers[f"torch OMP {omp_name(setting)}"] = h.worker(
-            f"decoding-torch-{omp_name(setting)}", "benchmarks.decoding:torch_decoding_worker",
+    for setting in settings(h, OMP_SETTINGS):
+        peers[f"torch OMP {setting_name(setting)}"] = h.worker(
+            f"decoding-torch-{setting_name(setting)}", "benchmarks.decoding:torch_decoding_worker",
             env={"OMP_WAIT_POLICY": setting}, new_tokens=new_tokens)
     h.note(f"decoding: greedy, {new_tokens} new tokens after an {PROMPT_TOKENS}-token prompt, random weights, "
            f"{config.num_layers}+{config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads, "
@@ -249,13 +250,13 @@ def run_section(h):
             run()  # warm-up: tracing, XLA compilation
         stats = alternate(runs, h.repeats)
         rates = {name: s.map(lambda r: r["tokens"] / r["seconds"]) for name, s in stats.items()}
-        best_torch = best_by_omp(h, f"decoding batch {batch} torch", rates,
-                                 [n for n in rates if n.startswith("torch")])
+        best_torch = best_setting(h, f"decoding batch {batch} torch", rates,
+                                  [n for n in rates if n.startswith("torch")], "OMP_WAIT_POLICY")
         for peer, target in TARGETS.items():
             h.row(f"decoding batch {batch}: tokens/s vs {peer}", "tokens/s", rates["storygen"], peer, rates[peer],
                   target=target)
         h.row(f"decoding batch {batch}: tokens/s vs torch", "tokens/s", rates["storygen"],
-              f"torch KV cache, eager fp32, OMP {omp_of(best_torch)}", rates[best_torch])
+              f"torch KV cache, eager fp32, OMP {setting_of(best_torch)}", rates[best_torch])
     for w in set(peers.values()):
         w.close()
 
@@ -358,27 +359,37 @@ def pretrained_decoding_worker(section: str, new_tokens: int, quick: bool):
 
 def run_pretrained_section(h, section: str):
     """Section `decoding_t5` or `decoding_t5gemma`: storygen's exported `generate` on a preset
-    against keras-hub's generate."""
+    against keras-hub's generate, each under the TensorFlow thread setting it is faster with
+    (INTRA_OP_SETTINGS, a worker per setting)."""
     arch = PRETRAINED[section]
     new_tokens = 16 if h.quick else 128
-    worker = h.worker(section.replace("_", "-"), "benchmarks.decoding:pretrained_decoding_worker", section=section,
-                      new_tokens=new_tokens, quick=h.quick)
+    workers = {setting: h.worker(f"{section}-intra-op-{setting_name(setting)}".replace("_", "-"),
+                                 "benchmarks.decoding:pretrained_decoding_worker",
+                                 env={"TF_NUM_INTRAOP_THREADS": setting}, section=section, new_tokens=new_tokens,
+                                 quick=h.quick)
+               for setting in settings(h, INTRA_OP_SETTINGS)}
     h.note(f"{section}: greedy, {new_tokens} new tokens, random weights, "
            f"{'a tiny ' + arch.name if h.quick else arch.description + f' ({arch.preset_name} shape)'}; storygen = "
            f"the exported `generate` of presets.load(preset); keras-hub = {arch.classes}Seq2SeqLM.generate on the same "
-           "preset, stop_token_ids=None, in a tf.function (graph: jit_compile=False) or XLA-compiled (jit_compile=True)")
-    peers = worker.call("peers")
+           "preset, stop_token_ids=None, in a tf.function (graph: jit_compile=False) or XLA-compiled (jit_compile=True); "
+           "each with TensorFlow's threads as it is faster (TF_NUM_INTRAOP_THREADS unset or 1)")
+    peers = next(iter(workers.values())).call("peers")
     for batch in PRETRAINED_BATCH_SIZES:
-        runs = {name: (lambda name=name: worker.call("run", peer=name, batch=batch)) for name in peers}
+        runs = {f"{name} intra-op {setting_name(setting)}": (lambda name=name, w=w: w.call("run", peer=name, batch=batch))
+                for setting, w in workers.items() for name in peers}
         for run in runs.values():
             run()  # warm-up: tracing, XLA compilation
         stats = alternate(runs, h.repeats)
         rates = {name: s.map(lambda r: r["tokens"] / r["seconds"]) for name, s in stats.items()}
-        generated = min(r["tokens"] for r in stats["storygen"].values)
+        best = {name: best_setting(h, f"{section} batch {batch} {name}", rates,
+                                   [run for run in runs if run.startswith(f"{name} intra-op ")], "TF_NUM_INTRAOP_THREADS")
+                for name in peers}
+        generated = min(r["tokens"] for r in stats[best["storygen"]].values)
         if generated < batch * new_tokens:
             h.note(f"{section} batch {batch}: storygen stopped at EOS after {generated} of {batch * new_tokens} "
                    "tokens (its rate counts the tokens generated)")
         for peer in PRETRAINED_PEERS:
-            h.row(f"{arch.name} batch {batch}: tokens/s vs {peer}", "tokens/s", rates["storygen"], peer, rates[peer],
-                  target=PRETRAINED_TARGET)
-    worker.close()
+            h.row(f"{arch.name} batch {batch}: tokens/s vs {peer}", "tokens/s", rates[best["storygen"]],
+                  f"{peer}, intra-op {setting_of(best[peer])}", rates[best[peer]], target=PRETRAINED_TARGET)
+    for w in workers.values():
+        w.close()

@@ -303,32 +303,35 @@ def table(rows, notes) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- PyTorch's OpenMP settings
+# ---------------------------------------------------------------------- settings a peer runs under
 
 
-# PyTorch peers run with OMP_WAIT_POLICY=PASSIVE and unset (None: libgomp's default, spin a
-# while, then sleep), and the faster one is kept; --quick tries only the first.
+# A peer runs under each of its settings in a worker of its own, and the faster is kept
+# (--quick tries only the first). PyTorch's OMP_WAIT_POLICY: PASSIVE, or unset (libgomp's
+# default: spin a while, then sleep). TensorFlow's TF_NUM_INTRAOP_THREADS: unset (a thread per
+# core), or 1 (one thread per op, what serving's --tensorflow_intra_op_parallelism=1 sets).
 OMP_SETTINGS = ("PASSIVE", None)
+INTRA_OP_SETTINGS = (None, 1)
 
 
-def omp_settings(h: Harness) -> tuple:
-    return OMP_SETTINGS[:1] if h.quick else OMP_SETTINGS
+def settings(h: Harness, choices: tuple) -> tuple:
+    return choices[:1] if h.quick else choices
 
 
-def omp_name(setting) -> str:
-    return setting or "unset"
+def setting_name(setting) -> str:
+    return "unset" if setting is None else str(setting)
 
 
-def omp_of(peer_name: str) -> str:
-    """The OMP_WAIT_POLICY setting at the end of a peer's name ('torch eager OMP PASSIVE' -> 'PASSIVE')."""
+def setting_of(peer_name: str) -> str:
+    """The setting at the end of a peer's name ('torch eager OMP PASSIVE' -> 'PASSIVE')."""
     return peer_name.rsplit(" ", 1)[1]
 
 
-def best_by_omp(h: Harness, label: str, rates: dict, names: list) -> str:
-    """Of the peers `names` (one per OMP setting, named as `omp_of` reads them), the fastest by
-    median rate; a note lists them all when there are several."""
+def best_setting(h: Harness, label: str, rates: dict, names: list, variable: str) -> str:
+    """Of the peers `names` (one per setting of the environment variable `variable`, named as
+    `setting_of` reads them), the fastest by median rate; a note lists them all when there are several."""
     best = max(names, key=lambda n: rates[n].median)
     if len(names) > 1:
-        h.note(f"{label}: " + ", ".join(f"OMP_WAIT_POLICY={omp_of(n)} {rates[n].median:.0f} tokens/s" for n in names)
-               + f" -> {omp_of(best)}")
+        h.note(f"{label}: " + ", ".join(f"{variable}={setting_of(n)} {fmt(rates[n].median)} tokens/s" for n in names)
+               + f" -> {setting_of(best)}")
     return best

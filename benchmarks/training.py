@@ -38,7 +38,7 @@ import os
 import re
 import time
 
-from benchmarks.harness import alternate, best_by_omp, omp_name, omp_of, omp_settings, timed
+from benchmarks.harness import OMP_SETTINGS, alternate, best_setting, setting_name, setting_of, settings, timed
 from components.common import OUTPUT_LOSS_LOOP, PAD_ID
 from components.config import IngestConfig, ModelConfig, TokenizerConfig, TrainingConfig
 
@@ -394,9 +394,9 @@ def time_peers(h, prep: dict, precision: str):
             h.note("training bf16: this CPU has no bf16 support; skipped")
             return None
         for mode in TORCH_MODES:
-            for setting in omp_settings(h):
-                workers[f"torch {mode} OMP {omp_name(setting)}"] = h.worker(
-                    f"torch-{mode}-{precision}-{omp_name(setting)}", TORCH_WORKER, env={"OMP_WAIT_POLICY": setting},
+            for setting in settings(h, OMP_SETTINGS):
+                workers[f"torch {mode} OMP {setting_name(setting)}"] = h.worker(
+                    f"torch-{mode}-{precision}-{setting_name(setting)}", TORCH_WORKER, env={"OMP_WAIT_POLICY": setting},
                     compile=mode == "compile", bf16=bf16, **common)
         for w in workers.values():
             w.call("run")  # warm-up: tracing, torch.compile, oneDNN primitive caches
@@ -414,10 +414,10 @@ def report(h, precision: str, results: dict, peak: float) -> float:
     padded_flops = results["storygen"].map(lambda r: r["flops"] / r["seconds"])
     mfu = flops["storygen"].scale(100 / peak)
     for mode, label in TORCH_MODES.items():
-        best = best_by_omp(h, f"training {precision} {label}", rates,
-                           [n for n in rates if n.startswith(f"torch {mode} ")])
+        best = best_setting(h, f"training {precision} {label}", rates,
+                            [n for n in rates if n.startswith(f"torch {mode} ")], "OMP_WAIT_POLICY")
         h.row(f"training {precision}: tokens/s vs {label}", "tokens/s", rates["storygen"],
-              f"{label} {precision}, OMP {omp_of(best)}", rates[best], target=1.5)
+              f"{label} {precision}, OMP {setting_of(best)}", rates[best], target=1.5)
         h.row(f"training {precision}: MFU vs {label}", "% of peak", mfu, label, flops[best].scale(100 / peak))
     h.row(f"training {precision}: MFU", "% of peak", mfu, f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s", 100.0,
           target=0.60 if precision == "bf16" else 0.70,

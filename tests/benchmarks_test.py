@@ -157,15 +157,19 @@ def test_worker_protocol_and_json_for_a_fake_section(tmp_path):
     assert "fake: rate" in printed and "1.50x" in printed and "yes" in printed
 
 
-def test_best_by_omp_keeps_the_faster_setting_and_notes_both(tmp_path):
+def test_best_setting_keeps_the_faster_and_notes_them_all(tmp_path):
     h = harness.Harness(quick=False, repeats=1, work_dir=str(tmp_path))
     rates = {"storygen": harness.Stat([9.0]), "torch OMP PASSIVE": harness.Stat([3.0]),
              "torch OMP unset": harness.Stat([4.0])}
-    best = harness.best_by_omp(h, "decoding torch", rates, ["torch OMP PASSIVE", "torch OMP unset"])
-    assert best == "torch OMP unset" and harness.omp_of(best) == "unset"
+    best = harness.best_setting(h, "decoding torch", rates, ["torch OMP PASSIVE", "torch OMP unset"], "OMP_WAIT_POLICY")
+    assert best == "torch OMP unset" and harness.setting_of(best) == "unset"
     assert h.notes == ["decoding torch: OMP_WAIT_POLICY=PASSIVE 3 tokens/s, OMP_WAIT_POLICY=unset 4 tokens/s -> unset"]
     # One setting (--quick): nothing to choose, nothing to note.
-    assert harness.best_by_omp(h, "quick", rates, ["torch OMP PASSIVE"]) == "torch OMP PASSIVE" and len(h.notes) == 1
+    assert harness.best_setting(h, "quick", rates, ["torch OMP PASSIVE"], "OMP_WAIT_POLICY") == "torch OMP PASSIVE"
+    assert len(h.notes) == 1
+    assert harness.settings(h, harness.INTRA_OP_SETTINGS) == (None, 1)
+    assert harness.settings(harness.Harness(quick=True, repeats=1, work_dir=str(tmp_path)),
+                            harness.INTRA_OP_SETTINGS) == (None,)
 
 
 def test_timed_adds_the_seconds_of_one_call():
@@ -286,7 +290,9 @@ def test_quick_pretrained_decoding_rows(tmp_path):
     assert [row["name"] for row in rows] == [f"{name} batch {batch}: tokens/s vs {peer}" for batch in (1, 16)
                                              for peer in peers]
     for row in rows:
-        assert row["peer"] in peers and row["unit"] == "tokens/s" and row["target"] == 1.5
+        # --quick runs TensorFlow's default threads only (TF_NUM_INTRAOP_THREADS unset).
+        assert row["peer"] in [f"{peer}, intra-op unset" for peer in peers]
+        assert row["unit"] == "tokens/s" and row["target"] == 1.5
         assert row["ours"] > 0 and row["peer_value"] > 0
         assert row["ratio"] == pytest.approx(row["ours"] / row["peer_value"])
     assert f"{section}: greedy, 16 new tokens" in proc.stdout and f"{name} batch 16: tokens/s vs keras-hub XLA" in proc.stdout

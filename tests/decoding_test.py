@@ -61,11 +61,12 @@ def test_greedy_is_the_argmax_whatever_the_filters():
     np.testing.assert_array_equal(draw(4, 0.8, seed=0, temperature=0.0), LOGITS.argmax(axis=-1))
 
 
-@pytest.mark.parametrize("rows, vocab, blocks", [(1, 65536, 1), (7, 65536, 1), (8, 65536, 16), (64, 65552, 16),
+@pytest.mark.parametrize("rows, vocab, blocks", [(1, 65536, 2), (7, 65536, 2), (8, 65536, 16), (64, 65552, 16),
                                                  (8, 65544, 1), (64, 8000, 1)])
 def test_the_projection_in_blocks_gives_the_whole_matrixs_logits(rows, vocab, blocks):
-    """Traced as `generate` traces it (the row count a tensor): the head is blocked from 8 rows
-    on, for a vocabulary of 65536 and more that 16 divides, and the logits are x @ head either way."""
+    """Traced as `generate` traces it (the row count a tensor): for a vocabulary of 65536 and
+    more that 16 divides, the head is in column halves below 8 rows and in 16 blocks from 8
+    rows on, and the logits are x @ head whichever layout."""
     head = tf.constant(np.random.default_rng(1).normal(size=[8, vocab]).astype("float32"))
     x = tf.constant(np.random.default_rng(2).normal(size=[rows, 8]).astype("float32"))
 

@@ -139,11 +139,13 @@ def test_exported_greedy_decoding_is_keras_hubs_token_for_token(preset, saved_mo
 
 
 @pytest.mark.slow
-def test_t5gemma_decodes_keras_hubs_tokens_with_its_projection_in_blocks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("min_rows", [1, 10 ** 6], ids=["16 blocks", "column halves"])
+def test_t5gemma_decodes_keras_hubs_tokens_with_its_projection_in_blocks(tmp_path, monkeypatch, min_rows):
     """The output projection in blocks (`decoding.head_for_batch`, which 256k-piece vocabularies
-    such as T5Gemma's take at 8 rows and more), with its thresholds lowered so that these prompts
-    and the tiny vocabulary take it, still decodes keras-hub's greedy tokens."""
-    monkeypatch.setattr(decoding, "BLOCKED_HEAD_MIN_ROWS", 1)
+    such as T5Gemma's take: column halves below 8 rows, 16 blocks from there on), with its
+    thresholds set so that these prompts and the tiny vocabulary take each layout, still decodes
+    keras-hub's greedy tokens."""
+    monkeypatch.setattr(decoding, "BLOCKED_HEAD_MIN_ROWS", min_rows)
     monkeypatch.setattr(decoding, "BLOCKED_HEAD_MIN_VOCAB", decoding.HEAD_BLOCKS)
     preset = preset_fixtures.save_t5gemma_preset(str(tmp_path / "preset"))
     model = build_model(model_config(preset))

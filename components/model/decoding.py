@@ -174,7 +174,7 @@ def soft_cap(x, cap):
     return cap * tf.tanh(x / cap) if cap else x
 
 
-# The output projection in blocks of its columns, for large vocabularies and batches (see `head_for_batch`).
+# The output projection in blocks of its columns, for large vocabularies (see `head_for_batch`).
 BLOCKED_HEAD_MIN_ROWS = 8
 BLOCKED_HEAD_MIN_VOCAB = 65536
 HEAD_BLOCKS = 16
@@ -183,21 +183,28 @@ HEAD_BLOCKS = 16
 def head_for_batch(head, rows):
     """The output projection head [d, V] as `project` takes it for `rows` rows: head itself
     below BLOCKED_HEAD_MIN_VOCAB columns (or when HEAD_BLOCKS does not divide V); otherwise
-    [1, d, V] below BLOCKED_HEAD_MIN_ROWS rows, and from there on its columns in blocks
-    [HEAD_BLOCKS, d, V / HEAD_BLOCKS], which `project` multiplies as a batch matmul. On 2 CPU
-    cores oneDNN took 35 against 41 ms for 16 rows times [512, 256000] that way (the exported
-    T5Gemma decoded 10% faster at batch 16), and lost at 1 row (23 against 17 ms) and for
-    storygen's own [256, 8000] at batch 16 and 64 (3%). Laying it out copies the matrix once a call.
+    its columns in blocks, [2, d, V / 2] below BLOCKED_HEAD_MIN_ROWS rows and
+    [HEAD_BLOCKS, d, V / HEAD_BLOCKS] from there on. Laying it out copies the matrix once a call.
+
+    From 8 rows `project` multiplies the blocks as one batch matmul: on 2 CPU cores oneDNN
+    took 35 against 41 ms for 16 rows times [512, 256000] that way (the exported T5Gemma
+    decoded 10% faster at batch 16), and lost at 1 row (23 against 17 ms) and for storygen's
+    own [256, 8000] at batch 16 and 64 (3%). Below 8 rows it multiplies the two column halves
+    as two matmuls, which TensorFlow's executor runs side by side, as `in_column_halves` does
+    for the blocks' kernels: with one thread per op (--tensorflow_intra_op_parallelism=1) the
+    exported T5Gemma then decoded 1.17-1.38x as many tokens/s at batch 1 as with the whole
+    matrix, and about the same with TensorFlow's default threads (benchmarks/RESULTS.md,
+    2026-12-06 (later)).
 
     >>> [head_for_batch(tf.zeros([2, vocab]), rows).shape.as_list() for vocab, rows in
     ...  [(8000, 8), (65536, 1), (65536, 8)]]
-    [[2, 8000], [1, 2, 65536], [16, 2, 4096]]
+    [[2, 8000], [2, 2, 32768], [16, 2, 4096]]
     """
     d, vocab = head.shape
     if vocab < BLOCKED_HEAD_MIN_VOCAB or vocab % HEAD_BLOCKS:
         return head
-    return tf.cond(rows >= BLOCKED_HEAD_MIN_ROWS,
-                   lambda: tf.transpose(tf.reshape(head, [d, HEAD_BLOCKS, -1]), [1, 0, 2]), lambda: head[None])
+    blocks = tf.where(rows >= BLOCKED_HEAD_MIN_ROWS, HEAD_BLOCKS, 2)
+    return tf.transpose(tf.reshape(head, [d, blocks, -1]), [1, 0, 2])
 
 
 def project(x, head):
@@ -205,8 +212,9 @@ def project(x, head):
     `head_for_batch` lays it out. The same logits whichever layout, up to float32 rounding.
 
     >>> x, head = tf.ones([8, 2]), tf.reshape(tf.range(2 * 65536, dtype=tf.float32) % 7, [2, 65536])
-    >>> bool(tf.reduce_all(project(x, head_for_batch(head, 8)) == tf.matmul(x, head)))
-    True
+    >>> [bool(tf.reduce_all(project(x[:rows], head_for_batch(head, rows)) == tf.matmul(x[:rows], head)))
+    ...  for rows in (1, 8)]
+    [True, True]
     """
     if head.shape.rank == 2:
         return tf.matmul(x, head)
@@ -215,7 +223,7 @@ def project(x, head):
         logits = tf.matmul(tf.broadcast_to(x, tf.concat([tf.shape(head)[:1], tf.shape(x)], 0)), head)
         return tf.reshape(tf.transpose(logits, [1, 0, 2]), [tf.shape(x)[0], -1])
 
-    return tf.cond(tf.shape(head)[0] > 1, blocked, lambda: tf.matmul(x, tf.squeeze(head, 0)))
+    return tf.cond(tf.shape(head)[0] > 2, blocked, lambda: tf.concat([tf.matmul(x, head[0]), tf.matmul(x, head[1])], 1))
 
 
 def attend(query, keys, values, bias, cap=None):
