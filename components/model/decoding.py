@@ -223,7 +223,7 @@ def project(x, head):
         logits = tf.matmul(tf.broadcast_to(x, tf.concat([tf.shape(head)[:1], tf.shape(x)], 0)), head)
         return tf.reshape(tf.transpose(logits, [1, 0, 2]), [tf.shape(x)[0], -1])
 
-    return tf.cond(tf.shape(head)[0] > 2, blocked, lambda: tf.concat([tf.matmul(x, head[0]), tf.matmul(x, head[1])], 1))
+    return tf.cond(tf.shape(head)[0] > 2, blocked, lambda: dense(x, ((head[0], head[1]), None)))  # column halves
 
 
 def attend(query, keys, values, bias, cap=None):
